@@ -1,0 +1,1 @@
+"""Altogether re-alignment captioners."""

@@ -1,0 +1,29 @@
+"""What every command-line entry point shares: logging set-up and turning user mistakes into one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from .config import ConfigError
+from .export import ExportError
+from .model import WeightsUnavailableError
+
+USER_ERRORS = (ConfigError, ExportError, WeightsUnavailableError, FileNotFoundError, ValueError)
+
+
+def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Run ``main``; a user mistake prints ``error: ...`` on stderr and returns 2 instead of a traceback.
+
+    ``ALTOGETHER_DEBUG=1`` shows the traceback.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except USER_ERRORS as err:
+        if os.environ.get("ALTOGETHER_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

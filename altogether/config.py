@@ -1,0 +1,278 @@
+"""Recipe schemas, loading a recipe by name, and ``key=value`` overrides.
+
+A recipe is a YAML file in ``recipes/`` validated against :class:`RecipeConfig`. Unknown keys and wrong types
+fail with the full key named; values that are individually valid but inconsistent (a warm-up longer than the
+run, a global batch that micro-batches cannot reach) fail in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Recipes live in the repository's top-level recipes/ and are packaged as altogether/recipes in the wheel.
+_PACKAGE = Path(__file__).resolve().parent
+RECIPE_DIR = next((p for p in (_PACKAGE / "recipes", _PACKAGE.parent / "recipes") if p.is_dir()), _PACKAGE / "recipes")
+
+
+class ConfigError(ValueError):
+    """A recipe or an override is invalid; the message names the key and what is wrong."""
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen open_clip image encoder.
+
+    ``name`` is an open_clip model name (``ViT-H-14-quickgelu``) or ``local-dir:/path`` (open_clip's own folder
+    format: ``open_clip_config.json`` + weights). ``pretrained`` is an open_clip tag (``metaclip_fullcc``) or a
+    local checkpoint file; ``None`` means random weights (tests, benchmarks).
+    """
+
+    name: str = "ViT-H-14-quickgelu"
+    pretrained: Optional[str] = "metaclip_fullcc"
+
+
+@dataclass
+class MapperConfig:
+    """ClipCap transformer mapper: image embedding -> ``num_visual_tokens`` decoder-space tokens."""
+
+    num_visual_tokens: int = 40
+    num_layers: int = 8
+    num_heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter on the decoder (used when ``decoder.trainable=lora``)."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # OPT's attention and MLP projections; other decoders name theirs differently.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+
+
+@dataclass
+class DecoderConfig:
+    """Hugging Face causal LM.
+
+    ``name_or_path`` loads pretrained weights (hub id or local folder). When ``config`` is given the decoder is
+    instead built with random weights from that Hugging Face config dict (it must hold ``model_type``);
+    ``tokenizer`` then names the tokenizer folder (default: ``name_or_path``).
+    """
+
+    name_or_path: str = "facebook/opt-1.3b"
+    config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    trainable: str = "full"  # full | lora | frozen
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class LayoutConfig:
+    """The token layout ``[visual][alt-text <= max_alt_tokens][caption + EOS <= max_caption_tokens]``."""
+
+    max_alt_tokens: int = 128
+    max_caption_tokens: int = 256
+    prompt_dropout: float = 0.5
+    alt_separator: str = "; "
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and which fields are prompt and target.
+
+    ``format``: ``auto`` (from the file name), ``annotations`` (Altogether-FT ``{"data": [...]}`` JSON), ``jsonl``,
+    ``parquet``, ``webdataset`` (tar shards, brace patterns allowed) or ``demo`` (the synthetic world).
+    ``task``: ``pretrain`` (target = the longest alt-text) or ``finetune`` (target = ``target_key``).
+    """
+
+    format: str = "auto"
+    train: Optional[str] = None
+    val: Optional[str] = None
+    task: str = "finetune"
+    target_key: str = "round3"
+    alt_key: str = "alt"
+    image_key: str = "img_path"
+    image_root: Optional[str] = None
+    val_fraction: float = 0.0
+    micro_batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    demo_scenes: int = 2000
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, counted in optimizer steps."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    max_steps: int = 44000
+    global_batch_size: int = 512
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (DDP when several devices) | ddp | fsdp
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    seed: int = 0
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 500
+    checkpoint_every_n_steps: int = 1000
+    sample_every_n_steps: int = 500
+    num_sample_images: int = 4
+    logger: str = "csv"  # csv | tensorboard | wandb
+    progress_bar: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding defaults stored with an export; keyword names follow Hugging Face ``generate``."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 0.2
+    top_p: float = 0.7
+    top_k: int = 0  # 0 = off (Hugging Face's own default is 50)
+    num_beams: int = 1
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = MISSING
+    description: str = ""
+    output_dir: str = "runs/${recipe}"
+    init_from: Optional[str] = None  # export folder of an earlier stage (finetune starts from pretrain)
+    resume: Any = False  # false | true (the run's last checkpoint) | a checkpoint path
+    dry_run: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``altogether/recipes``."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> RecipeConfig:
+    """Load a recipe by name (or YAML path), apply ``key=value`` overrides and validate.
+
+    Returns a typed :class:`RecipeConfig` (a DictConfig backed by the schema, so attribute access is checked).
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name_or_path!r}; valid recipes: {', '.join(available_recipes())}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.load(path))
+        if "recipe" not in OmegaConf.load(path):
+            cfg.recipe = path.stem
+        if overrides:
+            extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
+            cfg = OmegaConf.merge(cfg, extra)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, path)) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _describe(err: OmegaConfBaseException, path: Path) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    where = f"key {key!r}" if key else f"recipe {path.name}"
+    return f"{where}: {msg}"
+
+
+_CHOICES = {
+    "model.decoder.trainable": ("full", "lora", "frozen"),
+    "model.decoder.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "data.format": ("auto", "annotations", "jsonl", "parquet", "webdataset", "demo"),
+    "data.task": ("pretrain", "finetune"),
+    "trainer.strategy": ("auto", "ddp", "fsdp"),
+    "trainer.logger": ("csv", "tensorboard", "wandb"),
+}
+
+
+def validate(cfg: DictConfig | RecipeConfig) -> None:
+    """Cross-field checks the schema cannot express; raises :class:`ConfigError` naming the key."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"key {key!r}: {value!r} is not one of {', '.join(choices)}")
+    o, lay, d = cfg.optim, cfg.layout, cfg.data
+    if not 0.0 <= lay.prompt_dropout <= 1.0:
+        raise ConfigError(f"key 'layout.prompt_dropout': {lay.prompt_dropout} is not in [0, 1]")
+    if lay.max_caption_tokens < 1 or lay.max_alt_tokens < 0:
+        raise ConfigError("key 'layout': max_caption_tokens must be >= 1 and max_alt_tokens >= 0")
+    if o.max_steps < 1:
+        raise ConfigError(f"key 'optim.max_steps': {o.max_steps} must be >= 1")
+    if not 0 <= o.warmup_steps < o.max_steps:
+        raise ConfigError(
+            f"key 'optim.warmup_steps': {o.warmup_steps} must be in [0, optim.max_steps={o.max_steps}); "
+            "a warm-up as long as the run never reaches the learning rate"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"key 'optim.min_lr_ratio': {o.min_lr_ratio} is not in [0, 1]")
+    if o.global_batch_size % d.micro_batch_size:
+        raise ConfigError(
+            f"key 'optim.global_batch_size': {o.global_batch_size} is not a multiple of "
+            f"data.micro_batch_size={d.micro_batch_size}"
+        )
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"key 'data.val_fraction': {d.val_fraction} is not in [0, 1)")
+    if cfg.model.mapper.num_visual_tokens < 1:
+        raise ConfigError("key 'model.mapper.num_visual_tokens' must be >= 1")
+
+
+def accumulation_steps(cfg: RecipeConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step so that ``micro * world * steps == global`` exactly."""
+    per_step = cfg.data.micro_batch_size * world_size
+    steps = cfg.optim.global_batch_size / per_step
+    if steps < 1 or not math.isclose(steps, round(steps)):
+        raise ConfigError(
+            f"key 'optim.global_batch_size': {cfg.optim.global_batch_size} cannot be reached with "
+            f"data.micro_batch_size={cfg.data.micro_batch_size} on {world_size} device(s)"
+        )
+    return round(steps)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what ``dry_run=true`` prints and every run saves)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config (safe to store in checkpoints and JSON)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,277 @@
+"""From records to laid-out training batches: sampling, prompt rule, image transform, tokenization, collation.
+
+Map-style sources are read through :class:`ResumableSampler`, an endless, seeded stream of record indices
+(a fresh permutation every pass) that each rank strides through. A sample's prompt dropout is drawn from its
+position in that stream, so a resumed run sees exactly the samples and prompts it would have seen.
+Unreadable records are skipped inside the worker and counted in the batch (``num_skipped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from ..layout import SampleTokens, collate, count_truncated, tokenize_sample, training_pair
+from .readers import Fields, TableSource, detect_format, expand_shards, iter_tar_samples, webdataset_sample_to_record
+from .records import BadRecord, Record, load_image
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler(Sampler):
+    """Endless stream of ``(sample_number, record_index)`` for one rank, starting at ``start``.
+
+    Pass ``e`` over the data uses permutation ``e`` of a generator seeded with ``(seed, e)``; rank ``r`` of
+    ``w`` takes global positions ``r, r + w, r + 2w, ...``.
+    """
+
+    def __init__(self, num_records: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if num_records < 1:
+            raise ValueError("no training records")
+        self.n, self.seed, self.rank, self.world, self.start = num_records, seed, rank, world_size, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        k = self.start
+        epoch, order = -1, None
+        while True:
+            g = k * self.world + self.rank
+            e, pos = divmod(g, self.n)
+            if e != epoch:
+                epoch = e
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+            yield g, int(order[pos])
+            k += 1
+
+
+class SampleBuilder:
+    """Record -> (pixels, tokens): the one path from a record to model inputs during training."""
+
+    def __init__(self, tokenizer, transform: Callable | None, *, task: str, layout, seed: int):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.task = task
+        self.layout = layout
+        self.seed = seed
+        self.dropout = layout.prompt_dropout
+
+    def __call__(self, record: Record, sample_number: int) -> dict[str, Any]:
+        rng = random.Random(self.seed * 1_000_003 + sample_number)
+        prompt, target = training_pair(
+            record.alt_texts,
+            record.target,
+            task=self.task,
+            prompt_dropout=self.dropout,
+            rng=rng,
+            separator=self.layout.alt_separator,
+            target_without_alt=record.target_without_alt,
+        )
+        tokens = tokenize_sample(
+            self.tokenizer,
+            prompt,
+            target,
+            max_alt_tokens=self.layout.max_alt_tokens,
+            max_caption_tokens=self.layout.max_caption_tokens,
+        )
+        item: dict[str, Any] = {"tokens": tokens, "key": record.key}
+        if "image_embeds" in record.extra:
+            item["image_embeds"] = torch.as_tensor(record.extra["image_embeds"], dtype=torch.float32)
+        else:
+            item["pixel_values"] = self.transform(load_image(record.image, key=record.key))
+        return item
+
+    def safe(self, record_or_error: Record | Exception, sample_number: int) -> dict[str, Any] | None:
+        """Like ``__call__`` but a bad record becomes ``None`` (skipped and counted by the collator)."""
+        if isinstance(record_or_error, Exception):
+            log.debug("skipping bad record: %s", record_or_error)
+            return None
+        try:
+            return self(record_or_error, sample_number)
+        except (BadRecord, ValueError) as err:
+            log.debug("skipping bad record %s: %s", record_or_error.key, err)
+            return None
+
+
+class MapTrainingDataset(Dataset):
+    """Reads ``source[record_index]`` for indices produced by :class:`ResumableSampler`."""
+
+    def __init__(self, source: Sequence[Record], builder: SampleBuilder):
+        self.source, self.builder = source, builder
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any] | None:
+        sample_number, record_index = index
+        try:
+            record: Record | Exception = self.source[record_index]
+        except BadRecord as err:
+            record = err
+        return self.builder.safe(record, sample_number)
+
+
+class FixedDataset(Dataset):
+    """Validation: each record once, with a prompt drawn from its index so the loss is comparable over time."""
+
+    def __init__(self, source: Sequence[Record], builder: SampleBuilder):
+        self.source, self.builder = source, builder
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            record: Record | Exception = self.source[index]
+        except BadRecord as err:
+            record = err
+        return self.builder.safe(record, index)
+
+
+class WebdatasetTrainingStream(IterableDataset):
+    """Endless stream from tar shards: shards split over ranks and workers, reshuffled each pass, then a
+    shuffle buffer. Resumption restarts the stream (not sample-exact, unlike table sources)."""
+
+    def __init__(self, pattern: str, fields: Fields, builder: SampleBuilder, *, rank: int, world_size: int,
+                 seed: int, buffer: int):
+        self.shards = expand_shards(pattern)
+        self.fields, self.builder = fields, builder
+        self.rank, self.world, self.seed, self.buffer = rank, world_size, seed, buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        rng = random.Random(self.seed * 7919 + slot)
+        buffer: list[Record | Exception] = []
+        count, epoch = 0, 0
+        while True:
+            shards = self.shards[:]
+            random.Random(self.seed + epoch).shuffle(shards)
+            mine = shards[slot::slots] or shards[slot % len(shards) :: len(shards)]
+            for shard in mine:
+                for sample in iter_tar_samples(shard):
+                    try:
+                        buffer.append(webdataset_sample_to_record(sample, self.fields))
+                    except BadRecord as err:
+                        buffer.append(err)
+                    if len(buffer) >= self.buffer:
+                        yield self.builder.safe(buffer.pop(rng.randrange(len(buffer))), count * slots + slot)
+                        count += 1
+            epoch += 1
+
+
+def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_tokens: int, pad_id: int) -> dict[str, Any]:
+    """Drop skipped samples, lay out the rest (right padding) and stack images or cached embeddings."""
+    kept = [it for it in items if it is not None]
+    tokens: list[SampleTokens] = [it["tokens"] for it in kept]
+    batch: dict[str, Any] = collate(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id) if kept else {}
+    if kept and "pixel_values" in kept[0]:
+        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in kept])
+    if kept and "image_embeds" in kept[0]:
+        batch["image_embeds"] = torch.stack([it["image_embeds"] for it in kept])
+    batch["num_skipped"] = torch.tensor(len(items) - len(kept))
+    batch["num_truncated"] = torch.tensor(count_truncated(tokens))
+    return batch
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Training and validation batches for a recipe.
+
+    ``train_source``/``val_source`` are random-access record sequences (or ``None`` for webdataset training,
+    read from ``cfg.data.train``). ``start_step`` is set by the training module on resume.
+    """
+
+    def __init__(self, cfg, tokenizer, transform: Callable | None, *, accumulate: int,
+                 train_source: Sequence[Record] | None = None, val_source: Sequence[Record] | None = None):
+        super().__init__()
+        self.cfg, self.tokenizer, self.transform, self.accumulate = cfg, tokenizer, transform, accumulate
+        self.train_source, self.val_source = train_source, val_source
+
+    def _builder(self, train: bool) -> SampleBuilder:
+        return SampleBuilder(self.tokenizer, self.transform, task=self.cfg.data.task, layout=self.cfg.layout,
+                             seed=self.cfg.trainer.seed + (0 if train else 1))
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        d = self.cfg.data
+        collate_fn = _Collator(self.cfg.model.mapper.num_visual_tokens, self.tokenizer.pad_token_id)
+        return DataLoader(dataset, batch_size=d.micro_batch_size, num_workers=d.num_workers, collate_fn=collate_fn,
+                          persistent_workers=d.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        step = trainer.global_step if trainer else 0
+        builder = self._builder(train=True)
+        if self.train_source is None:
+            fields = data_fields(self.cfg)
+            stream = WebdatasetTrainingStream(self.cfg.data.train, fields, builder, rank=rank, world_size=world,
+                                              seed=self.cfg.trainer.seed, buffer=self.cfg.data.shuffle_buffer)
+            return self._loader(stream)
+        start = step * self.accumulate * self.cfg.data.micro_batch_size
+        sampler = ResumableSampler(len(self.train_source), seed=self.cfg.trainer.seed, rank=rank, world_size=world,
+                                   start=start)
+        return self._loader(MapTrainingDataset(self.train_source, builder), sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_source:
+            return []
+        return self._loader(FixedDataset(self.val_source, self._builder(train=False)))
+
+
+class _Collator:
+    """Picklable collate function for worker processes."""
+
+    def __init__(self, num_visual_tokens: int, pad_id: int):
+        self.num_visual_tokens, self.pad_id = num_visual_tokens, pad_id
+
+    def __call__(self, items):
+        return collate_training(items, num_visual_tokens=self.num_visual_tokens, pad_id=self.pad_id)
+
+
+def data_fields(cfg) -> Fields:
+    d = cfg.data
+    return Fields(alt_key=d.alt_key, image_key=d.image_key, image_root=d.image_root,
+                  target_key=d.target_key if d.task == "finetune" else None)
+
+
+class Subset(Sequence):
+    """A view of some indices of a record source."""
+
+    def __init__(self, source: Sequence[Record], indices: Sequence[int]):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.source[self.indices[i]]
+
+
+def open_sources(cfg, demo_records: Callable[[str], Sequence[Record]] | None = None):
+    """(train, val) record sources for a recipe; train is ``None`` for streamed webdataset training.
+
+    ``val_fraction`` carves a seeded validation split out of a table source when no ``data.val`` is given.
+    """
+    d = cfg.data
+    if d.format == "demo":
+        if demo_records is None:
+            raise ValueError("data.format=demo needs the demo world")
+        return demo_records("train"), demo_records("val")
+    if not d.train:
+        raise ValueError("data.train is not set: give the training data path, e.g. data.train=annotations.json")
+    fields = data_fields(cfg)
+    fmt = d.format if d.format != "auto" else detect_format(d.train)
+    train = None if fmt == "webdataset" else TableSource(d.train, fmt, fields)
+    val = None
+    if d.val:
+        vfmt = d.format if d.format != "auto" else detect_format(d.val)
+        val = TableSource(d.val, vfmt, fields)
+    elif d.val_fraction > 0 and train is not None:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.trainer.seed)).tolist()
+        n_val = max(1, int(len(train) * d.val_fraction))
+        train, val = Subset(train, order[n_val:]), Subset(train, order[:n_val])
+    return train, val

@@ -1,0 +1,166 @@
+"""Readers that turn annotation files, tables and tar shards into :class:`Record` objects.
+
+Table-like sources (Altogether-FT annotation JSON, JSONL, Parquet) go through Hugging Face ``datasets`` and give
+random access (:class:`TableSource`), which training needs for exact resumption. Webdataset tar shards are
+streamed (:func:`iter_webdataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .records import BadRecord, Record
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which columns hold what. ``target_key=None`` reads records without a target (inference)."""
+
+    alt_key: str = "alt"
+    image_key: str = "img_path"
+    target_key: str | None = None
+    image_root: str | None = None
+
+
+def detect_format(source: str) -> str:
+    """``annotations``, ``jsonl``, ``parquet`` or ``webdataset`` from a path or shard pattern."""
+    name = source.lower()
+    if name.endswith(".tar") or name.endswith(".tar}") or "{" in name and ".tar" in name:
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".json"):
+        return "annotations"
+    raise ValueError(
+        f"cannot tell the format of {source!r} from its name; set data.format to one of annotations, jsonl, "
+        "parquet, webdataset"
+    )
+
+
+def alt_text_list(value: Any) -> list[str]:
+    """An alt-text field as a list: a string, a list of strings (MetaCLIP ``texts``) or missing."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRecord(f"alt-text field is neither a string nor a list of strings: {value!r}")
+
+
+class TableSource:
+    """Random access to the records of an annotation JSON, JSONL or Parquet file."""
+
+    def __init__(self, path: str, fmt: str, fields: Fields):
+        import datasets
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        self.path = path
+        self.fields = fields
+        self.image_root = Path(fields.image_root) if fields.image_root else Path(path).resolve().parent
+        builder = "parquet" if fmt == "parquet" else "json"
+        kwargs = {"field": "data"} if fmt == "annotations" else {}
+        datasets.disable_progress_bars()
+        try:
+            self.table = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+        except Exception as err:  # datasets raises many types for malformed files
+            raise ValueError(f"could not read {fmt} file {path}: {err}") from err
+        missing = [k for k in (fields.image_key, fields.target_key) if k and k not in self.table.column_names]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(self.table.column_names)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.to_record(self.table[index], index)
+
+    def to_record(self, row: dict[str, Any], index: int) -> Record:
+        f = self.fields
+        key = str(row.get("key") or row.get("id") or index)
+        image = row.get(f.image_key)
+        if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            image = image.get("bytes") or image.get("path")
+        if not image:
+            raise BadRecord(f"record {key!r} in {self.path}: no image in column {f.image_key!r}")
+        if isinstance(image, str) and not os.path.isabs(image):
+            image = str(self.image_root / image)
+        target = row.get(f.target_key) if f.target_key else None
+        if f.target_key and (not isinstance(target, str) or not target.strip()):
+            raise BadRecord(f"record {key!r} in {self.path}: empty or missing target {f.target_key!r}")
+        try:
+            alt = alt_text_list(row.get(f.alt_key))
+        except BadRecord as err:
+            raise BadRecord(f"record {key!r} in {self.path}: {err}") from None
+        extra = {k: v for k, v in row.items() if k not in (f.image_key, f.alt_key, f.target_key)}
+        return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace patterns like ``data/{00000..00009}.tar`` to a list of paths (webdataset's own expansion)."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Record:
+    """A webdataset sample dict (``__key__`` plus extensions) to a record.
+
+    The JSON's ``texts`` (MetaCLIP) or ``caption`` (img2dataset) give the alt-texts, a ``.txt`` member is the
+    fallback; a ``target_key`` in the JSON gives the target.
+    """
+    key = sample.get("__key__", "?")
+    image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image is None:
+        raise BadRecord(f"sample {key!r}: no image member ({', '.join(IMAGE_EXTENSIONS)})")
+    meta: dict[str, Any] = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadRecord(f"sample {key!r}: broken JSON: {err}") from None
+        if not isinstance(meta, dict):
+            raise BadRecord(f"sample {key!r}: JSON is not an object")
+    if "texts" in meta:
+        alt = alt_text_list(meta["texts"])
+    elif "caption" in meta:
+        alt = alt_text_list(meta["caption"])
+    elif "txt" in sample:
+        alt = [sample["txt"].decode("utf-8", errors="replace")]
+    else:
+        alt = alt_text_list(meta.get(fields.alt_key))
+    target = meta.get(fields.target_key) if fields.target_key else None
+    return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": sample.get("__url__")})
+
+
+def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard, grouped by key; a truncated shard yields what it can, then raises."""
+    import webdataset as wds
+
+    yield from wds.tariterators.tarfile_samples([{"url": path}])
+
+
+def iter_webdataset(pattern: str, fields: Fields, on_bad=None) -> Iterator[Record]:
+    """Records from tar shards in order; bad samples go to ``on_bad(key, reason)`` and are skipped."""
+    for shard in expand_shards(pattern):
+        for sample in iter_tar_samples(shard):
+            try:
+                yield webdataset_sample_to_record(sample, fields)
+            except BadRecord as err:
+                if on_bad is None:
+                    raise
+                on_bad(sample.get("__key__", "?"), str(err))

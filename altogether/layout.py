@@ -1,0 +1,160 @@
+"""The prompt rule and the token layout, shared by training, generation, recaptioning and evaluation.
+
+A sample is laid out as ``[visual tokens][alt-text tokens][caption tokens, EOS]``:
+
+* the visual positions are filled by the mapper's output inside the model (``visual_mask`` marks them);
+* the alt-text keeps its first ``max_alt_tokens`` tokens;
+* the caption and its EOS share a budget of ``max_caption_tokens`` positions (40 + 128 + 256 = 424 positions
+  in the paper). A caption longer than the budget keeps its first ``max_caption_tokens`` tokens and is still
+  trained on, without an EOS since it did not end there.
+
+Labels are ``-100`` everywhere except caption and EOS positions, unshifted (Hugging Face convention: the
+position holding a caption token is labelled with that token; the loss shifts by one). Position ids restart
+at 0 at each sample's first real position, so padding never changes what a sample computes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def clean_alt_texts(alt_texts: str | Sequence[str] | None) -> list[str]:
+    """Alt-texts as a list: whitespace collapsed, empty ones dropped, duplicates removed keeping the first."""
+    if alt_texts is None:
+        return []
+    if isinstance(alt_texts, str):
+        alt_texts = [alt_texts]
+    seen: dict[str, None] = {}
+    for text in alt_texts:
+        if not isinstance(text, str):
+            raise TypeError(f"alt-text must be a string, got {type(text).__name__}: {text!r}")
+        text = " ".join(text.split())
+        if text:
+            seen.setdefault(text, None)
+    return list(seen)
+
+
+def build_prompt(alt_texts: str | Sequence[str] | None, separator: str = "; ") -> str:
+    """The one rule that turns a sample's alt-texts into the prompt, in training and at inference.
+
+    Several alt-texts are joined with ``separator`` in their given order after :func:`clean_alt_texts`
+    (order is kept so the same record always gives the same prompt); ``None`` or no text gives ``""``.
+    """
+    return separator.join(clean_alt_texts(alt_texts))
+
+
+def training_pair(
+    alt_texts: str | Sequence[str] | None,
+    target: str | None,
+    *,
+    task: str,
+    prompt_dropout: float,
+    rng: random.Random,
+    separator: str = "; ",
+    target_without_alt: str | None = None,
+) -> tuple[str, str]:
+    """(prompt, target) of one training sample.
+
+    ``pretrain``: the target is the longest alt-text and the prompt is built from the others ("" when there is
+    only one). ``finetune``: the target is the annotated caption and the prompt is built from all alt-texts.
+    With probability ``prompt_dropout`` the prompt becomes "" (captioning from scratch); the target then becomes
+    ``target_without_alt`` when the record has one.
+    """
+    texts = clean_alt_texts(alt_texts)
+    if task == "pretrain":
+        if not texts:
+            raise ValueError("a pretraining record needs at least one non-empty alt-text")
+        longest = max(range(len(texts)), key=lambda i: (len(texts[i]), -i))
+        target = texts[longest]
+        prompt = separator.join(texts[:longest] + texts[longest + 1 :])
+    elif task == "finetune":
+        if not target or not target.strip():
+            raise ValueError("a finetuning record needs a non-empty target caption")
+        prompt = separator.join(texts)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected 'pretrain' or 'finetune'")
+    if prompt_dropout > 0 and rng.random() < prompt_dropout:
+        return "", target_without_alt or target
+    return prompt, target
+
+
+@dataclass(frozen=True)
+class SampleTokens:
+    """Token ids of one sample before collation; ``caption_ids`` is empty at inference."""
+
+    alt_ids: list[int]
+    caption_ids: list[int]
+    caption_truncated: bool = False
+
+
+def tokenize_sample(
+    tokenizer,
+    prompt: str,
+    caption: str | None,
+    *,
+    max_alt_tokens: int,
+    max_caption_tokens: int,
+) -> SampleTokens:
+    """Tokenize prompt and caption separately, without special tokens, and apply the budgets."""
+    alt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_alt_tokens] if prompt else []
+    if caption is None:
+        return SampleTokens(alt_ids, [])
+    caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    if len(caption_ids) + 1 <= max_caption_tokens:
+        return SampleTokens(alt_ids, caption_ids + [tokenizer.eos_token_id])
+    return SampleTokens(alt_ids, caption_ids[:max_caption_tokens], caption_truncated=True)
+
+
+def collate(
+    samples: Sequence[SampleTokens],
+    *,
+    num_visual_tokens: int,
+    pad_id: int,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Pad samples into one batch.
+
+    Training pads on the right; generation pads on the left so every prompt ends at the last column.
+    Returns ``input_ids`` (visual positions hold ``pad_id``), ``visual_mask``, ``attention_mask``,
+    ``position_ids`` and ``labels``, all of shape ``(batch, length)``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    lengths = [num_visual_tokens + len(s.alt_ids) + len(s.caption_ids) for s in samples]
+    width = max(lengths)
+    shape = (len(samples), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    visual_mask = torch.zeros(shape, dtype=torch.bool)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    for row, (s, n) in enumerate(zip(samples, lengths)):
+        start = width - n if padding_side == "left" else 0
+        text_start = start + num_visual_tokens
+        caption_start = text_start + len(s.alt_ids)
+        visual_mask[row, start:text_start] = True
+        attention_mask[row, start : start + n] = 1
+        input_ids[row, text_start : start + n] = torch.tensor(s.alt_ids + s.caption_ids, dtype=torch.long)
+        labels[row, caption_start : start + n] = torch.tensor(s.caption_ids, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "visual_mask": visual_mask,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "labels": labels,
+    }
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... from each row's first attended position; padding gets 0 (never attended)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def count_truncated(samples: Iterable[SampleTokens]) -> int:
+    """How many samples had their caption cut to the budget."""
+    return sum(s.caption_truncated for s in samples)

@@ -1,0 +1,371 @@
+"""The Altogether captioner: frozen open_clip image encoder -> ClipCap mapper -> causal LM decoder.
+
+Read top to bottom: the encoder (frozen, pooled L2-normalised embedding), the mapper (embedding -> visual
+tokens), and :class:`AltogetherModel`, which places the visual tokens in front of the alt-text and caption
+tokens laid out by :mod:`altogether.layout` and either computes the caption loss or generates a caption.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
+from .layout import IGNORE_INDEX, SampleTokens, collate
+
+log = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be loaded (typically: offline and not in a local cache)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frozen image encoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def create_open_clip(cfg: EncoderConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
+    """The whole open_clip model (both towers) and its evaluation transform, with a clear error offline."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=cfg.pretrained, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        source = f"open_clip model {cfg.name!r} with pretrained={cfg.pretrained!r}"
+        raise WeightsUnavailableError(
+            f"could not load {source}: {err}. Weights for an open_clip tag are downloaded on first use; offline, "
+            "give a local copy instead: model.encoder.pretrained=/path/to/open_clip_pytorch_model.bin (same "
+            "architecture name), or model.encoder.name=local-dir:/folder holding open_clip_config.json and the "
+            "weights, or set HF_HOME to a cache that already holds them."
+        ) from err
+    return model, preprocess
+
+
+def save_open_clip_dir(directory: str | Path, state_dict: dict[str, torch.Tensor] | None, model_cfg: dict[str, Any],
+                      preprocess_cfg: dict[str, Any] | None = None) -> Path:
+    """Write an open_clip ``local-dir:`` folder (``open_clip_config.json`` + safetensors weights, if given)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    if state_dict is not None:
+        weights = {k: v.detach().contiguous() for k, v in state_dict.items()}
+        save_file(weights, str(directory / "open_clip_model.safetensors"))
+    return directory
+
+
+class ImageEncoder(nn.Module):
+    """The image tower of an open_clip model, frozen: eval mode, no gradients, never trained or exported."""
+
+    def __init__(self, visual: nn.Module, embed_dim: int):
+        super().__init__()
+        self.visual = visual.eval().requires_grad_(False)
+        self.embed_dim = embed_dim
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, device: str | torch.device = "cpu") -> tuple["ImageEncoder", Callable]:
+        """Build the encoder and return it with the image transform every path uses."""
+        clip, preprocess = create_open_clip(cfg, device)
+        visual = clip.visual
+        embed_dim = getattr(visual, "output_dim", None) or clip.text_projection.shape[-1]
+        return cls(visual, int(embed_dim)), preprocess
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        # Lightning calls .train() on the whole module each epoch; the frozen encoder must stay in eval mode
+        # (no dropout, no patch dropout, frozen norm statistics).
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeds = self.visual(pixel_values)
+        if isinstance(embeds, (tuple, list)):  # towers that also return tokens
+            embeds = embeds[0]
+        return F.normalize(embeds.float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mapper
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Mapper(nn.Module):
+    """ClipCap's transformer mapper.
+
+    The embedding is mapped linearly to ``num_visual_tokens`` vectors, as many learned constant tokens are
+    appended, a pre-norm transformer runs over both, and the outputs at the constant tokens' places are the
+    visual tokens fed to the decoder.
+    """
+
+    def __init__(self, embed_dim: int, width: int, cfg: MapperConfig):
+        super().__init__()
+        self.num_tokens = cfg.num_visual_tokens
+        self.width = width
+        self.project = nn.Linear(embed_dim, cfg.num_visual_tokens * width)
+        self.constant = nn.Parameter(torch.randn(cfg.num_visual_tokens, width) * width**-0.5)
+        layer = nn.TransformerEncoderLayer(
+            d_model=width,
+            nhead=cfg.num_heads,
+            dim_feedforward=int(width * cfg.mlp_ratio),
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers=cfg.num_layers, enable_nested_tensor=False)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        batch = image_embeds.shape[0]
+        mapped = self.project(image_embeds).view(batch, self.num_tokens, self.width)
+        tokens = torch.cat([mapped, self.constant.expand(batch, -1, -1).to(mapped.dtype)], dim=1)
+        return self.transformer(tokens)[:, self.num_tokens :]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def choose_attn_implementation(requested: str, device: str | torch.device) -> str:
+    """``flash_attention_2`` only when flash_attn imports and the model runs on CUDA, else ``sdpa``."""
+    if requested != "auto":
+        return requested
+    on_cuda = torch.device(device).type == "cuda"
+    return "flash_attention_2" if on_cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def load_tokenizer(cfg: DecoderConfig):
+    """The decoder's tokenizer; a pad token is added as EOS when the tokenizer has none (masks hide it)."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise WeightsUnavailableError(
+            f"could not load the tokenizer {source!r}: {err}. Offline, download it where you have network and "
+            "set model.decoder.tokenizer=/local/folder (or model.decoder.name_or_path)."
+        ) from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_decoder(
+    cfg: DecoderConfig,
+    *,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    load_weights: bool = True,
+) -> nn.Module:
+    """A Hugging Face causal LM: pretrained from ``name_or_path``, or random from ``cfg.config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = choose_attn_implementation(cfg.attn_implementation, device)
+    if cfg.config is not None or not load_weights:
+        if cfg.config is not None:
+            hf_config = dict(cfg.config)
+            model_type = hf_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("model.decoder.config needs a 'model_type' (e.g. 'opt')")
+            if vocab_size is not None:
+                hf_config["vocab_size"] = vocab_size
+            config = AutoConfig.for_model(model_type, **hf_config)
+        else:
+            config = _pretrained_config(cfg.name_or_path)
+        config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError) as err:
+        raise WeightsUnavailableError(
+            f"could not load decoder weights {cfg.name_or_path!r} (a Hugging Face Hub id or local folder): {err}. "
+            "Offline, download it where you have network (e.g. `hf download facebook/opt-1.3b --local-dir "
+            "opt-1.3b`) and set model.decoder.name_or_path=/path/to/opt-1.3b, or set HF_HOME to a cache that "
+            "holds it."
+        ) from err
+    return model.to(device)
+
+
+def _pretrained_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise WeightsUnavailableError(f"could not load the decoder config {name_or_path!r}: {err}") from err
+
+
+def causal_lm(decoder: nn.Module) -> nn.Module:
+    """The Hugging Face model under a possible peft wrapper."""
+    return decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The captioner
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionLoss:
+    """Mean cross-entropy over caption + EOS tokens, and how many tokens it averaged."""
+
+    loss: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+class AltogetherModel(nn.Module):
+    """Encoder (frozen) -> mapper -> decoder, over the layout of :mod:`altogether.layout`."""
+
+    def __init__(self, encoder: ImageEncoder | None, mapper: Mapper, decoder: nn.Module, pad_id: int, eos_id: int):
+        super().__init__()
+        self.encoder = encoder
+        self.mapper = mapper
+        self.decoder = decoder
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        tokenizer,
+        *,
+        device: str | torch.device = "cpu",
+        load_weights: bool = True,
+        with_encoder: bool = True,
+    ) -> tuple["AltogetherModel", Callable | None]:
+        """Build the captioner (and the image transform) from a model config and its tokenizer.
+
+        ``with_encoder=False`` builds a model that consumes cached image embeddings only.
+        """
+        encoder, preprocess = ImageEncoder.from_config(cfg.encoder, device) if with_encoder else (None, None)
+        decoder = build_decoder(cfg.decoder, vocab_size=len(tokenizer), device=device, load_weights=load_weights)
+        width = decoder.get_input_embeddings().embedding_dim
+        embed_dim = encoder.embed_dim if encoder is not None else _encoder_embed_dim(cfg.encoder)
+        mapper = Mapper(embed_dim, width, cfg.mapper).to(device)
+        model = cls(encoder, mapper, decoder, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+        return model, preprocess
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Mapper and decoder weights: what an export stores (the frozen encoder is referenced, not copied)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+
+    # -- embeddings ------------------------------------------------------------------------------------
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            raise RuntimeError("this model was built without an image encoder: pass image_embeds instead")
+        return self.encoder(pixel_values)
+
+    def input_embeddings(self, batch: dict[str, torch.Tensor], image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the mapper's visual tokens written into the ``visual_mask`` positions."""
+        embed = causal_lm(self.decoder).get_input_embeddings()
+        tokens = embed(batch["input_ids"])
+        visual = self.mapper(image_embeds.to(tokens.dtype)).to(tokens.dtype)
+        # Each row has exactly num_visual_tokens marked positions, so the flattened order matches.
+        return tokens.masked_scatter(batch["visual_mask"].unsqueeze(-1), visual)
+
+    def _image_embeds(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "image_embeds" in batch:
+            return batch["image_embeds"]
+        return self.embed_images(batch["pixel_values"])
+
+    # -- training --------------------------------------------------------------------------------------
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states of the decoder for a laid-out batch (``pixel_values`` or ``image_embeds``)."""
+        lm = causal_lm(self.decoder)
+        out = lm.base_model(
+            inputs_embeds=self.input_embeddings(batch, self._image_embeds(batch)),
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> CaptionLoss:
+        """Caption loss; the LM head runs only at positions that predict a caption token or EOS."""
+        hidden = self.hidden_states(batch)
+        targets = batch["labels"][:, 1:]
+        predicting = targets != IGNORE_INDEX
+        logits = causal_lm(self.decoder).get_output_embeddings()(hidden[:, :-1][predicting])
+        num_tokens = predicting.sum()
+        loss = F.cross_entropy(logits.float(), targets[predicting], reduction="sum") / num_tokens.clamp(min=1)
+        return CaptionLoss(loss, num_tokens)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full-vocabulary logits at every position (tests and analysis; training uses :meth:`forward`)."""
+        return causal_lm(self.decoder).get_output_embeddings()(self.hidden_states(batch))
+
+    # -- generation ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image_embeds: torch.Tensor,
+        alt_ids: Sequence[list[int]],
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_beams: int = 1,
+        num_return_sequences: int = 1,
+        **generate_kwargs: Any,
+    ) -> list[list[int]]:
+        """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
+
+        Prompts are left-padded so every row continues from its last prompt token; the decoder computes
+        position ids from the attention mask, the same ones the training layout gives. Returns
+        ``len(alt_ids) * num_return_sequences`` lists, the candidates of one image consecutive.
+        """
+        batch = collate(
+            [SampleTokens(list(ids), []) for ids in alt_ids],
+            num_visual_tokens=self.mapper.num_tokens,
+            pad_id=self.pad_id,
+            padding_side="left",
+        )
+        batch = {k: v.to(image_embeds.device) for k, v in batch.items()}
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        out = causal_lm(self.decoder).generate(
+            inputs_embeds=self.input_embeddings(batch, image_embeds),
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_beams=num_beams,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            **sampling,
+            **generate_kwargs,
+        )
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        return [_until_eos(row.tolist(), self.eos_id) for row in sequences]
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def _encoder_embed_dim(cfg: EncoderConfig) -> int:
+    """Embedding size from the open_clip config alone (for models fed cached embeddings)."""
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {cfg.name!r}")
+    return int(model_cfg["embed_dim"])

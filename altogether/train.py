@@ -1,0 +1,40 @@
+"""``python -m altogether.train recipe=NAME key=value ...``: train a recipe and write its export."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import run_cli
+from .config import ConfigError, available_recipes, load_recipe, to_yaml
+
+USAGE = "usage: python -m altogether.train recipe=NAME [key=value ...]   (recipes: {})"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(", ".join(available_recipes())))
+        return 0 if argv else 2
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"arguments must be key=value, got {' '.join(bad)!r}")
+    recipe = [a.split("=", 1)[1] for a in argv if a.startswith("recipe=")]
+    if not recipe:
+        raise ConfigError("no recipe given: add recipe=NAME; recipes: " + ", ".join(available_recipes()))
+    overrides = [a for a in argv if not a.startswith("recipe=")]
+    cfg = load_recipe(recipe[-1], overrides)
+    if cfg.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    if cfg.data.format == "demo":
+        from .demo.recipe import run_demo
+
+        run_demo(cfg)
+    else:
+        from .training import fit
+
+        print(f"export: {fit(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,298 @@
+"""Training: the LightningModule, its optimizer and schedule, and :func:`fit`, the library entry point.
+
+``fit(cfg)`` runs one recipe end to end: model (fresh or from an earlier export), data, Lightning Trainer,
+checkpoints, sample captions, and the export folder that :class:`altogether.Recaptioner` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
+from .data.datamodule import CaptionDataModule, open_sources
+from .data.records import Record, load_image
+from .export import load_export, save_export
+from .layout import build_prompt, tokenize_sample
+from .model import AltogetherModel, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters, weight decay on matrices only (not on biases and norm scales)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def set_decoder_trainable(model: AltogetherModel, mode: str, lora=None) -> AltogetherModel:
+    """``full``: every decoder weight trains; ``frozen``: none; ``lora``: a peft LoRA adapter only."""
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), bias="none")
+        model.decoder = get_peft_model(model.decoder, config)
+    else:
+        model.decoder.requires_grad_(mode == "full")
+    return model
+
+
+class CaptionerModule(L.LightningModule):
+    """Caption loss, AdamW + warm-up/cosine, and logging; the frozen encoder stays out of optimizer and checkpoints."""
+
+    def __init__(self, model: AltogetherModel, cfg: RecipeConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.truncated_total = 0
+        self.skipped_total = 0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._count(batch)
+        if "labels" not in batch:  # every sample of this micro-batch was unreadable
+            return None
+        out = self.model(batch)
+        size = batch["labels"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log("train/caption_tokens", out.num_tokens.float(), reduce_fx="sum", batch_size=size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "labels" not in batch:
+            return
+        out = self.model(batch)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["labels"].shape[0])
+
+    def _count(self, batch: dict[str, Any]) -> None:
+        self.skipped_total += int(batch["num_skipped"])
+        self.truncated_total += int(batch["num_truncated"])
+        self.log("data/skipped_total", float(self.skipped_total), reduce_fx="max", batch_size=1)
+        self.log("data/truncated_captions_total", float(self.truncated_total), reduce_fx="max", batch_size=1)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                      eps=o.eps, fused=fused or None)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, warmup_steps=o.warmup_steps, max_steps=o.max_steps,
+                                   min_lr_ratio=o.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen encoder is rebuilt from its reference; copying it into every checkpoint would cost GBs.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.encoder.")}
+        checkpoint["altogether_counts"] = {"skipped": self.skipped_total, "truncated": self.truncated_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        encoder = {k: v for k, v in self.state_dict().items() if k.startswith("model.encoder.")}
+        checkpoint["state_dict"].update(encoder)
+        counts = checkpoint.get("altogether_counts", {})
+        self.skipped_total, self.truncated_total = counts.get("skipped", 0), counts.get("truncated", 0)
+
+
+class SampleCaptions(Callback):
+    """Greedy captions of a few fixed validation images, with and without their alt-text, every N steps.
+
+    Written to ``<run>/samples.jsonl`` and the log so a run's progress can be read, not only its loss.
+    """
+
+    def __init__(self, records: Sequence[Record], tokenizer, transform: Callable, cfg: RecipeConfig, path: Path):
+        self.records, self.tokenizer, self.transform, self.cfg, self.path = records, tokenizer, transform, cfg, path
+        self.every = cfg.trainer.sample_every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.records or step == 0 or step % self.every or not trainer.is_global_zero:
+            return
+        if getattr(self, "_last", None) == step:  # several micro-batches share a step under accumulation
+            return
+        self._last = step
+        lines = caption_records(pl_module.model, self.records, self.tokenizer, self.transform, self.cfg)
+        with self.path.open("a") as f:
+            for line in lines:
+                f.write(json.dumps({"step": step, **line}) + "\n")
+        for line in lines:
+            log.info("step %d sample %s | alt: %r -> %r | no alt -> %r", step, line["key"], line["alt_text"],
+                     line["with_alt"], line["without_alt"])
+
+
+@torch.no_grad()
+def caption_records(model: AltogetherModel, records: Sequence[Record], tokenizer, transform, cfg) -> list[dict[str, str]]:
+    """Greedy captions of records with and without their prompt (used for logging samples)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.mapper.parameters()).device
+    pixels = torch.stack([transform(load_image(r.image, key=r.key)) for r in records]).to(device)
+    embeds = model.embed_images(pixels)
+    prompts = [build_prompt(r.alt_texts, cfg.layout.alt_separator) for r in records]
+    out: dict[str, list[str]] = {}
+    for name, texts in (("with_alt", prompts), ("without_alt", [""] * len(prompts))):
+        ids = [tokenize_sample(tokenizer, t, None, max_alt_tokens=cfg.layout.max_alt_tokens,
+                               max_caption_tokens=cfg.layout.max_caption_tokens).alt_ids for t in texts]
+        gen = model.generate(embeds, ids, max_new_tokens=min(64, cfg.generation.max_new_tokens))
+        out[name] = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+    model.train(was_training)
+    return [{"key": r.key, "alt_text": p, "with_alt": a, "without_alt": b}
+            for r, p, a, b in zip(records, prompts, out["with_alt"], out["without_alt"])]
+
+
+def build_model(cfg: RecipeConfig, device: str = "cpu"):
+    """(model, tokenizer, transform) for a recipe: from ``init_from`` (an export) or from the model config."""
+    if cfg.init_from:
+        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device)
+    else:
+        tokenizer = load_tokenizer(cfg.model.decoder)
+        model, transform = AltogetherModel.from_config(cfg.model, tokenizer, device=device)
+    set_decoder_trainable(model, cfg.model.decoder.trainable, cfg.model.decoder.lora)
+    return model, tokenizer, transform
+
+
+def _precision(cfg: RecipeConfig) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
+
+
+def _logger(cfg: RecipeConfig, run_dir: Path):
+    from lightning.pytorch import loggers
+
+    kind = cfg.trainer.logger
+    if kind == "tensorboard":
+        return loggers.TensorBoardLogger(str(run_dir), name="logs")
+    if kind == "wandb":
+        return loggers.WandbLogger(save_dir=str(run_dir), name=cfg.recipe)
+    return loggers.CSVLogger(str(run_dir), name="logs")
+
+
+def _strategy(cfg: RecipeConfig):
+    if cfg.trainer.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(use_orig_params=True)
+    return cfg.trainer.strategy
+
+
+def _world_size(cfg: RecipeConfig) -> int:
+    devices = cfg.trainer.devices
+    if isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        count = len(devices)
+    elif torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        count = torch.cuda.device_count() if devices in ("auto", -1, "-1") else int(devices)
+    else:
+        count = 1 if devices == "auto" else int(devices)
+    return count * cfg.trainer.num_nodes
+
+
+def _resume_path(cfg: RecipeConfig, run_dir: Path) -> str | None:
+    if cfg.resume in (False, None, "false", "False"):
+        return None
+    if cfg.resume in (True, "true", "True"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}")
+        return str(last)
+    if not Path(str(cfg.resume)).is_file():
+        raise FileNotFoundError(f"resume: checkpoint not found: {cfg.resume}")
+    return str(cfg.resume)
+
+
+def fit(
+    cfg: RecipeConfig,
+    *,
+    sources: tuple[Sequence[Record] | None, Sequence[Record] | None] | None = None,
+    callbacks: Sequence[Callback] = (),
+    model_parts: tuple[AltogetherModel, Any, Callable] | None = None,
+) -> Path:
+    """Train one recipe and write ``<output_dir>/export``; returns the export path.
+
+    ``sources`` overrides the records named by ``cfg.data`` (notebooks, the demo); ``model_parts`` supplies a
+    ready (model, tokenizer, transform).
+    """
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    ckpt_path = _resume_path(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    model, tokenizer, transform = model_parts or build_model(cfg)
+    if cfg.trainer.activation_checkpointing:
+        from .model import causal_lm
+
+        causal_lm(model.decoder).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_source, val_source = sources if sources is not None else open_sources(cfg)
+    accumulate = accumulation_steps(cfg, _world_size(cfg))
+    datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,
+                                   val_source=val_source)
+    module = CaptionerModule(model, cfg)
+    if cfg.trainer.compile:
+        module.model.decoder = torch.compile(module.model.decoder)
+
+    t = cfg.trainer
+    sample_records = [val_source[i] for i in range(min(t.num_sample_images, len(val_source)))] if val_source else []
+    all_callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
+                        save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False),
+        SampleCaptions(sample_records, tokenizer, transform, cfg, run_dir / "samples.jsonl"),
+        *callbacks,
+    ]
+    has_val = bool(val_source)
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(cfg),
+        precision=_precision(cfg),
+        max_steps=cfg.optim.max_steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=min(t.val_every_n_steps, cfg.optim.max_steps) * accumulate if has_val else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        logger=_logger(cfg, run_dir),
+        callbacks=all_callbacks,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    export = run_dir / "export"
+    if trainer.is_global_zero:
+        log.info("%s: %d optimizer steps; %d records skipped as unreadable; %d captions truncated to %d tokens",
+                 cfg.recipe, trainer.global_step, module.skipped_total, module.truncated_total,
+                 cfg.layout.max_caption_tokens)
+        save_export(export, module.model, tokenizer, model_cfg=cfg.model, layout=cfg.layout,
+                    generation=cfg.generation, recipe=to_container(cfg),
+                    extra={"training": {"steps": trainer.global_step, "skipped": module.skipped_total,
+                                        "truncated_captions": module.truncated_total}})
+    if trainer.world_size > 1:
+        trainer.strategy.barrier()
+    return export

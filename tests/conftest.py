@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny models built from configs (random weights) and data the tests generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network: loaders fail at once offline
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+from altogether.config import load_recipe
+from altogether.model import AltogetherModel, load_tokenizer
+from altogether.tiny import tiny_model_overrides, write_tiny_clip, write_tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+SHAPES = ("square", "circle")
+WORDS = [f"a {c} {s} on a white background" for c in COLOURS for s in SHAPES] + [
+    "photo of the product zorbit K-12 for sale", "IMG_2231.jpg shop price 12.99 cheap", "a photo of",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(open_clip local-dir encoder, tokenizer folder), made once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    encoder = write_tiny_clip(root / "encoder", seed=0)
+    tokenizer = write_tokenizer(root / "tokenizer", WORDS * 5, vocab_size=400)
+    return encoder, tokenizer
+
+
+@pytest.fixture
+def make_recipe(tiny_dirs, tmp_path):
+    """``make_recipe(name, overrides=None)``: a shipped recipe with the tiny model and a tmp output_dir."""
+
+    def make(name: str = "finetune_round3", overrides: dict | None = None):
+        base = tiny_model_overrides(*tiny_dirs)
+        base.update({"output_dir": str(tmp_path / "run"), "init_from": None})
+        cfg = load_recipe(name, base)
+        if overrides:
+            cfg = load_recipe(name, {**base, **_nest(overrides)})
+        return cfg
+
+    return make
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_dirs):
+    """(model, tokenizer, transform) of the tiny captioner, seeded."""
+    torch.manual_seed(0)
+    from altogether.config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
+    from altogether.tiny import tiny_opt_config
+
+    encoder, tok = tiny_dirs
+    cfg = ModelConfig(
+        encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
+        mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
+        decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)),
+    )
+    tokenizer = load_tokenizer(cfg.decoder)
+    model, transform = AltogetherModel.from_config(cfg, tokenizer)
+    return model.eval(), tokenizer, transform
+
+
+def draw(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.Image:
+    """A coloured shape on white, slightly jittered."""
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(img)
+    o = rng.randint(2, 6)
+    box = (o, o, size - o, size - o)
+    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLOURS[colour])
+    return img
+
+
+@pytest.fixture
+def jsonl_data(tmp_path) -> Path:
+    """A JSONL training file of 24 drawn images with alt-texts and round3 captions (paths relative)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(24):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
+        draw(colour, shape, seed=i).save(images / f"{i:03d}.png")
+        rows.append({"key": f"r{i:03d}", "img_path": f"images/{i:03d}.png",
+                     "alt": [f"zorbit K-{i} for sale", "IMG_2231.jpg"] if i % 3 == 0 else f"zorbit K-{i} for sale",
+                     "round3": f"a photo of zorbit K-{i}: a {colour} {shape} on a white background"})
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
