@@ -112,9 +112,11 @@ class DataConfig:
     image_root: Optional[str] = None
     val_fraction: float = 0.0
     micro_batch_size: int = 8
+    # Several samples per row (block-diagonal attention) instead of one padded row each; pack_tokens caps a row.
+    packing: bool = False
+    pack_tokens: int = 1024
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    demo_scenes: int = 2000
 
 
 @dataclass
@@ -164,6 +166,27 @@ class GenerationSettings:
 
 
 @dataclass
+class DemoConfig:
+    """The synthetic world and the stages before the captioner's finetune (used when ``data.format=demo``).
+
+    The demo trains a tiny CLIP on the world (the frozen encoder), a tokenizer on its texts, then pretrains the
+    captioner on image/alt-text pairs and finetunes it on target captions with the recipe's own settings.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    train_scenes: int = 4000
+    val_scenes: int = 64
+    eval_scenes: int = 400
+    clip_scenes: int = 12000
+    clip_steps: int = 300
+    clip_batch_size: int = 128
+    tokenizer_vocab: int = 1000
+    pretrain_steps: int = 100
+    pretrain_warmup_steps: int = 10
+
+
+@dataclass
 class RecipeConfig:
     recipe: str = MISSING
     description: str = ""
@@ -177,6 +200,7 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def available_recipes() -> list[str]:

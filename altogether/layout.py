@@ -150,9 +150,96 @@ def collate(
     }
 
 
+def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group samples into rows of at most ``max_tokens`` positions (first-fit decreasing).
+
+    Returns sample indices per row; a sample longer than ``max_tokens`` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens - lengths[i])
+    return rows
+
+
+def collate_packed(
+    samples: Sequence[SampleTokens],
+    *,
+    num_visual_tokens: int,
+    pad_id: int,
+    max_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Pack several samples per row so that computed positions are mostly real tokens.
+
+    Each sample keeps exactly its unpacked layout: its own position ids from 0, its own labels, and attention
+    only inside itself (``segment_ids`` numbers the samples of a row from 1; 0 is padding; the model turns them
+    into a block-diagonal causal mask). Every sample starts with visual positions labelled ``-100``, so no
+    sample is trained to predict the next one. ``order`` gives the sample index of each packed sample in
+    row-major order: images and embeddings must be stacked in that order.
+    """
+    lengths = [num_visual_tokens + len(s.alt_ids) + len(s.caption_ids) for s in samples]
+    rows = pack_rows(lengths, max_tokens)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    visual_mask = torch.zeros(shape, dtype=torch.bool)
+    segment_ids = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    order: list[int] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(row, start=1):
+            s, n = samples[i], lengths[i]
+            text_start = start + num_visual_tokens
+            visual_mask[r, start:text_start] = True
+            input_ids[r, text_start : start + n] = torch.tensor(s.alt_ids + s.caption_ids, dtype=torch.long)
+            labels[r, text_start + len(s.alt_ids) : start + n] = torch.tensor(s.caption_ids, dtype=torch.long)
+            segment_ids[r, start : start + n] = segment
+            position_ids[r, start : start + n] = torch.arange(n)
+            order.append(i)
+            start += n
+    return {
+        "input_ids": input_ids,
+        "visual_mask": visual_mask,
+        "attention_mask": (segment_ids > 0).long(),
+        "segment_ids": segment_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "order": torch.tensor(order, dtype=torch.long),
+    }
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) boolean mask: a position attends to earlier positions of its own sample only.
+
+    Padding rows attend to themselves so that no softmax runs over an empty set.
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    real = (segment_ids > 0).unsqueeze(1)
+    mask = same & causal & real
+    mask |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return mask.unsqueeze(1)
+
+
+def token_utilisation(attention_mask: torch.Tensor) -> float:
+    """Fraction of computed positions that hold a real (non-padding) token."""
+    return float(attention_mask.float().mean())
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... from each row's first attended position; padding gets 0 (never attended)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
 
 
 def count_truncated(samples: Iterable[SampleTokens]) -> int:

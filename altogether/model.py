@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
-from .layout import IGNORE_INDEX, SampleTokens, collate
+from .layout import IGNORE_INDEX, SampleTokens, block_causal_mask, collate
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,10 @@ def build_decoder(
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as err:
         raise WeightsUnavailableError(
-            f"could not load decoder weights {cfg.name_or_path!r} (a Hugging Face Hub id or local folder): {err}. "
-            "Offline, download it where you have network (e.g. `hf download facebook/opt-1.3b --local-dir "
-            "opt-1.3b`) and set model.decoder.name_or_path=/path/to/opt-1.3b, or set HF_HOME to a cache that "
-            "holds it."
+            f"could not load decoder weights {cfg.name_or_path!r} (a Hugging Face Hub id or local folder). "
+            f"Offline, download it where you have network (`hf download {cfg.name_or_path} --local-dir DIR`) and "
+            "set model.decoder.name_or_path=DIR, or set HF_HOME to a cache that holds it. Cause: "
+            + " ".join(str(err).split())
         ) from err
     return model.to(device)
 
@@ -286,11 +286,19 @@ class AltogetherModel(nn.Module):
     # -- training --------------------------------------------------------------------------------------
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the decoder for a laid-out batch (``pixel_values`` or ``image_embeds``)."""
+        """Last hidden states of the decoder for a laid-out batch (``pixel_values`` or ``image_embeds``).
+
+        A packed batch (with ``segment_ids``) gets a block-diagonal causal mask; flash-attention instead finds
+        the samples from the restarting position ids (its variable-length path), so it gets no mask.
+        """
         lm = causal_lm(self.decoder)
+        mask = batch["attention_mask"]
+        if "segment_ids" in batch:
+            packed_varlen = getattr(lm.config, "_attn_implementation", "") == "flash_attention_2"
+            mask = None if packed_varlen else block_causal_mask(batch["segment_ids"])
         out = lm.base_model(
             inputs_embeds=self.input_embeddings(batch, self._image_embeds(batch)),
-            attention_mask=batch["attention_mask"],
+            attention_mask=mask,
             position_ids=batch["position_ids"],
             use_cache=False,
         )
@@ -298,13 +306,18 @@ class AltogetherModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CaptionLoss:
         """Caption loss; the LM head runs only at positions that predict a caption token or EOS."""
+        token_losses, _ = self.token_losses(batch)
+        num_tokens = torch.tensor(token_losses.numel(), device=token_losses.device)
+        return CaptionLoss(token_losses.sum() / num_tokens.clamp(min=1), num_tokens)
+
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every caption/EOS token, and the (row, position) it was predicted at."""
         hidden = self.hidden_states(batch)
         targets = batch["labels"][:, 1:]
         predicting = targets != IGNORE_INDEX
         logits = causal_lm(self.decoder).get_output_embeddings()(hidden[:, :-1][predicting])
-        num_tokens = predicting.sum()
-        loss = F.cross_entropy(logits.float(), targets[predicting], reduction="sum") / num_tokens.clamp(min=1)
-        return CaptionLoss(loss, num_tokens)
+        losses = F.cross_entropy(logits.float(), targets[predicting], reduction="none")
+        return losses, predicting.nonzero()
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-vocabulary logits at every position (tests and analysis; training uses :meth:`forward`)."""

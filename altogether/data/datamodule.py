@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from ..layout import SampleTokens, collate, count_truncated, tokenize_sample, training_pair
+from ..layout import SampleTokens, collate, collate_packed, count_truncated, tokenize_sample, training_pair
 from .readers import Fields, TableSource, detect_format, expand_shards, iter_tar_samples, webdataset_sample_to_record
 from .records import BadRecord, Record, load_image
 
@@ -164,11 +164,18 @@ class WebdatasetTrainingStream(IterableDataset):
             epoch += 1
 
 
-def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_tokens: int, pad_id: int) -> dict[str, Any]:
-    """Drop skipped samples, lay out the rest (right padding) and stack images or cached embeddings."""
+def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_tokens: int, pad_id: int,
+                     pack_tokens: int | None = None) -> dict[str, Any]:
+    """Drop skipped samples, lay out the rest (right padding, or packed rows when ``pack_tokens`` is set) and
+    stack images or cached embeddings in the order the layout placed the samples."""
     kept = [it for it in items if it is not None]
     tokens: list[SampleTokens] = [it["tokens"] for it in kept]
-    batch: dict[str, Any] = collate(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id) if kept else {}
+    batch: dict[str, Any] = {}
+    if kept and pack_tokens:
+        batch = collate_packed(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id, max_tokens=pack_tokens)
+        kept = [kept[i] for i in batch.pop("order").tolist()]
+    elif kept:
+        batch = collate(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id)
     if kept and "pixel_values" in kept[0]:
         batch["pixel_values"] = torch.stack([it["pixel_values"] for it in kept])
     if kept and "image_embeds" in kept[0]:
@@ -197,7 +204,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         d = self.cfg.data
-        collate_fn = _Collator(self.cfg.model.mapper.num_visual_tokens, self.tokenizer.pad_token_id)
+        collate_fn = _Collator(self.cfg.model.mapper.num_visual_tokens, self.tokenizer.pad_token_id,
+                               d.pack_tokens if d.packing else None)
         return DataLoader(dataset, batch_size=d.micro_batch_size, num_workers=d.num_workers, collate_fn=collate_fn,
                           persistent_workers=d.num_workers > 0, **kwargs)
 
@@ -225,11 +233,12 @@ class CaptionDataModule(L.LightningDataModule):
 class _Collator:
     """Picklable collate function for worker processes."""
 
-    def __init__(self, num_visual_tokens: int, pad_id: int):
-        self.num_visual_tokens, self.pad_id = num_visual_tokens, pad_id
+    def __init__(self, num_visual_tokens: int, pad_id: int, pack_tokens: int | None):
+        self.num_visual_tokens, self.pad_id, self.pack_tokens = num_visual_tokens, pad_id, pack_tokens
 
     def __call__(self, items):
-        return collate_training(items, num_visual_tokens=self.num_visual_tokens, pad_id=self.pad_id)
+        return collate_training(items, num_visual_tokens=self.num_visual_tokens, pad_id=self.pad_id,
+                                pack_tokens=self.pack_tokens)
 
 
 def data_fields(cfg) -> Fields:

@@ -1,0 +1,812 @@
+"""Multi-round re-alignment annotation: task files, merging rounds back, statistics, model drafts.
+
+A *record* (one JSON object per line, schema in ``annotations/record.schema.json``) holds an image
+reference, its alt-text (round 1) and the human rounds 2, 3, ... . A *task* is one record's next round
+handed to an annotator: the previous caption is copied into ``caption`` as the starting text (t' <- t)
+and the annotator edits it. The Altogether-FT layout (``{"data": [{"alt", "url", "img_path", "round2",
+"round3"}]}``) converts to and from records.
+
+CLI::
+
+    python -m altogether.annotate next-round RECORDS OUT [--vendors A,B] [--swap] [--seed N]
+    python -m altogether.annotate merge RECORDS TASKS [TASKS ...] OUT [--skip-incomplete]
+    python -m altogether.annotate stats RECORDS [--clip-model NAME --clip-pretrained TAG] [--image-root DIR]
+                                                [--json OUT]
+    python -m altogether.annotate prefill RECORDS OUT --model EXPORT_DIR_OR_HUB_ID [--image-root DIR]
+    python -m altogether.annotate from-ft FT_JSON OUT / to-ft RECORDS OUT_JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from jsonschema import Draft202012Validator, FormatChecker
+from rapidfuzz.distance import Levenshtein
+
+# The schema lives in the repository's annotations/; a wheel carries it as altogether/annotations/.
+_PACKAGE = Path(__file__).resolve().parent
+_SCHEMA_CANDIDATES = tuple(root / "annotations" / "record.schema.json" for root in (_PACKAGE, _PACKAGE.parent))
+SCHEMA_PATH = next((p for p in _SCHEMA_CANDIDATES if p.is_file()), _SCHEMA_CANDIDATES[1])
+PREVIOUS_ROUND = "previous_round"
+ALT_SEPARATOR = "\n"  # several alt-texts of one image are shown to annotators one per line
+
+
+class AnnotationError(ValueError):
+    """A problem with an annotation input; the message names the file, record id and field."""
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+@lru_cache(maxsize=None)
+def load_schema() -> dict:
+    """The record schema (JSON Schema draft 2020-12) as a dict."""
+    try:
+        return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise AnnotationError(f"record schema not found at {SCHEMA_PATH}: {err.strerror}") from None
+
+
+def _format_checker() -> FormatChecker:
+    checker = FormatChecker(formats=())
+
+    @checker.checks("date-time", raises=ValueError)
+    def _is_datetime(value: object) -> bool:
+        # The schema's pattern already demands an offset; this rejects impossible dates (month 13).
+        if isinstance(value, str):
+            datetime.fromisoformat(value)
+        return True
+
+    return checker
+
+
+@lru_cache(maxsize=None)
+def _validator(kind: str) -> Draft202012Validator:
+    schema = load_schema()
+    if kind == "task":
+        schema = {"$schema": schema["$schema"], "$ref": "#/$defs/task", "$defs": schema["$defs"]}
+    return Draft202012Validator(schema, format_checker=_format_checker())
+
+
+def _field_path(parts: Iterable[Any]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _join_field(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _describe(error) -> list[str]:
+    """Readable ``field: problem`` lines for a jsonschema ValidationError."""
+    path = _field_path(error.absolute_path)
+    if error.validator == "required":
+        missing = [name for name in error.validator_value if name not in error.instance]
+        return [f"{_join_field(path, name)}: required field is missing" for name in missing]
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return [f"{_join_field(path, name)}: unknown field" for name in extra]
+    if error.validator in ("anyOf", "oneOf") and all(set(s) == {"required"} for s in error.validator_value):
+        names = " or ".join(repr(s["required"][0]) for s in error.validator_value)
+        return [f"{path or 'record'}: needs {names}"]
+    if "description" in error.schema and error.validator in ("anyOf", "oneOf", "pattern", "format"):
+        return [f"{path}: {error.instance!r} is not {error.schema['description']}"]
+    return [f"{path or 'record'}: {error.message}"]
+
+
+def schema_errors(obj: Any, kind: str = "record") -> list[str]:
+    """All problems of ``obj`` as a record (``kind="record"``) or a task (``kind="task"``), one line each."""
+    if not isinstance(obj, dict):
+        return [f"expected a JSON object, got {type(obj).__name__}"]
+    errors = sorted(_validator(kind).iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    problems = list(dict.fromkeys(line for e in errors for line in _describe(e)))  # dedupe, keep order
+    if kind == "record" and not problems:
+        for index, entry in enumerate(obj["rounds"]):
+            if entry["round"] != index + 2:
+                problems.append(
+                    f"rounds[{index}].round: expected {index + 2} (rounds run 2, 3, ... in order), got {entry['round']}"
+                )
+    return problems
+
+
+def _record_name(obj: Any) -> str:
+    return f"record {obj['id']!r}" if isinstance(obj, dict) and isinstance(obj.get("id"), str) else "record"
+
+
+def _raise_problems(problems: list[str], what: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:3])
+        more = f"; ... and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise AnnotationError(f"{what}: {shown}{more}")
+
+
+def validate_record(record: Any, where: str = "") -> None:
+    """Raise :class:`AnnotationError` naming the record id and field if ``record`` breaks the schema."""
+    _raise_problems(schema_errors(record), f"{where}{_record_name(record)}")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line_number, value)`` for every non-blank line; unreadable JSON names the file and line."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    message = f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})"
+                    raise AnnotationError(message) from None
+    except OSError as err:
+        raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise AnnotationError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def atomic_write_texts(files: dict[str | os.PathLike, str]) -> None:
+    """Write each ``{path: text}`` to a temporary name in its folder, then rename them all into place.
+
+    Readers never see half a file, and if anything fails before the renames no target is touched.
+    """
+    staged = []
+    try:
+        for path, text in files.items():
+            folder = Path(path).resolve().parent
+            if not folder.is_dir():
+                raise AnnotationError(f"{path}: folder {folder} does not exist")
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write one text file (see :func:`atomic_write_texts`)."""
+    atomic_write_texts({path: text})
+
+
+def _jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Atomically write one JSON object per line."""
+    atomic_write_text(path, _jsonl_text(rows))
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a record file; errors name the file, line, record id and field."""
+    records, seen = [], {}
+    for number, obj in read_jsonl(path):
+        _raise_problems(schema_errors(obj), f"{path}:{number}: {_record_name(obj)}")
+        if obj["id"] in seen:
+            raise AnnotationError(f"{path}:{number}: record {obj['id']!r}: id: duplicate of line {seen[obj['id']]}")
+        seen[obj["id"]] = number
+        records.append(obj)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- texts
+
+
+def alt_as_text(alt: str | Sequence[str]) -> str:
+    """Round 1 as one string: several alt-texts are joined one per line."""
+    return alt if isinstance(alt, str) else ALT_SEPARATOR.join(alt)
+
+
+def round_texts(record: dict) -> dict[int, str]:
+    """``{round: text}`` with round 1 the alt-text."""
+    texts = {1: alt_as_text(record["alt"])}
+    texts.update((entry["round"], entry["caption"]) for entry in record["rounds"])
+    return texts
+
+
+def _image_fields(record: dict) -> dict:
+    return {name: record[name] for name in ("url", "img_path") if name in record}
+
+
+# ---------------------------------------------------------------------------------------------- next round
+
+
+def assign_vendors(
+    previous: Sequence[str | None], vendors: Sequence[str], *, swap: bool = False, seed: int = 0
+) -> list[str]:
+    """Vendor for each record's next round.
+
+    ``previous[i]`` is the vendor of record ``i``'s latest round (``None`` for the alt-text). With
+    ``swap``, a record last done by ``vendors[j]`` goes to ``vendors[j + 1]`` (cyclically), so each vendor
+    revises the other's work; all other records are split evenly between vendors in a seeded random order.
+    """
+    if not vendors:
+        raise AnnotationError("--vendors: give at least one vendor name")
+    if len(set(vendors)) != len(vendors) or not all(vendors):
+        raise AnnotationError(f"--vendors: names must be distinct and non-empty, got {list(vendors)}")
+    if swap and len(vendors) < 2:
+        raise AnnotationError("--swap needs at least two vendors")
+    assigned: list[str | None] = [None] * len(previous)
+    free = []
+    for index, vendor in enumerate(previous):
+        if swap and vendor in vendors:
+            assigned[index] = vendors[(vendors.index(vendor) + 1) % len(vendors)]
+        else:
+            free.append(index)
+    random.Random(seed).shuffle(free)
+    for position, index in enumerate(free):
+        assigned[index] = vendors[position % len(vendors)]
+    return assigned  # type: ignore[return-value]
+
+
+def make_tasks(
+    records: Sequence[dict], *, vendors: Sequence[str] | None = None, swap: bool = False, seed: int = 0
+) -> list[dict]:
+    """The next-round task of every record, its previous caption prefilled as the starting text."""
+    previous_vendors = [record["rounds"][-1]["vendor"] if record["rounds"] else None for record in records]
+    if swap and not vendors:
+        raise AnnotationError("--swap needs --vendors")
+    assigned = assign_vendors(previous_vendors, vendors, swap=swap, seed=seed) if vendors else [None] * len(records)
+    tasks = []
+    for record, previous_vendor, vendor in zip(records, previous_vendors, assigned):
+        previous = round_texts(record)
+        last = max(previous)
+        tasks.append(
+            {
+                "id": record["id"],
+                **_image_fields(record),
+                "alt": record["alt"],
+                "round": last + 1,
+                "previous_caption": previous[last],
+                "previous_vendor": previous_vendor,
+                "caption": previous[last],
+                "draft_source": PREVIOUS_ROUND,
+                "annotator": None,
+                "vendor": vendor,
+                "timestamp": None,
+            }
+        )
+    return tasks
+
+
+def write_tasks(path: str, tasks: Sequence[dict]) -> list[str]:
+    """Write tasks to ``path``; a ``{vendor}`` placeholder in it gives one file per vendor. Returns the paths."""
+    if "{vendor}" not in path:
+        write_jsonl(path, tasks)
+        return [path]
+    if any(task["vendor"] is None for task in tasks):
+        raise AnnotationError(f"{path}: the {{vendor}} placeholder needs --vendors")
+    by_vendor: dict[str, list[dict]] = {}
+    for task in tasks:
+        by_vendor.setdefault(task["vendor"], []).append(task)
+    files = {path.replace("{vendor}", vendor): _jsonl_text(group) for vendor, group in sorted(by_vendor.items())}
+    atomic_write_texts(files)  # all vendors' files or none
+    return list(files)
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+@dataclass
+class MergeSummary:
+    """Counts from :func:`merge_tasks`."""
+
+    merged: int = 0
+    unchanged_captions: int = 0
+    skipped_incomplete: int = 0
+    records_without_task: int = 0
+
+
+def _task_problems(task: Any, records: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """``(problems, unfinished)``: what is wrong with a task, and what the annotator has not filled in yet."""
+    problems = schema_errors(task, kind="task")
+    if problems:
+        return problems, []
+    unfinished = [f"{name}: not filled in yet" for name in ("annotator", "vendor", "timestamp") if task[name] is None]
+    if not task["caption"].strip():
+        unfinished.append("caption: empty")
+    record = records.get(task["id"])
+    if record is None:
+        problems.append("id: no record with this id in the records file")
+    elif task["round"] != len(record["rounds"]) + 2:
+        expected = len(record["rounds"]) + 2
+        problems.append(
+            f"round: the record has rounds up to {expected - 1}, so its next round is {expected}, got {task['round']}"
+        )
+    return problems, unfinished
+
+
+_ROUND_FIELDS = ("round", "caption", "annotator", "vendor", "timestamp", "draft_source")
+
+
+def merge_tasks(
+    records: Sequence[dict], tasks: Sequence[tuple[str, Any]], *, skip_incomplete: bool = False
+) -> tuple[list[dict], MergeSummary]:
+    """Fold completed tasks into copies of ``records``.
+
+    ``tasks`` are ``(where, task)`` pairs, ``where`` naming the file and line for error messages. Every
+    problem is collected and raised together, so nothing is ever half-merged. Unfinished tasks (no
+    annotator, vendor or timestamp yet, or an empty caption) are errors unless ``skip_incomplete``.
+    """
+    by_id = {record["id"]: record for record in records}
+    summary, problems, new_rounds, seen = MergeSummary(), [], {}, {}
+    for where, task in tasks:
+        has_id = isinstance(task, dict) and isinstance(task.get("id"), str)
+        name = f"{where}: task {task['id']!r}" if has_id else f"{where}: task"
+        task_problems, unfinished = _task_problems(task, by_id)
+        if unfinished and skip_incomplete and not task_problems:
+            summary.skipped_incomplete += 1
+            continue
+        if task_problems or unfinished:
+            problems.extend(f"{name}: {p}" for p in task_problems + unfinished)
+            continue
+        if task["id"] in seen:
+            problems.append(f"{name}: id: a second task for this record (first at {seen[task['id']]})")
+            continue
+        seen[task["id"]] = where
+        new_rounds[task["id"]] = {key: task[key] for key in _ROUND_FIELDS}
+        summary.unchanged_captions += task["caption"] == task["previous_caption"]
+    merged = []
+    for record in records:
+        entry = new_rounds.get(record["id"])
+        if entry is None:
+            summary.records_without_task += 1
+            merged.append(record)
+            continue
+        updated = {**record, "rounds": [*record["rounds"], entry]}
+        problems.extend(f"record {record['id']!r} after merge: {p}" for p in schema_errors(updated))
+        merged.append(updated)
+        summary.merged += 1
+    _raise_problems(problems, f"{len(problems)} problem(s), nothing written")
+    return merged, summary
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+
+@dataclass
+class RoundStats:
+    """One row of the paper's §5.1 table. Edit distance is character-level Levenshtein to the previous round."""
+
+    round: int
+    n: int
+    mean_words: float
+    mean_edit_distance: float | None
+    clip_n: int = 0
+    mean_clip_score: float | None = None
+
+
+def word_count(text: str) -> int:
+    """Length in words: whitespace-separated tokens."""
+    return len(text.split())
+
+
+def round_stats(records: Sequence[dict], clip_scores: dict[tuple[str, int], float] | None = None) -> list[RoundStats]:
+    """Per round: count, mean words, mean edit distance to the same record's previous round, mean CLIP score.
+
+    ``clip_scores`` maps ``(record id, round)`` to an image-text score; records missing from it are left
+    out of that round's CLIP mean only (``clip_n`` says how many were scored).
+    """
+    words: dict[int, list[int]] = {}
+    edits: dict[int, list[int]] = {}
+    clips: dict[int, list[float]] = {}
+    for record in records:
+        texts = round_texts(record)
+        for number, text in texts.items():
+            words.setdefault(number, []).append(word_count(text))
+            if number > 1:
+                edits.setdefault(number, []).append(Levenshtein.distance(texts[number - 1], text))
+            if clip_scores and (record["id"], number) in clip_scores:
+                clips.setdefault(number, []).append(clip_scores[(record["id"], number)])
+    return [
+        RoundStats(
+            round=number,
+            n=len(words[number]),
+            mean_words=_mean(words[number]),
+            mean_edit_distance=_mean(edits[number]) if number in edits else None,
+            clip_n=len(clips.get(number, [])),
+            mean_clip_score=_mean(clips[number]) if number in clips else None,
+        )
+        for number in sorted(words)
+    ]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def stats_markdown(stats: Sequence[RoundStats]) -> str:
+    """The §5.1 table (Annotation | n | Length | Edit dist. | Alignment) in Markdown."""
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    lines = [
+        "| Annotation | n | Length (words) | Edit dist. (chars) | Alignment (CLIP) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in stats:
+        name = "Round 1 (alt-text)" if row.round == 1 else f"Round {row.round}"
+        cells = [name, str(row.n), cell(row.mean_words), cell(row.mean_edit_distance), cell(row.mean_clip_score)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_image(record: dict, image_root: str | os.PathLike | None) -> Path | None:
+    """The local image of a record (``img_path`` under ``image_root``), or ``None`` if it has none on disk."""
+    if "img_path" not in record:
+        return None
+    path = Path(image_root or ".") / record["img_path"]
+    return path if path.is_file() else None
+
+
+def clip_score_files(scorer: Any, images: Sequence[Path], texts: Sequence[str], batch_size: int = 64) -> list[float]:
+    """CLIPScore (0-100, see :mod:`altogether.clip_score`) of ``texts[i]`` against the image file ``images[i]``.
+
+    Images are opened a batch at a time so memory stays flat on large files.
+    """
+    from PIL import Image
+
+    scores: list[float] = []
+    for start in range(0, len(images), batch_size):
+        opened: dict[Path, Any] = {}
+        for path in images[start : start + batch_size]:
+            if path not in opened:
+                try:
+                    with Image.open(path) as image:
+                        opened[path] = image.convert("RGB")
+                except OSError as err:
+                    raise AnnotationError(f"{path}: cannot read image ({err})") from None
+        batch = [opened[path] for path in images[start : start + batch_size]]
+        scores.extend(scorer.score(batch, list(texts[start : start + batch_size])).clip_score.tolist())
+    return scores
+
+
+def clip_scores_for_records(
+    records: Sequence[dict], scorer: Any, image_root: str | os.PathLike | None
+) -> dict[tuple[str, int], float]:
+    """``{(record id, round): CLIPScore}`` for every round of every record with a local image."""
+    keys, images, texts = [], [], []
+    for record in records:
+        image = resolve_image(record, image_root)
+        if image is None:
+            continue
+        for number, text in round_texts(record).items():
+            keys.append((record["id"], number))
+            images.append(image)
+            texts.append(text)
+    return dict(zip(keys, clip_score_files(scorer, images, texts)))
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+class Captioner(Protocol):
+    """What prefill needs from a trained captioner (``altogether.Recaptioner`` has this method)."""
+
+    def recaption(self, images: list, alt_texts: list) -> list[str]: ...
+
+
+def draft_captions(
+    captioner: Captioner, images: Sequence[Path], alt_texts: Sequence[str | list[str] | None], batch_size: int = 16
+) -> list[str]:
+    """The single place the model is called: drafts for ``images`` given their alt-texts, in batches."""
+    if batch_size < 1:
+        raise AnnotationError(f"--batch-size must be >= 1, got {batch_size}")
+    drafts: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        batch = captioner.recaption(chunk, list(alt_texts[start : start + batch_size]))
+        if len(batch) != len(chunk):
+            raise AnnotationError(f"captioner returned {len(batch)} captions for {len(chunk)} images")
+        drafts.extend(batch)
+    return drafts
+
+
+def local_images(records: Sequence[dict], image_root: str | os.PathLike | None) -> list[Path]:
+    """Each record's image file; a record without one on disk is an error naming it."""
+    images = []
+    for record in records:
+        image = resolve_image(record, image_root)
+        if image is None:
+            name = f"record {record['id']!r}"
+            if "img_path" in record:
+                raise AnnotationError(f"{name}: img_path {record['img_path']!r} not found under {image_root or '.'}")
+            raise AnnotationError(f"{name}: no img_path (download the image first)")
+        images.append(image)
+    return images
+
+
+def prefill_tasks(
+    records: Sequence[dict],
+    captioner: Captioner,
+    *,
+    model_name: str,
+    image_root: str | os.PathLike | None = None,
+    vendors: Sequence[str] | None = None,
+    swap: bool = False,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Next-round tasks whose starting text is the captioner's draft instead of the previous caption."""
+    images = local_images(records, image_root)
+    tasks = make_tasks(records, vendors=vendors, swap=swap, seed=seed)
+    alt_texts = [record["alt"] or None for record in records]
+    for task, draft in zip(tasks, draft_captions(captioner, images, alt_texts, batch_size)):
+        task["caption"] = draft
+        task["draft_source"] = f"model:{model_name}"
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- Altogether-FT
+
+
+_FT_IMAGE_KEYS = ("url", "img_path")
+
+
+def records_from_ft(
+    ft: Any, *, timestamp: str, annotator: str = "unknown", vendor: str = "unknown", id_prefix: str = "ft-"
+) -> list[dict]:
+    """Records from the Altogether-FT layout ``{"data": [{"alt", "url", "img_path", "round2", "round3", ...}]}``.
+
+    The layout has no provenance, so every round gets ``annotator``, ``vendor`` and ``timestamp``. Items
+    without an ``id`` get ``{id_prefix}{index:06d}``; keys other than the known ones go to ``meta``.
+    """
+    if not isinstance(ft, dict) or not isinstance(ft.get("data"), list):
+        raise AnnotationError('expected the Altogether-FT layout {"data": [...]}')
+    records = []
+    for index, item in enumerate(ft["data"]):
+        if not isinstance(item, dict):
+            raise AnnotationError(f"data[{index}]: expected a JSON object")
+        round_keys = sorted((int(k[5:]), k) for k in item if k.startswith("round") and k[5:].isdigit())
+        rounds = []
+        for position, (number, key) in enumerate(round_keys):
+            if number != position + 2:
+                raise AnnotationError(f"data[{index}].{key}: rounds must run round2, round3, ... without gaps")
+            provenance = {"annotator": annotator, "vendor": vendor, "timestamp": timestamp}
+            rounds.append({"round": number, "caption": item[key], **provenance})
+        known = {"id", "alt", *_FT_IMAGE_KEYS, *(key for _, key in round_keys)}
+        record = {"id": str(item.get("id", f"{id_prefix}{index:06d}"))}
+        record.update({k: item[k] for k in _FT_IMAGE_KEYS if k in item})
+        record.update({"alt": item.get("alt"), "rounds": rounds})
+        extra = {k: v for k, v in item.items() if k not in known}
+        if extra:
+            record["meta"] = extra
+        _raise_problems(schema_errors(record), f"data[{index}]: {_record_name(record)}")
+        records.append(record)
+    return records
+
+
+def records_to_ft(records: Sequence[dict]) -> dict:
+    """The Altogether-FT layout of ``records`` (``meta`` keys are written back as top-level keys)."""
+    data = []
+    for record in records:
+        item = {"id": record["id"], "alt": record["alt"], **_image_fields(record)}
+        for key in record.get("meta", {}):
+            if key in item or (key.startswith("round") and key[5:].isdigit()):
+                raise AnnotationError(f"record {record['id']!r}: meta.{key}: clashes with an Altogether-FT field")
+        item.update(record.get("meta", {}))
+        item.update((f"round{entry['round']}", entry["caption"]) for entry in record["rounds"])
+        data.append(item)
+    return {"data": data}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _load_recaptioner(model: str) -> Captioner:
+    try:
+        from altogether import Recaptioner
+    except ImportError:
+        raise AnnotationError("prefill needs altogether.Recaptioner, which this installation lacks") from None
+    try:
+        return Recaptioner.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise AnnotationError(f"--model {model}: cannot load ({err})") from None
+
+
+def load_clip_scorer(name: str, pretrained: str | None = None, device: str = "cpu") -> Any:
+    """``altogether.clip_score.ClipScorer.from_open_clip``, with load failures as :class:`AnnotationError`."""
+    from altogether.clip_score import ClipScorer
+
+    try:
+        return ClipScorer.from_open_clip(name, pretrained=pretrained, device=device)
+    except (OSError, ValueError, RuntimeError) as err:  # ClipWeightsUnavailableError is a RuntimeError
+        raise AnnotationError(str(err)) from None
+
+
+def _vendor_list(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",")] if text else None
+
+
+def _cmd_next_round(args: argparse.Namespace, **_: Any) -> int:
+    records = read_records(args.records)
+    tasks = make_tasks(records, vendors=_vendor_list(args.vendors), swap=args.swap, seed=args.seed)
+    paths = write_tasks(args.out, tasks)
+    rounds = sorted({task["round"] for task in tasks})
+    print(f"wrote {len(tasks)} task(s) for round(s) {rounds} to {', '.join(paths)}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace, **_: Any) -> int:
+    records = read_records(args.records)
+    tasks = [(f"{path}:{number}", task) for path in args.tasks for number, task in read_jsonl(path)]
+    merged, summary = merge_tasks(records, tasks, skip_incomplete=args.skip_incomplete)
+    write_jsonl(args.out, merged)
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in asdict(summary).items()))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace, *, load_scorer: Callable[..., Any], **_: Any) -> int:
+    records = read_records(args.records)
+    if not records:
+        raise AnnotationError(f"{args.records}: no records")
+    if args.clip_pretrained and not args.clip_model:
+        raise AnnotationError("--clip-pretrained needs --clip-model")
+    scores = None
+    if args.clip_model:
+        scorer = load_scorer(args.clip_model, args.clip_pretrained, args.device)
+        scores = clip_scores_for_records(records, scorer, args.image_root)
+    stats = round_stats(records, scores)
+    print(stats_markdown(stats), end="")
+    if scores is not None:
+        scored = len({record_id for record_id, _ in scores})
+        print(f"CLIPScore (100 * max(cos, 0)) for {scored} of {len(records)} record(s); the others have no local image")
+    if args.json:
+        payload = {
+            "records": len(records),
+            "length_unit": "words (whitespace-separated)",
+            "edit_distance_unit": "characters (Levenshtein, unit costs) to the same record's previous round",
+            "clip_score": "CLIPScore = 100 * max(cosine, 0) with the model below" if args.clip_model else None,
+            "clip_model": args.clip_model,
+            "clip_pretrained": args.clip_pretrained,
+            "rounds": [asdict(row) for row in stats],
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _cmd_prefill(args: argparse.Namespace, *, load_captioner: Callable[[str], Captioner], **_: Any) -> int:
+    records = read_records(args.records)
+    local_images(records, args.image_root)  # fail on a missing image before the (slow) model load
+    captioner = load_captioner(args.model)
+    tasks = prefill_tasks(
+        records,
+        captioner,
+        model_name=args.model,
+        image_root=args.image_root,
+        vendors=_vendor_list(args.vendors),
+        swap=args.swap,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    paths = write_tasks(args.out, tasks)
+    print(f"wrote {len(tasks)} model-drafted task(s) to {', '.join(paths)}")
+    return 0
+
+
+def _cmd_from_ft(args: argparse.Namespace, **_: Any) -> int:
+    try:
+        ft = json.loads(Path(args.ft).read_text(encoding="utf-8"))
+        stamp = args.timestamp or datetime.fromtimestamp(Path(args.ft).stat().st_mtime, timezone.utc).isoformat()
+    except OSError as err:
+        raise AnnotationError(f"{args.ft}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{args.ft}:{err.lineno}: not valid JSON ({err.msg})") from None
+    try:
+        records = records_from_ft(ft, timestamp=stamp, annotator=args.annotator, vendor=args.vendor)
+    except AnnotationError as err:
+        raise AnnotationError(f"{args.ft}: {err}") from None
+    write_jsonl(args.out, records)
+    print(f"wrote {len(records)} record(s) to {args.out}")
+    return 0
+
+
+def _cmd_to_ft(args: argparse.Namespace, **_: Any) -> int:
+    ft = records_to_ft(read_records(args.records))
+    atomic_write_text(args.out, json.dumps(ft, ensure_ascii=False, indent=1) + "\n")
+    print(f"wrote {len(ft['data'])} item(s) to {args.out}")
+    return 0
+
+
+def _add_vendor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vendors", help="comma-separated vendor names to split the records between, e.g. A,B")
+    parser.add_argument(
+        "--swap", action="store_true", help="give each record to the vendor after the one that did its previous round"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the vendor split (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m altogether.annotate`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m altogether.annotate", description="Multi-round re-alignment annotation tools."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("next-round", help="write the next round's task file (previous caption prefilled)")
+    p.add_argument("records", help="records JSONL")
+    p.add_argument("out", help="task JSONL to write; a {vendor} placeholder writes one file per vendor")
+    _add_vendor_options(p)
+    p.set_defaults(func=_cmd_next_round)
+
+    p = commands.add_parser("merge", help="fold completed tasks back into the records")
+    p.add_argument("records", help="records JSONL")
+    p.add_argument("tasks", nargs="+", help="completed task JSONL file(s)")
+    p.add_argument("out", help="records JSONL to write (may be RECORDS itself)")
+    p.add_argument("--skip-incomplete", action="store_true", help="leave out tasks not yet done instead of failing")
+    p.set_defaults(func=_cmd_merge)
+
+    p = commands.add_parser("stats", help="per-round length, edit distance and CLIP alignment (paper §5.1)")
+    p.add_argument("records", help="records JSONL")
+    p.add_argument("--clip-model", help="open_clip model name for image-text alignment, e.g. ViT-B-32")
+    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or checkpoint file")
+    p.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
+    p.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.set_defaults(func=_cmd_stats)
+
+    p = commands.add_parser("prefill", help="draft the next round with a trained captioner")
+    p.add_argument("records", help="records JSONL")
+    p.add_argument("out", help="task JSONL to write; a {vendor} placeholder writes one file per vendor")
+    p.add_argument("--model", required=True, help="Recaptioner export folder or Hub id")
+    p.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_vendor_options(p)
+    p.set_defaults(func=_cmd_prefill)
+
+    p = commands.add_parser("from-ft", help="convert an Altogether-FT JSON file to records JSONL")
+    p.add_argument("ft", help='Altogether-FT JSON ({"data": [...]})')
+    p.add_argument("out", help="records JSONL to write")
+    p.add_argument("--annotator", default="unknown", help="annotator recorded for every round (default unknown)")
+    p.add_argument("--vendor", default="unknown", help="vendor recorded for every round (default unknown)")
+    p.add_argument("--timestamp", help="ISO 8601 time recorded for every round (default: the file's modification time)")
+    p.set_defaults(func=_cmd_from_ft)
+
+    p = commands.add_parser("to-ft", help="convert records JSONL to the Altogether-FT JSON layout")
+    p.add_argument("records", help="records JSONL")
+    p.add_argument("out", help="Altogether-FT JSON to write")
+    p.set_defaults(func=_cmd_to_ft)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    load_captioner: Callable[[str], Captioner] = _load_recaptioner,
+    load_scorer: Callable[..., Any] = load_clip_scorer,
+) -> int:
+    """Run the CLI; user mistakes print one ``error:`` line and return 2. The loaders are injectable for tests."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, load_captioner=load_captioner, load_scorer=load_scorer)
+    except AnnotationError as err:
+        if os.environ.get("ALTOGETHER_DEBUG"):  # same switch as altogether.cli: show the traceback
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

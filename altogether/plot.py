@@ -1,0 +1,151 @@
+"""Training curves from a run's Lightning CSV logs: ``python -m altogether.plot RUN_DIR [--out PNG]``.
+
+Every ``metrics.csv`` under RUN_DIR is read (CSVLogger writes ``RUN_DIR/logs/version_N/metrics.csv``);
+versions are joined in version order, as a resumed run continues its steps. Plotted series: the
+``train/loss`` and ``val/loss`` columns (top panel) and ``lr`` or LearningRateMonitor's ``lr-*``
+columns (bottom panel), against ``step`` (the row number where there is no step column). Missing
+columns are left out; the empty and non-finite cells CSVLogger leaves in rows that logged other
+values are skipped. The PNG's ``Series`` text chunk lists the plotted series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+LOSS_SERIES = ("train/loss", "val/loss")
+LR_SERIES = "lr"
+DEFAULT_NAME = "training_curves.png"
+
+log = logging.getLogger(__name__)
+
+Series = dict[str, tuple[list[float], list[float]]]
+
+
+def find_metrics_files(run_dir: str | os.PathLike) -> list[Path]:
+    """All ``metrics.csv`` files under ``run_dir``, ``version_2`` before ``version_10``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: [_natural(part) for part in p.parts])
+    if not files:
+        raise FileNotFoundError(f"no metrics.csv under {run_dir} (expected Lightning CSVLogger output)")
+    return files
+
+
+def read_series(run_dir: str | os.PathLike) -> Series:
+    """``{series name: (steps, values)}`` for the loss and learning-rate columns that have values."""
+    series: Series = {}
+    row_number = 0
+    for path in find_metrics_files(run_dir):
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c for c in reader.fieldnames or [] if _is_plotted(c)]
+            for row in reader:
+                step = _number(row.get("step"))
+                x = step if step is not None else float(row_number)
+                row_number += 1
+                for column in columns:
+                    value = _number(row.get(column))
+                    if value is not None:
+                        steps, values = series.setdefault(column, ([], []))
+                        steps.append(x)
+                        values.append(value)
+    if not series:
+        raise ValueError(
+            f"no values to plot under {run_dir}: expected columns {', '.join(LOSS_SERIES)} or {LR_SERIES}"
+        )
+    return series
+
+
+def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Plot the run's loss and learning-rate curves to a PNG (default ``RUN_DIR/training_curves.png``)."""
+    series = read_series(run_dir)
+    out_path = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAME
+    png = _render(series, title=Path(run_dir).resolve().name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(png)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600
+        os.replace(temp_name, out_path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    log.info("plotted %s to %s", ", ".join(series), out_path)
+    return out_path
+
+
+def _render(series: Series, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [name for name in series if name in LOSS_SERIES]
+    rates = [name for name in series if name not in LOSS_SERIES]
+    panels = [(names, label) for names, label in ((losses, "loss"), (rates, "learning rate")) if names]
+    figure, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    try:
+        for ax, (names, label) in zip(axes[:, 0], panels):
+            for name in names:
+                steps, values = series[name]
+                # Validation is logged rarely: markers keep a handful of points visible.
+                style = {"marker": "o", "markersize": 3} if name.startswith("val") or len(values) < 20 else {}
+                ax.plot(steps, values, label=name, **style)
+            ax.set_ylabel(label)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        axes[0, 0].set_title(title)
+        axes[-1, 0].set_xlabel("step")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, metadata={"Series": ", ".join(series)})
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
+def _is_plotted(column: str) -> bool:
+    return column in LOSS_SERIES or column == LR_SERIES or column.startswith(f"{LR_SERIES}-")
+
+
+def _number(cell: str | None) -> float | None:
+    """A finite float, or None for the empty / NaN / inf cells of rows that logged something else."""
+    if cell is None or not cell.strip():
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _natural(text: str) -> list:
+    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", text)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m altogether.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="training run directory (holds logs/version_N/metrics.csv)")
+    parser.add_argument("--out", default=None, help=f"PNG to write (default: RUN_DIR/{DEFAULT_NAME})")
+    args = parser.parse_args(argv)
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,109 @@
+import io
+import itertools
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from altogether.config import DecoderConfig, LayoutConfig
+from altogether.data.datamodule import (ResumableSampler, SampleBuilder, collate_training, open_sources)
+from altogether.data.readers import Fields, TableSource, detect_format, iter_webdataset
+from altogether.data.records import BadRecord, Record, load_image
+from altogether.model import load_tokenizer
+
+from .conftest import draw
+
+
+def _png(colour="red"):
+    buf = io.BytesIO()
+    draw(colour, "square").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_annotation_json_reader_picks_the_target_key(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    data = {"data": [{"alt": "zorbit K-1", "url": "http://x/a.png", "img_path": "a.png",
+                      "round2": "r2 caption", "round3": "r3 caption"}]}
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(data))
+    assert detect_format(str(path)) == "annotations"
+    source = TableSource(str(path), "annotations", Fields(target_key="round2"))
+    record = source[0]
+    assert record.target == "r2 caption" and record.alt_texts == ["zorbit K-1"]
+    assert record.image == str(tmp_path / "a.png") and record.extra["url"] == "http://x/a.png"
+    assert load_image(record.image).size == (32, 32)
+    with pytest.raises(ValueError, match="missing column.*round4"):
+        TableSource(str(path), "annotations", Fields(target_key="round4"))
+
+
+def test_parquet_reader_with_image_bytes_and_alt_lists(tmp_path):
+    table = pa.table({"key": ["k0", "k1"], "image": [_png(), _png("blue")], "alt": [["a", "b"], ["c"]],
+                      "caption": ["x", ""]})
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    source = TableSource(str(path), "parquet", Fields(image_key="image", target_key="caption"))
+    assert source[0].alt_texts == ["a", "b"] and isinstance(source[0].image, bytes)
+    with pytest.raises(BadRecord, match="record 'k1'.*empty or missing target 'caption'"):
+        source[1]
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_reader_understands_metaclip_img2dataset_and_txt(tmp_path):
+    _tar(tmp_path / "000.tar", [
+        ("s0.jpg", _png()), ("s0.json", json.dumps({"texts": ["first alt", "second alt"]}).encode()),
+        ("s1.png", _png()), ("s1.json", json.dumps({"caption": "img2dataset alt"}).encode()),
+    ])
+    _tar(tmp_path / "001.tar", [
+        ("s2.png", _png()), ("s2.txt", b"plain txt alt"),
+        ("s3.png", _png()), ("s3.json", b"{broken"),
+    ])
+    bad = []
+    records = list(iter_webdataset(str(tmp_path / "{000..001}.tar"), Fields(), on_bad=lambda k, r: bad.append((k, r))))
+    assert [r.alt_texts for r in records] == [["first alt", "second alt"], ["img2dataset alt"], ["plain txt alt"]]
+    assert [k for k, _ in bad] == ["s3"] and "broken JSON" in bad[0][1]
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_dirs, tmp_path):
+    tok = load_tokenizer(DecoderConfig(tokenizer=str(tiny_dirs[1])))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    builder = SampleBuilder(tok, lambda img: __import__("torch").zeros(3, 8, 8), task="finetune",
+                            layout=LayoutConfig(prompt_dropout=0.0), seed=0)
+    records = [Record("good", _png(), ["alt"], "a red square"), Record("bad", str(tmp_path / "bad.png"), [], "x"),
+               Record("gone", str(tmp_path / "missing.png"), [], "x")]
+    items = [builder.safe(r, i) for i, r in enumerate(records)]
+    batch = collate_training(items, num_visual_tokens=2, pad_id=tok.pad_token_id)
+    assert int(batch["num_skipped"]) == 2 and batch["pixel_values"].shape[0] == 1
+    with pytest.raises(BadRecord, match="record 'gone': image file not found"):
+        builder(records[2], 2)
+
+
+def test_sampler_shuffles_each_pass_splits_ranks_and_resumes_exactly():
+    full = list(itertools.islice(ResumableSampler(10, seed=3), 30))
+    passes = [[i for _, i in full[k:k + 10]] for k in (0, 10, 20)]
+    assert all(sorted(p) == list(range(10)) for p in passes) and passes[0] != passes[1]
+    assert [g for g, _ in full] == list(range(30))
+    resumed = list(itertools.islice(ResumableSampler(10, seed=3, start=17), 13))
+    assert resumed == full[17:]
+    r0 = list(itertools.islice(ResumableSampler(10, seed=3, rank=0, world_size=2), 10))
+    r1 = list(itertools.islice(ResumableSampler(10, seed=3, rank=1, world_size=2), 10))
+    assert sorted(r0 + r1) == sorted(full[:20])
+
+
+def test_val_fraction_split_is_disjoint_and_seeded(make_recipe, jsonl_data):
+    cfg = make_recipe("finetune_round3", {"data.format": "jsonl", "data.train": str(jsonl_data),
+                                          "data.val_fraction": 0.25})
+    train, val = open_sources(cfg)
+    keys = lambda s: {s[i].key for i in range(len(s))}
+    assert len(val) == 6 and len(train) == 18 and not keys(train) & keys(val)
+    assert keys(open_sources(cfg)[1]) == keys(val)
+    with pytest.raises(ValueError, match="data.train is not set"):
+        open_sources(make_recipe("finetune_round3"))

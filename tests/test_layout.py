@@ -1,0 +1,77 @@
+import random
+
+import pytest
+import torch
+
+from altogether.layout import IGNORE_INDEX, SampleTokens, build_prompt, collate, tokenize_sample, training_pair
+
+
+class CharTokenizer:
+    """One token per character (id = ord), EOS 1: budgets and positions can be checked by counting."""
+
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        assert add_special_tokens is False
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_prompt_rule_joins_clean_unique_alt_texts_in_order():
+    assert build_prompt(["  b  x", "", "a", "b x", "a "]) == "b x; a"
+    assert build_prompt("one") == "one"
+    assert build_prompt(None) == "" and build_prompt([]) == ""
+    with pytest.raises(TypeError, match="alt-text must be a string"):
+        build_prompt(["ok", 3])
+
+
+def test_pretrain_target_is_longest_alt_text_and_prompt_the_others():
+    rng = random.Random(0)
+    prompt, target = training_pair(["short", "the longest one", "mid one"], None, task="pretrain",
+                                   prompt_dropout=0.0, rng=rng)
+    assert (prompt, target) == ("short; mid one", "the longest one")
+    assert training_pair("only", None, task="pretrain", prompt_dropout=0.0, rng=rng) == ("", "only")
+
+
+def test_prompt_dropout_rate_and_target_without_alt():
+    rng = random.Random(1)
+    pairs = [training_pair("alt", "cap", task="finetune", prompt_dropout=0.5, rng=rng, target_without_alt="plain")
+             for _ in range(4000)]
+    dropped = sum(p == ("", "plain") for p in pairs)
+    assert all(p in (("", "plain"), ("alt", "cap")) for p in pairs)
+    assert abs(dropped / 4000 - 0.5) < 0.03  # 4 sigma of a fair coin over 4000 draws
+    with pytest.raises(ValueError, match="non-empty target"):
+        training_pair("alt", " ", task="finetune", prompt_dropout=0.0, rng=rng)
+
+
+def test_budgets_alt_kept_first_tokens_caption_truncated_without_eos():
+    tok = CharTokenizer()
+    s = tokenize_sample(tok, "abcdef", "xyz", max_alt_tokens=4, max_caption_tokens=8)
+    assert s.alt_ids == [ord(c) for c in "abcd"] and s.caption_ids == [ord(c) for c in "xyz"] + [1]
+    assert not s.caption_truncated
+    fits = tokenize_sample(tok, "", "x" * 7, max_alt_tokens=4, max_caption_tokens=8)
+    assert fits.caption_ids[-1] == 1 and len(fits.caption_ids) == 8 and not fits.caption_truncated
+    long = tokenize_sample(tok, "", "x" * 20, max_alt_tokens=4, max_caption_tokens=8)
+    assert long.caption_truncated and long.caption_ids == [ord("x")] * 8  # trained on, no EOS
+
+
+def test_collate_right_padding_masks_labels_positions():
+    a = SampleTokens([10, 11], [20, 21, 1])
+    b = SampleTokens([], [30, 1])
+    batch = collate([a, b], num_visual_tokens=3, pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 0, 10, 11, 20, 21, 1], [0, 0, 0, 30, 1, 0, 0, 0]]
+    assert batch["visual_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
+    assert batch["position_ids"].tolist() == [list(range(8)), [0, 1, 2, 3, 4, 0, 0, 0]]
+    i = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[i, i, i, i, i, 20, 21, 1], [i, i, i, 30, 1, i, i, i]]
+
+
+def test_collate_left_padding_puts_prompt_ends_in_last_column():
+    batch = collate([SampleTokens([5, 6, 7], []), SampleTokens([8], [])], num_visual_tokens=2, pad_id=0,
+                    padding_side="left")
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 8]]
+    assert batch["visual_mask"].tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    assert (batch["labels"] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="padding_side"):
+        collate([], num_visual_tokens=1, pad_id=0, padding_side="middle")

@@ -1,0 +1,181 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from altogether.config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig, load_recipe
+from altogether.layout import IGNORE_INDEX, collate, tokenize_sample
+from altogether.model import (AltogetherModel, ImageEncoder, Mapper, WeightsUnavailableError, build_decoder,
+                              choose_attn_implementation)
+from altogether.training import CaptionerModule
+
+from .conftest import draw
+
+
+def _batch(tok, transform, items, budget=32, padding_side="right"):
+    samples = [tokenize_sample(tok, p, c, max_alt_tokens=16, max_caption_tokens=budget) for p, c, _ in items]
+    batch = collate(samples, num_visual_tokens=4, pad_id=tok.pad_token_id, padding_side=padding_side)
+    batch["pixel_values"] = torch.stack([transform(draw(*img)) for _, _, img in items])
+    return batch
+
+
+ITEMS = [("zorbit K-1 for sale", "a photo of zorbit K-1: a red square", ("red", "square")),
+         ("", "a blue circle on a white background", ("blue", "circle")),
+         ("IMG_2231.jpg", "a green square", ("green", "square"))]
+
+
+def test_loss_is_mean_cross_entropy_over_caption_and_eos_only(tiny_parts):
+    model, tok, transform = tiny_parts
+    batch = _batch(tok, transform, ITEMS)
+    out = model(batch)
+    logits = model.logits(batch)
+    expected, count = 0.0, 0
+    for row in range(len(ITEMS)):
+        for t in range(batch["labels"].shape[1] - 1):
+            label = int(batch["labels"][row, t + 1])
+            if label != IGNORE_INDEX:
+                expected += float(-F.log_softmax(logits[row, t], -1)[label])
+                count += 1
+    caption_tokens = sum(len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for _, c, _ in ITEMS)
+    assert count == caption_tokens == int(out.num_tokens)
+    assert out.loss.item() == pytest.approx(expected / count, rel=1e-5)
+
+
+def test_alt_text_changes_logits_but_not_which_positions_are_trained(tiny_parts):
+    model, tok, transform = tiny_parts
+    caption, img = "a red square", ("red", "square")
+    with_alt = _batch(tok, transform, [("zorbit K-1 for sale", caption, img)])
+    other_alt = _batch(tok, transform, [("IMG_2231.jpg shop", caption, img)])
+    lab_a, lab_b = with_alt["labels"], other_alt["labels"]
+    assert lab_a[lab_a != IGNORE_INDEX].tolist() == lab_b[lab_b != IGNORE_INDEX].tolist()
+    n = (lab_a != IGNORE_INDEX).sum()
+    last_a = model.logits(with_alt)[0, -int(n) - 1:]
+    last_b = model.logits(other_alt)[0, -int(n) - 1:]
+    assert not torch.allclose(last_a, last_b, atol=1e-4)
+    assert int(model(with_alt).num_tokens) == int(model(other_alt).num_tokens) == int(n)
+
+
+def test_padded_batch_gives_the_same_logits_as_each_sample_alone(tiny_parts):
+    model, tok, transform = tiny_parts
+    for side in ("right", "left"):
+        batch = _batch(tok, transform, ITEMS, padding_side=side)
+        logits = model.logits(batch)
+        for row, item in enumerate(ITEMS):
+            alone = _batch(tok, transform, [item], padding_side=side)
+            mask = batch["attention_mask"][row].bool()
+            torch.testing.assert_close(logits[row][mask], model.logits(alone)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_forced_logits_equal_incremental_decoding_with_kv_cache(tiny_parts):
+    model, tok, transform = tiny_parts
+    items = [(p, None, img) for p, _, img in ITEMS]
+    batch = _batch(tok, transform, items, padding_side="left")
+    embeds = model.embed_images(batch["pixel_values"])
+    alt_ids = [tokenize_sample(tok, p, None, max_alt_tokens=16, max_caption_tokens=32).alt_ids for p, _, _ in items]
+    out = model.decoder.generate(
+        inputs_embeds=model.input_embeddings(batch, embeds), attention_mask=batch["attention_mask"],
+        max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+    steps = torch.stack(out.logits, dim=1)  # (batch, 6, vocab), computed step by step from the KV cache
+    for row in range(len(items)):
+        generated = out.sequences[row].tolist()
+        from altogether.layout import SampleTokens
+        full = collate([SampleTokens(alt_ids[row], generated)], num_visual_tokens=4, pad_id=tok.pad_token_id)
+        full["pixel_values"] = batch["pixel_values"][row:row + 1]
+        forced = model.logits(full)[0, -7:-1]  # positions that predict the 6 generated tokens
+        torch.testing.assert_close(steps[row], forced, atol=2e-4, rtol=1e-4)
+
+
+def test_long_caption_is_truncated_but_still_trained(tiny_parts):
+    model, tok, transform = tiny_parts
+    long_caption = " ".join(["a red square on a white background"] * 10)
+    batch = _batch(tok, transform, [("", long_caption, ("red", "square"))], budget=12)
+    out = model(batch)
+    assert int(out.num_tokens) == 12 and out.loss.item() > 0
+    out.loss.backward()
+    assert model.mapper.project.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_encoder_gets_no_gradients_and_is_not_optimized(tiny_parts, make_recipe):
+    model, tok, transform = tiny_parts
+    batch = _batch(tok, transform, ITEMS)
+    model.train()
+    try:
+        assert not model.encoder.visual.training  # stays in eval mode when the module trains
+        model(batch).loss.backward()
+        assert all(p.grad is None for p in model.encoder.parameters())
+        assert all(not p.requires_grad for p in model.encoder.parameters())
+        optimizer = CaptionerModule(model, make_recipe()).configure_optimizers()["optimizer"]
+        optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        assert not optimized & {id(p) for p in model.encoder.parameters()}
+        assert {id(p) for p in model.mapper.parameters()} <= optimized
+        decay = {id(p) for p in optimizer.param_groups[0]["params"]}
+        assert all(p.ndim >= 2 for p in model.parameters() if id(p) in decay)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_mapper_shapes_and_last_tokens_are_the_output():
+    cfg = MapperConfig(num_visual_tokens=5, num_layers=2, num_heads=2, mlp_ratio=2.0)
+    mapper = Mapper(embed_dim=8, width=16, cfg=cfg)
+    assert mapper(torch.randn(3, 8)).shape == (3, 5, 16)
+    layer = mapper.transformer.layers[0]
+    assert layer.norm_first and layer.linear1.out_features == 32
+
+
+def test_full_size_architectures_from_config_on_meta_device():
+    import open_clip
+    from transformers import OPTConfig, OPTForCausalLM
+
+    with torch.device("meta"):
+        clip = open_clip.create_model("ViT-H-14-quickgelu", pretrained=None, device="meta")
+        opt = OPTForCausalLM(OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                                       vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048))
+        mapper = Mapper(1024, 2048, MapperConfig())
+    visual = sum(p.numel() for p in clip.visual.parameters())
+    decoder = sum(p.numel() for p in opt.parameters())  # lm_head is tied to the token embedding
+    assert clip.visual.output_dim == 1024
+    assert 630e6 < visual < 635e6  # ViT-H/14 image tower: ~632M
+    assert decoder == 1_315_758_080  # OPT-1.3B
+    assert sum(p.numel() for p in mapper.parameters()) > 300e6  # 8 layers at width 2048 + the 1024->40x2048 map
+
+
+def test_offline_loading_fails_fast_naming_the_source(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)facebook/opt-125m.*name_or_path=DIR"):
+        build_decoder(DecoderConfig(name_or_path="facebook/opt-125m"))
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)metaclip_fullcc.*local-dir:"):
+        ImageEncoder.from_config(EncoderConfig(name="ViT-B-32-quickgelu", pretrained="metaclip_fullcc"))
+
+
+def test_attention_implementation_choice():
+    assert choose_attn_implementation("auto", "cpu") == "sdpa"
+    assert choose_attn_implementation("eager", "cpu") == "eager"
+
+
+def test_packed_batch_gives_each_sample_its_unpacked_loss(tiny_parts):
+    from altogether.layout import collate_packed, token_utilisation
+
+    model, tok, transform = tiny_parts
+    items = ITEMS * 3
+    samples = [tokenize_sample(tok, p, c, max_alt_tokens=16, max_caption_tokens=32) for p, c, _ in items]
+    pixels = torch.stack([transform(draw(*img)) for _, _, img in items])
+    packed = collate_packed(samples, num_visual_tokens=4, pad_id=tok.pad_token_id, max_tokens=64)
+    order = packed.pop("order")
+    packed["pixel_values"] = pixels[order]
+    padded = collate(samples, num_visual_tokens=4, pad_id=tok.pad_token_id)
+    padded["pixel_values"] = pixels
+    assert packed["input_ids"].shape[0] < len(items)  # several samples share a row
+    assert token_utilisation(packed["attention_mask"]) > token_utilisation(padded["attention_mask"])
+    losses, where = model.token_losses(packed)
+    seg = packed["segment_ids"]
+    slots = [(r, int(k)) for r in range(seg.shape[0]) for k in seg[r].unique() if k]  # row-major = `order`
+    token_slot = list(zip(where[:, 0].tolist(), seg[where[:, 0], where[:, 1] + 1].tolist()))
+    for (row, segment), i in zip(slots, order.tolist()):
+        expected, _ = model.token_losses(_batch(tok, transform, [items[i]]))
+        mine = losses[[k for k, slot in enumerate(token_slot) if slot == (row, segment)]]
+        torch.testing.assert_close(mine, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(model(packed).loss, model(padded).loss, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from altogether.training import fit, lr_factor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schedule_warms_up_then_cosines_to_min_ratio():
+    f = lambda s: lr_factor(s, warmup_steps=10, max_steps=96, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(53) == pytest.approx(0.55)
+    assert f(96) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    # a finetune runs its own schedule: the mean factor over its 96 steps is far from zero
+    assert sum(f(s) for s in range(96)) / 96 > 0.5
+
+
+def _small(make_recipe, jsonl_data, out, **extra):
+    return make_recipe("finetune_round3", {
+        "output_dir": str(out), "data.format": "jsonl", "data.train": str(jsonl_data),
+        "data.micro_batch_size": 2, "data.num_workers": 0, "optim.global_batch_size": 4,
+        "optim.max_steps": 4, "optim.warmup_steps": 1, "trainer.checkpoint_every_n_steps": 2,
+        "trainer.progress_bar": False, "trainer.logger": "csv", **extra})
+
+
+def test_resume_from_a_checkpoint_continues_exactly(make_recipe, jsonl_data, tmp_path):
+    straight = fit(_small(make_recipe, jsonl_data, tmp_path / "a"))
+    checkpoint = tmp_path / "a" / "checkpoints" / "step000002.ckpt"
+    assert checkpoint.is_file()
+    resumed = fit(_small(make_recipe, jsonl_data, tmp_path / "b", resume=str(checkpoint)))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    ckpt = torch.load(checkpoint, weights_only=True)  # plain tensors and containers: safe to load
+    assert not any(k.startswith("model.encoder.") for k in ckpt["state_dict"])
+
+
+def test_ddp_on_two_cpu_processes(tiny_dirs, jsonl_data, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(tiny_dirs[0]), str(tiny_dirs[1]),
+                           str(jsonl_data), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
+    assert lines["world_size"] == "2" and lines["steps"] == "3"
+    assert (tmp_path / "ddp" / "export" / "model.safetensors").is_file()
