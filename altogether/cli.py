@@ -19,7 +19,9 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> 
 
     ``ALTOGETHER_DEBUG=1`` shows the traceback.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own progress lines at INFO; other libraries only when they warn (Lightning prints its own lines).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("altogether").setLevel(logging.INFO)
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as err:

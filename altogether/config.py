@@ -116,6 +116,9 @@ class DataConfig:
     packing: bool = False
     pack_tokens: int = 1024
     num_workers: int = 2
+    # Train from cached image embeddings (python -m altogether.cache_embeddings) instead of images.
+    use_cache: bool = False
+    cache_dir: Optional[str] = None
     shuffle_buffer: int = 1000
 
 
@@ -276,6 +279,8 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         )
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"key 'data.val_fraction': {d.val_fraction} is not in [0, 1)")
+    if d.use_cache and not d.cache_dir:
+        raise ConfigError("key 'data.cache_dir': data.use_cache=true needs the cache folder")
     if cfg.model.mapper.num_visual_tokens < 1:
         raise ConfigError("key 'model.mapper.num_visual_tokens' must be >= 1")
 

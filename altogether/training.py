@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import CaptionDataModule, open_sources
 from .data.records import Record, load_image
-from .export import load_export, save_export
+from .export import is_lora, load_export, merge_adapter, save_export
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, load_tokenizer
 
@@ -45,7 +45,13 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[
 
 
 def set_decoder_trainable(model: AltogetherModel, mode: str, lora=None) -> AltogetherModel:
-    """``full``: every decoder weight trains; ``frozen``: none; ``lora``: a peft LoRA adapter only."""
+    """``full``: every decoder weight trains; ``frozen``: none; ``lora``: a peft LoRA adapter only.
+
+    A decoder that already carries an adapter (``init_from`` a LoRA export) has it merged first: the next
+    stage trains on top of the merged weights.
+    """
+    if is_lora(model.decoder):
+        model.decoder = merge_adapter(model.decoder)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -146,8 +152,10 @@ def caption_records(model: AltogetherModel, records: Sequence[Record], tokenizer
     was_training = model.training
     model.eval()
     device = next(model.mapper.parameters()).device
-    pixels = torch.stack([transform(load_image(r.image, key=r.key)) for r in records]).to(device)
-    embeds = model.embed_images(pixels)
+    if all("image_embeds" in r.extra for r in records):
+        embeds = torch.stack([r.extra["image_embeds"] for r in records]).to(device, torch.float32)
+    else:
+        embeds = model.embed_images(torch.stack([transform(load_image(r.image, key=r.key)) for r in records]).to(device))
     prompts = [build_prompt(r.alt_texts, cfg.layout.alt_separator) for r in records]
     out: dict[str, list[str]] = {}
     for name, texts in (("with_alt", prompts), ("without_alt", [""] * len(prompts))):
@@ -161,12 +169,16 @@ def caption_records(model: AltogetherModel, records: Sequence[Record], tokenizer
 
 
 def build_model(cfg: RecipeConfig, device: str = "cpu"):
-    """(model, tokenizer, transform) for a recipe: from ``init_from`` (an export) or from the model config."""
+    """(model, tokenizer, transform) for a recipe: from ``init_from`` (an export) or from the model config.
+
+    Training from cached embeddings builds no image encoder at all.
+    """
+    with_encoder = not cfg.data.use_cache
     if cfg.init_from:
-        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device)
+        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device, with_encoder=with_encoder)
     else:
         tokenizer = load_tokenizer(cfg.model.decoder)
-        model, transform = AltogetherModel.from_config(cfg.model, tokenizer, device=device)
+        model, transform = AltogetherModel.from_config(cfg.model, tokenizer, device=device, with_encoder=with_encoder)
     set_decoder_trainable(model, cfg.model.decoder.trainable, cfg.model.decoder.lora)
     return model, tokenizer, transform
 
@@ -246,6 +258,11 @@ def fit(
 
         causal_lm(model.decoder).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_source, val_source = sources if sources is not None else open_sources(cfg)
+    if cfg.data.use_cache:
+        from .cache_embeddings import CachedSource, EmbeddingCache
+
+        cache = EmbeddingCache(cfg.data.cache_dir, expect_encoder=to_container(cfg.model.encoder))
+        train_source, val_source = (CachedSource(s, cache) if s is not None else None for s in (train_source, val_source))
     accumulate = accumulation_steps(cfg, _world_size(cfg))
     datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,
                                    val_source=val_source)

@@ -41,10 +41,10 @@ def make_recipe(tiny_dirs, tmp_path):
     def make(name: str = "finetune_round3", overrides: dict | None = None):
         base = tiny_model_overrides(*tiny_dirs)
         base.update({"output_dir": str(tmp_path / "run"), "init_from": None})
-        cfg = load_recipe(name, base)
-        if overrides:
-            cfg = load_recipe(name, {**base, **_nest(overrides)})
-        return cfg
+        from omegaconf import OmegaConf
+
+        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(_nest(overrides or {})))
+        return load_recipe(name, OmegaConf.to_container(merged))
 
     return make
 

@@ -1,0 +1,194 @@
+"""Cached image embeddings (``python -m altogether.cache_embeddings``): the frozen encoder runs once per image, training reads the vectors.
+
+Because the encoder is frozen, its L2-normalised embedding of an image never changes; computing it once and
+training from the vectors skips JPEG decoding and the encoder (Synth², training in embedding space). A cache
+folder holds
+
+```
+cache.json                      encoder spec, data source, embedding size, number of shards and records
+embeddings-00000.safetensors    "embeddings": (n, d) float16 and "keys": the samples' keys as UTF-8 bytes
+```
+``python -m altogether.cache_embeddings recipe=NAME data.train=... cache_dir=PATH`` writes it;
+``data.cache_dir=PATH`` makes training read it (keys must match the records' keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data.records import BadRecord, Record, load_image
+from .io import atomic_write_text, replacing_dir
+
+log = logging.getLogger(__name__)
+META_FILE = "cache.json"
+
+
+def _encode_keys(keys: Sequence[str]) -> torch.Tensor:
+    blob = "\n".join(keys).encode("utf-8")
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+
+
+def _decode_keys(tensor: torch.Tensor) -> list[str]:
+    return bytes(tensor.tolist()).decode("utf-8").split("\n") if tensor.numel() else []
+
+
+def write_cache(
+    directory: str | Path,
+    records: Iterable[Record],
+    encoder,
+    transform,
+    *,
+    encoder_spec: dict,
+    source: str,
+    batch_size: int = 64,
+    shard_size: int = 100_000,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Embed every record's image and write the cache folder atomically; returns its ``cache.json`` content.
+
+    Unreadable images are skipped and counted (``skipped`` in the metadata, with reasons for the first 100).
+    """
+    with replacing_dir(directory) as tmp:
+        shard, keys, pixels = 0, [], []
+        shard_keys: list[str] = []
+        shard_vectors: list[torch.Tensor] = []
+        skipped: list[str] = []
+        total = 0
+
+        def flush_batch() -> None:
+            if pixels:
+                with torch.no_grad():
+                    shard_vectors.append(encoder(torch.stack(pixels).to(device)).to("cpu", torch.float16))
+                shard_keys.extend(keys)
+                keys.clear()
+                pixels.clear()
+
+        def flush_shard() -> None:
+            nonlocal shard
+            flush_batch()
+            if shard_keys:
+                save_file({"embeddings": torch.cat(shard_vectors), "keys": _encode_keys(shard_keys)},
+                          str(tmp / f"embeddings-{shard:05d}.safetensors"))
+                shard += 1
+                shard_keys.clear()
+                shard_vectors.clear()
+
+        for record in records:
+            if "\n" in record.key:
+                raise ValueError(f"record key {record.key!r} contains a newline")
+            try:
+                pixels.append(transform(load_image(record.image, key=record.key)))
+            except BadRecord as err:
+                skipped.append(str(err))
+                continue
+            keys.append(record.key)
+            total += 1
+            if len(pixels) == batch_size:
+                flush_batch()
+            if len(shard_keys) + len(keys) >= shard_size:
+                flush_shard()
+        flush_shard()
+        meta = {"encoder": encoder_spec, "source": source, "dim": getattr(encoder, "embed_dim", None),
+                "dtype": "float16", "shards": shard, "records": total, "skipped": len(skipped),
+                "skipped_reasons": skipped[:100]}
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+    if skipped:
+        log.warning("cache: %d unreadable images skipped (see %s)", len(skipped), Path(directory) / META_FILE)
+    return meta
+
+
+class EmbeddingCache:
+    """All vectors of a cache folder in memory (float16), looked up by sample key."""
+
+    def __init__(self, directory: str | Path, *, expect_encoder: dict | None = None):
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no embedding cache at {directory} ({META_FILE} missing)")
+        self.meta = json.loads(meta_path.read_text())
+        if expect_encoder is not None and _spec(self.meta["encoder"]) != _spec(expect_encoder):
+            raise ValueError(f"embedding cache {directory} was made with encoder {self.meta['encoder']}, "
+                             f"but the recipe's encoder is {expect_encoder}")
+        vectors, self.index = [], {}
+        for i in range(self.meta["shards"]):
+            shard = load_file(str(directory / f"embeddings-{i:05d}.safetensors"))
+            for key in _decode_keys(shard["keys"]):
+                self.index[key] = len(self.index)
+            vectors.append(shard["embeddings"])
+        self.vectors = torch.cat(vectors) if vectors else torch.zeros(0, 0, dtype=torch.float16)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.vectors[self.index[key]]
+
+
+def _spec(encoder: dict) -> tuple:
+    return encoder.get("name"), encoder.get("pretrained")
+
+
+class CachedSource(Sequence):
+    """A record source whose records carry their cached embedding (``extra["image_embeds"]``).
+
+    A record without a cached vector raises :class:`BadRecord`, so training skips and counts it.
+    """
+
+    def __init__(self, source: Sequence[Record], cache: EmbeddingCache):
+        self.source, self.cache = source, cache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Record:
+        record = self.source[index]
+        if record.key not in self.cache.index:
+            raise BadRecord(f"record {record.key!r} has no cached embedding")
+        record.extra["image_embeds"] = self.cache[record.key]
+        return record
+
+
+def iter_all(source: Sequence[Record]) -> Iterator[Record]:
+    """Every record of a random-access source; records that fail to read are skipped with a warning."""
+    for i in range(len(source)):
+        try:
+            yield source[i]
+        except BadRecord as err:
+            log.warning("skipping: %s", err)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [key=value ...]``."""
+    from .config import ConfigError, load_recipe, to_container
+    from .data.datamodule import open_sources
+    from .model import ImageEncoder
+
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    if "recipe" not in args or "cache_dir" not in args:
+        raise ConfigError("usage: python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [key=value ...]")
+    cache_dir = args.pop("cache_dir")
+    batch_size = int(args.pop("batch_size", 64))
+    cfg = load_recipe(args.pop("recipe"), [f"{k}={v}" for k, v in args.items()])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder, transform = ImageEncoder.from_config(cfg.model.encoder, device)
+    train, val = open_sources(cfg)
+    if train is None:
+        raise ConfigError("cache_embeddings reads table sources (annotations/JSONL/Parquet); got webdataset")
+    records = [*iter_all(train), *(iter_all(val) if val is not None else [])]
+    meta = write_cache(cache_dir, records, encoder, transform, encoder_spec=to_container(cfg.model.encoder),
+                       source=str(cfg.data.train), batch_size=batch_size, device=device)
+    print(f"cached {meta['records']} embeddings ({meta['skipped']} skipped) in {meta['shards']} shard(s) at {cache_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))

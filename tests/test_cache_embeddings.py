@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from altogether.cache_embeddings import CachedSource, EmbeddingCache, main, write_cache
+from altogether.data.datamodule import open_sources
+from altogether.data.records import BadRecord, load_image
+from altogether.training import build_model
+
+
+def test_cache_round_trip_and_same_loss_as_the_image_path(make_recipe, jsonl_data, tmp_path):
+    cfg = make_recipe("finetune_round3", {"data.format": "jsonl", "data.train": str(jsonl_data)})
+    cache_dir = tmp_path / "cache"
+    assert main([f"recipe=finetune_round3", f"cache_dir={cache_dir}", "batch_size=5",
+                 *[f"{k}={v}" for k, v in _flat(cfg).items()]]) == 0
+    meta = json.loads((cache_dir / "cache.json").read_text())
+    assert meta["records"] == 24 and meta["skipped"] == 0 and meta["dtype"] == "float16"
+
+    torch.manual_seed(0)
+    model, tok, transform = build_model(cfg)
+    train, _ = open_sources(cfg)
+    cache = EmbeddingCache(cache_dir, expect_encoder={"name": cfg.model.encoder.name, "pretrained": None})
+    cached = CachedSource(train, cache)
+    record = train[3]
+    direct = model.embed_images(transform(load_image(record.image))[None])
+    torch.testing.assert_close(cached[3].extra["image_embeds"].float(), direct[0], atol=2e-3, rtol=0)
+
+    from altogether.data.datamodule import SampleBuilder, collate_training
+    builder = SampleBuilder(tok, transform, task="finetune", layout=cfg.layout, seed=0)
+    image_batch = collate_training([builder(train[i], i) for i in range(6)], num_visual_tokens=4, pad_id=tok.pad_token_id)
+    cache_batch = collate_training([builder(cached[i], i) for i in range(6)], num_visual_tokens=4, pad_id=tok.pad_token_id)
+    assert "pixel_values" not in cache_batch and cache_batch["image_embeds"].shape == (6, 32)
+    torch.testing.assert_close(model(cache_batch).loss, model(image_batch).loss, atol=1e-3, rtol=0)
+
+    from altogether.training import fit
+    run = make_recipe("finetune_round3", {**_flat(cfg), "data.use_cache": True, "data.cache_dir": str(cache_dir),
+                                          "data.val_fraction": 0.25, "data.micro_batch_size": 3, "data.num_workers": 0,
+                                          "optim.global_batch_size": 3, "optim.max_steps": 2, "optim.warmup_steps": 1,
+                                          "trainer.sample_every_n_steps": 1, "trainer.progress_bar": False,
+                                          "model.encoder.pretrained": None, "init_from": None})
+    export = fit(run)
+    assert (export / "model.safetensors").is_file() and (export / "encoder" / "open_clip_config.json").is_file()
+
+
+def test_mismatched_encoder_and_missing_keys_are_errors(tmp_path, tiny_parts):
+    model, tok, transform = tiny_parts
+    from altogether.data.records import Record
+    from tests.conftest import draw
+
+    records = [Record("a", draw("red", "square"), []), Record("b", str(tmp_path / "missing.png"), [])]
+    meta = write_cache(tmp_path / "c", records, model.encoder, transform, encoder_spec={"name": "x", "pretrained": None},
+                       source="test")
+    assert meta["records"] == 1 and meta["skipped"] == 1 and "missing.png" in meta["skipped_reasons"][0]
+    with pytest.raises(ValueError, match="made with encoder"):
+        EmbeddingCache(tmp_path / "c", expect_encoder={"name": "y", "pretrained": None})
+    cached = CachedSource(records, EmbeddingCache(tmp_path / "c"))
+    assert cached[0].extra["image_embeds"].shape == (32,)
+    with pytest.raises(BadRecord, match="no cached embedding"):
+        cached[1]
+
+
+def _flat(cfg):
+    return {"data.format": cfg.data.format, "data.train": cfg.data.train, "model.encoder.name": cfg.model.encoder.name,
+            "model.encoder.pretrained": "null", "model.mapper.num_visual_tokens": 4, "init_from": "null",
+            "model.decoder.tokenizer": cfg.model.decoder.tokenizer}
