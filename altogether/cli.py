@@ -21,7 +21,8 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> 
     """
     # Our own progress lines at INFO; other libraries only when they warn (Lightning prints its own lines).
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("altogether").setLevel(logging.INFO)
+    for name in ("altogether", "__main__"):  # a module run with `python -m` logs as __main__
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as err:

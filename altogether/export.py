@@ -2,11 +2,26 @@
 
 ```
 export/
-  altogether.json      model / layout / generation settings, the decoder's HF config, the resolved recipe
-  model.safetensors    trained weights only: mapper.* and decoder.* (the frozen encoder is referenced)
+  altogether.json      model / layout / generation settings, the decoder's HF config, the resolved recipe,
+                       the encoder's source, and a "lora" entry when the decoder carries an adapter
+  model.safetensors    trained weights: mapper.* and decoder.* (decoder.* in the decoder's own naming; left
+                       out for a LoRA export whose base decoder is referenced, see below)
   tokenizer/           the decoder's tokenizer
-  encoder/             optional: the frozen encoder in open_clip's local-dir format
+  encoder/             the frozen encoder in open_clip's local-dir format, when included (see below)
+  adapter/             LoRA exports only: adapter_config.json + adapter_model.safetensors (peft's format)
 ```
+
+Encoder: referenced by its open_clip name + pretrained tag (or ``hf-hub:`` name), not copied, unless
+``include_encoder=True`` or the reference would not load on another machine (a ``local-dir:`` folder, a
+local checkpoint file, random weights); then ``encoder/`` holds it and ``model.encoder`` says
+``local-dir:encoder``. ``encoder_source`` always records where the encoder originally came from.
+
+LoRA: the adapter is stored in ``adapter/``. The base decoder under it is referenced (``lora.base_decoder``
+names the Hugging Face Hub id) when its weights are exactly the pretrained ones loaded from that id;
+otherwise (a decoder built from a random config, a base fine-tuned in an earlier stage, a local folder)
+``lora.base_decoder`` is null and the base weights are in ``model.safetensors``. Loading applies the
+adapter; ``merge_lora=True`` merges it into the decoder weights.
+
 Loading is strict: a missing or unexpected tensor is an error that names it. Only safetensors and JSON are read.
 """
 
@@ -17,18 +32,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from .config import EncoderConfig, GenerationSettings, LayoutConfig, ModelConfig
-from .model import AltogetherModel
+from .model import AltogetherModel, causal_lm
 
 CONFIG_FILE = "altogether.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ENCODER_DIR = "encoder"
 FORMAT_VERSION = 1
 
 
@@ -36,8 +54,67 @@ class ExportError(ValueError):
     """An export folder is missing something or does not match its config."""
 
 
-def _trained_parts(model: AltogetherModel) -> nn.Module:
-    return nn.ModuleDict({"mapper": model.mapper, "decoder": model.decoder})
+# ---------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_lora(decoder: nn.Module) -> bool:
+    """Whether the decoder is wrapped by a peft adapter."""
+    return hasattr(decoder, "peft_config")
+
+
+def encoder_is_portable(encoder: dict[str, Any]) -> bool:
+    """Whether an encoder reference loads on another machine: an ``hf-hub:`` name or a known open_clip tag."""
+    import open_clip
+
+    name, tag = encoder["name"], encoder.get("pretrained")
+    if name.startswith("hf-hub:"):
+        return True
+    if name.startswith("local-dir:") or not tag:
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, tag))
+
+
+def lora_base_reference(decoder: nn.Module) -> str | None:
+    """The Hub id the LoRA base decoder was loaded from unchanged, or ``None`` when its weights must be stored.
+
+    Hugging Face records ``name_or_path`` on ``from_pretrained`` only (a decoder built from a config has "", and
+    :func:`merge_adapter` clears it); a local folder is not portable, so its weights are stored.
+    """
+    name = getattr(causal_lm(decoder), "name_or_path", "") or ""
+    return name if name and not Path(name).expanduser().exists() else None
+
+
+def trained_state(model: AltogetherModel, *, with_decoder: bool = True) -> dict[str, torch.Tensor]:
+    """``mapper.*`` and ``decoder.*`` tensors in the decoder's own naming (a LoRA wrapper's base, without it)."""
+    state = {f"mapper.{k}": v for k, v in model.mapper.state_dict().items()}
+    if with_decoder:
+        state.update((f"decoder.{k}", v) for k, v in _plain_decoder_state(model.decoder))
+    return state
+
+
+def _plain_decoder_state(decoder: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    # peft keeps the wrapped layer as `<name>.base_layer` next to its `<name>.lora_*` tensors.
+    for key, value in causal_lm(decoder).state_dict().items():
+        if is_lora(decoder):
+            if ".lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+        yield key, value
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses shared storage: a tied tensor (embeddings / LM head) is written once."""
+    seen: set[tuple] = set()
+    unique = {}
+    for name in sorted(state):
+        t = state[name]
+        identity = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if identity not in seen:
+            seen.add(identity)
+            unique[name] = t.detach().contiguous()
+    save_file(unique, str(path))
 
 
 def save_export(
@@ -50,49 +127,74 @@ def save_export(
     generation: Any,
     recipe: dict[str, Any] | None = None,
     include_encoder: bool = False,
+    encoder_source: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write an export folder atomically (built beside the target, then renamed over it).
 
-    ``include_encoder`` copies the frozen encoder too; it is forced for ``local-dir:`` encoders, whose folder
-    would not exist on another machine.
+    ``model_cfg.encoder`` says where the encoder loads from now; ``encoder_source`` is where it originally came
+    from (default: the same), which is what a reference points to. ``include_encoder`` copies the encoder,
+    which is forced when the reference is not portable (see the module docstring).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
-        source = dict(model_dict["encoder"])
-        if include_encoder or source["name"].startswith("local-dir:"):
-            _save_encoder(source, tmp / "encoder")
-            model_dict["encoder"] = {"name": "local-dir:encoder", "pretrained": None}
-        hf_config = model.decoder.config.to_dict() if hasattr(model.decoder, "config") else None
+        loadable = dict(model_dict["encoder"])
+        source = dict(encoder_source or loadable)
+        if include_encoder or not encoder_is_portable(source):
+            _save_encoder(loadable, tmp / ENCODER_DIR)
+            model_dict["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
+        else:
+            model_dict["encoder"] = source
+        lora = None
+        if is_lora(model.decoder):
+            lora = {"adapter": ADAPTER_DIR, "base_decoder": lora_base_reference(model.decoder)}
+            _save_adapter(model.decoder, tmp / ADAPTER_DIR)
         meta = {
             "format": "altogether-export",
             "version": FORMAT_VERSION,
             "model": model_dict,
             "encoder_source": source,
-            "decoder_hf_config": hf_config,
+            "decoder_hf_config": causal_lm(model.decoder).config.to_dict(),
+            "lora": lora,
             "layout": OmegaConf.to_container(OmegaConf.structured(layout), resolve=True),
             "generation": OmegaConf.to_container(OmegaConf.structured(generation), resolve=True),
             "recipe": recipe,
             **(extra or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        save_model(_trained_parts(model), str(tmp / WEIGHTS_FILE))
+        base_referenced = bool(lora and lora["base_decoder"])
+        _save_tensors(trained_state(model, with_decoder=not base_referenced), tmp / WEIGHTS_FILE)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def _save_adapter(decoder: nn.Module, target: Path) -> None:
+    """The adapter in peft's own format (``PeftModel.from_pretrained`` can read it too)."""
+    from peft import get_peft_model_state_dict
+
+    target.mkdir(parents=True)
+    decoder.peft_config["default"].save_pretrained(str(target))
+    # Embedding layers are never resized here; "auto" would look the base config up on the Hub to check.
+    tensors = get_peft_model_state_dict(decoder, save_embedding_layers=False)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(target / ADAPTER_WEIGHTS))
 
 
 def _save_encoder(encoder_cfg: dict[str, Any], target: Path) -> None:
@@ -103,15 +205,44 @@ def _save_encoder(encoder_cfg: dict[str, Any], target: Path) -> None:
     target.mkdir(parents=True)
     if name.startswith("local-dir:"):
         source = Path(name[len("local-dir:") :])
+        if not source.is_dir():
+            raise ExportError(f"encoder folder {source} does not exist, so it cannot be copied into the export")
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, target / item.name)
         return
     import open_clip
 
-    clip, _ = create_open_clip(EncoderConfig(**{k: encoder_cfg[k] for k in ("name", "pretrained")}))
+    clip, _ = create_open_clip(EncoderConfig(name=name, pretrained=encoder_cfg.get("pretrained")))
     preprocess = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
-    save_open_clip_dir(target, clip.state_dict(), open_clip.get_model_config(name), preprocess)
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ExportError(f"open_clip has no config for {name!r}; it cannot be written as a local-dir encoder")
+    save_open_clip_dir(target, clip.state_dict(), model_cfg, preprocess)
+
+
+def copy_export(source: str | Path, target: str | Path, *, include_encoder: bool = False) -> Path:
+    """Copy an export folder (atomically); ``include_encoder`` adds ``encoder/`` when it only had a reference."""
+    source, target = Path(source), Path(target)
+    meta = read_export_config(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if include_encoder and not (tmp / ENCODER_DIR).is_dir():
+            _save_encoder(meta["encoder_source"], tmp / ENCODER_DIR)
+            meta["model"]["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
 
 
 def read_export_config(directory: str | Path) -> dict[str, Any]:
@@ -128,12 +259,20 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def export_model_config(directory: str | Path, meta: dict[str, Any]) -> ModelConfig:
-    """The export's model config with the decoder rebuilt from its stored HF config (no hub access)."""
+def export_model_config(directory: str | Path, meta: dict[str, Any], *, base_decoder: str | None = None) -> ModelConfig:
+    """The export's model config, resolved to load from the folder.
+
+    The decoder is rebuilt from its stored HF config (no hub access), except under a LoRA adapter whose base is
+    referenced: that base loads from the Hub id, or from ``base_decoder`` (e.g. a local copy) when given.
+    """
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
-    if cfg.encoder.name == "local-dir:encoder":
-        cfg.encoder.name = f"local-dir:{Path(directory).resolve() / 'encoder'}"
-    if meta.get("decoder_hf_config"):
+    if cfg.encoder.name == f"local-dir:{ENCODER_DIR}":
+        cfg.encoder.name = f"local-dir:{Path(directory).resolve() / ENCODER_DIR}"
+    reference = (meta.get("lora") or {}).get("base_decoder")
+    if reference:
+        cfg.decoder.name_or_path = base_decoder or reference
+        cfg.decoder.config = None
+    elif meta.get("decoder_hf_config"):
         cfg.decoder.config = {k: v for k, v in meta["decoder_hf_config"].items() if _plain(v)}
     cfg.decoder.tokenizer = str(Path(directory) / "tokenizer")
     return cfg  # type: ignore[return-value]
@@ -144,9 +283,20 @@ def _plain(value: Any) -> bool:
 
 
 def load_export(
-    directory: str | Path, *, device: str | torch.device = "cpu", with_encoder: bool = True
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    with_encoder: bool = True,
+    merge_lora: bool = False,
+    base_decoder: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[AltogetherModel, Any, Callable | None, dict[str, Any]]:
-    """(model, tokenizer, image transform, export config) from an export folder, strictly."""
+    """(model, tokenizer, image transform, export config) from an export folder, strictly.
+
+    ``merge_lora`` merges a LoRA adapter into the decoder weights (faster inference, no peft wrapper);
+    ``base_decoder`` overrides where a referenced LoRA base decoder loads from; ``attn_implementation``
+    overrides the one the export was trained with (``auto`` picks what this machine has).
+    """
     from .model import load_tokenizer
 
     directory = Path(directory)
@@ -154,14 +304,66 @@ def load_export(
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ExportError(f"{directory}: {WEIGHTS_FILE} is missing")
-    cfg = export_model_config(directory, meta)
+    cfg = export_model_config(directory, meta, base_decoder=base_decoder)
+    if attn_implementation is not None:
+        cfg.decoder.attn_implementation = attn_implementation
     tokenizer = load_tokenizer(cfg.decoder)
     model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder)
+    lora = meta.get("lora")
+    parts = {"mapper": model.mapper}
+    if not (lora and lora.get("base_decoder")):
+        parts["decoder"] = model.decoder
     try:
-        load_model(_trained_parts(model), str(weights), strict=True, device=str(device))
+        load_model(nn.ModuleDict(parts), str(weights), strict=True, device=str(device))
     except RuntimeError as err:
         raise ExportError(f"{weights} does not match its config: {err}") from None
+    if lora:
+        if base_decoder and lora.get("base_decoder"):
+            # A local copy of the referenced base: it still is that base, and a re-save should say so.
+            _set_name_or_path(model.decoder, lora["base_decoder"])
+        model.decoder = apply_adapter(model.decoder, directory / lora.get("adapter", ADAPTER_DIR), device=device)
+        if merge_lora:
+            model.decoder = merge_adapter(model.decoder)
     return model.eval(), tokenizer, preprocess, meta
+
+
+def apply_adapter(decoder: nn.Module, adapter_dir: Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Wrap ``decoder`` with the LoRA adapter saved in ``adapter_dir``; every adapter tensor must match."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
+        raise ExportError(f"{adapter_dir}: the LoRA adapter (adapter_config.json + {ADAPTER_WEIGHTS}) is missing")
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = True
+    wrapped = get_peft_model(decoder, config)
+    try:
+        result = set_peft_model_state_dict(wrapped, load_file(str(weights), device=str(device)))
+    except RuntimeError as err:
+        raise ExportError(f"{weights} does not match its adapter config: {err}") from None
+    missing = sorted(k for k in result.missing_keys if ".lora_" in k)
+    if missing or result.unexpected_keys:
+        raise ExportError(
+            f"{weights} does not match its adapter config: missing {', '.join(missing) or 'none'}; "
+            f"unexpected {', '.join(sorted(result.unexpected_keys)) or 'none'}"
+        )
+    return wrapped
+
+
+def merge_adapter(decoder: nn.Module) -> nn.Module:
+    """Merge a LoRA adapter into the decoder weights and drop the wrapper.
+
+    The merged weights are no longer the pretrained ones ``name_or_path`` names, so that is cleared: a later
+    export stores them instead of referencing the original.
+    """
+    merged = decoder.merge_and_unload()
+    _set_name_or_path(merged, "")
+    return merged
+
+
+def _set_name_or_path(decoder: nn.Module, name: str) -> None:
+    decoder.name_or_path = name
+    decoder.config.name_or_path = name
 
 
 def layout_from(meta: dict[str, Any]) -> LayoutConfig:

@@ -151,21 +151,31 @@ def collate(
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group samples into rows of at most ``max_tokens`` positions (first-fit decreasing).
+    """Group samples into as few rows of at most ``max_tokens`` positions as first-fit allows, balanced.
 
-    Returns sample indices per row; a sample longer than ``max_tokens`` gets a row of its own.
+    The row count comes from first-fit decreasing; samples are then dealt longest first to the emptiest row
+    that still has room, so rows end up nearly equal and the batch (padded to its longest row) wastes little.
+    A sample longer than ``max_tokens`` gets a row of its own. Returns sample indices per row.
     """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    fill: list[int] = []
+    for i in order:  # first-fit decreasing: how many rows are needed
+        row = next((r for r, used in enumerate(fill) if used + lengths[i] <= max_tokens), None)
+        if row is None:
+            fill.append(lengths[i])
         else:
-            rows.append([i])
-            room.append(max_tokens - lengths[i])
+            fill[row] += lengths[i]
+    rows: list[list[int]] = [[] for _ in fill]
+    used = [0] * len(fill)
+    for i in order:
+        fits = [r for r in range(len(rows)) if used[r] + lengths[i] <= max_tokens or used[r] == 0]
+        if not fits:
+            rows.append([])
+            used.append(0)
+            fits = [len(rows) - 1]
+        row = min(fits, key=lambda r: used[r])
+        rows[row].append(i)
+        used[row] += lengths[i]
     return rows
 
 

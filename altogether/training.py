@@ -267,8 +267,9 @@ def fit(
     datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,
                                    val_source=val_source)
     module = CaptionerModule(model, cfg)
+    decoder = model.decoder
     if cfg.trainer.compile:
-        module.model.decoder = torch.compile(module.model.decoder)
+        model.decoder = torch.compile(decoder)
 
     t = cfg.trainer
     sample_records = [val_source[i] for i in range(min(t.num_sample_images, len(val_source)))] if val_source else []
@@ -302,6 +303,7 @@ def fit(
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     export = run_dir / "export"
+    model.decoder = decoder  # the uncompiled module: its weight names are the export's
     if trainer.is_global_zero:
         log.info("%s: %d optimizer steps; %d records skipped as unreadable; %d captions truncated to %d tokens",
                  cfg.recipe, trainer.global_step, module.skipped_total, module.truncated_total,

@@ -75,3 +75,16 @@ def test_collate_left_padding_puts_prompt_ends_in_last_column():
     assert (batch["labels"] == IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="padding_side"):
         collate([], num_visual_tokens=1, pad_id=0, padding_side="middle")
+
+
+def test_pack_rows_uses_few_balanced_rows_and_keeps_every_sample():
+    from altogether.layout import pack_rows
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 130) for _ in range(32)]
+    rows = pack_rows(lengths, 1024)
+    assert sorted(i for row in rows for i in row) == list(range(32))
+    fills = [sum(lengths[i] for i in row) for row in rows]
+    assert max(fills) <= 1024 and len(rows) == -(-sum(lengths) // 1024)
+    assert sum(lengths) / (len(rows) * max(fills)) > 0.95  # balanced: little padding to the longest row
+    assert pack_rows([2000, 10], 1024) == [[0], [1]]  # an over-long sample gets a row of its own

@@ -46,6 +46,6 @@ def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError:
         raise BadRecord(f"{where}image file not found: {image}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         shown = image if isinstance(image, (str, Path)) else f"<{len(image)} bytes>" if isinstance(image, bytes) else "image"
         raise BadRecord(f"{where}unreadable image {shown}: {err}") from None

@@ -1,0 +1,296 @@
+"""Recaptioning inputs as shards: webdataset tars, Parquet/JSONL manifests, or a folder of images.
+
+A *shard* is the unit of work and of output: one tar, one manifest file, or a fixed-size chunk of a folder's
+images (sorted by path, so the chunks are the same on every rank and every run). :func:`read_shard` reads
+one shard whole, keeping what it can: bad samples are listed with a reason, and a shard that cannot be read
+to its end (a truncated tar) keeps the samples before the damage and says what went wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .readers import (
+    IMAGE_EXTENSIONS,
+    Fields,
+    TableSource,
+    detect_format,
+    expand_shards,
+    webdataset_sample_to_record,
+)
+from .records import BadRecord, ImageRef
+
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "jsonl", "folder")
+_TAR_BLOCK = 512
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work. ``members`` lists a folder shard's images (relative to ``path``)."""
+
+    name: str
+    kind: str  # webdataset | parquet | jsonl | folder
+    path: str
+    members: tuple[str, ...] = ()
+
+
+@dataclass
+class Sample:
+    """One image to caption: its key, the image (encoded bytes or a path) and its alt-texts."""
+
+    key: str
+    image: ImageRef
+    alt_texts: list[str]
+
+
+@dataclass
+class ShardContent:
+    """What a shard held: readable samples in order, bad ones as ``(key, reason)``, and a read error if any."""
+
+    samples: list[Sample] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def discover_shards(source: str, *, input_format: str = "auto", shard_size: int = 1000) -> list[Shard]:
+    """The shards of an input, in a stable order.
+
+    ``source``: a tar or manifest path, a brace pattern (``data/{00000..00099}.tar``) or glob of them, a folder
+    of tars, or a folder of images (split into shards of ``shard_size`` images named ``<folder>-00000``, ...).
+    Missing files and two shards with the same name (their outputs would collide) are errors.
+    """
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format={input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    folder = Path(source)
+    if folder.is_dir():
+        tars = sorted(folder.glob("*.tar"))
+        if input_format == "webdataset" or (input_format == "auto" and tars):
+            shards = [_file_shard(str(p), "webdataset") for p in tars]
+        elif input_format in ("auto", "folder"):
+            shards = _folder_shards(folder, shard_size)
+        else:
+            raise ValueError(f"input {source!r} is a folder; input_format={input_format!r} needs a file or pattern")
+    else:
+        if input_format == "folder":
+            raise ValueError(f"input_format=folder but {source!r} is not a folder")
+        paths = _expand(source)
+        kind = input_format if input_format != "auto" else detect_format(paths[0] if paths else source)
+        if kind == "annotations":
+            raise ValueError(f"{source!r}: annotation JSON is not a recaptioning input; convert it to JSONL "
+                             "(one object per line with the image path and alt-text) or give tar shards")
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(paths)} input file(s) matched by {source!r} do not "
+                                    f"exist: {shown}")
+        shards = [_file_shard(p, kind) for p in paths]
+    if not shards:
+        raise FileNotFoundError(f"no input shards found at {source!r}")
+    _check_unique_names(shards, source)
+    return shards
+
+
+def _expand(source: str) -> list[str]:
+    paths: list[str] = []
+    for pattern in expand_shards(source):
+        paths.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
+    return paths
+
+
+def _file_shard(path: str, kind: str) -> Shard:
+    name = Path(path).name
+    for suffix in (".tar", ".parquet", ".jsonl"):
+        name = name.removesuffix(suffix)
+    return Shard(name=name, kind=kind, path=path)
+
+
+def _folder_shards(folder: Path, shard_size: int) -> list[Shard]:
+    images = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*")
+        if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    base = folder.resolve().name or "images"
+    return [Shard(name=f"{base}-{i // shard_size:05d}", kind="folder", path=str(folder),
+                  members=tuple(images[i : i + shard_size])) for i in range(0, len(images), shard_size)]
+
+
+def _check_unique_names(shards: list[Shard], source: str) -> None:
+    seen: dict[str, str] = {}
+    for shard in shards:
+        if shard.name in seen:
+            raise ValueError(f"input {source!r}: two shards share the name {shard.name!r} ({seen[shard.name]} and "
+                             f"{shard.path}), so their outputs would collide; recaption them separately")
+        seen[shard.name] = shard.path
+
+
+def check_manifest_columns(shard: Shard, fields: Fields) -> None:
+    """Fail early when a manifest lacks the image column or the alt-text column (``alt_key=""``: none used)."""
+    if shard.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            columns = pq.read_schema(shard.path).names
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{shard.path}: cannot read the Parquet schema: {err}") from None
+    elif shard.kind == "jsonl":
+        first = next(_jsonl_objects(shard.path), None)
+        if first is None or isinstance(first[1], str):
+            return  # empty, or a broken first line: reported per sample when the shard is read
+        columns = list(first[1])
+    else:
+        return
+    wanted = [k for k in (fields.image_key, fields.alt_key) if k]
+    missing = [k for k in wanted if k not in columns]
+    if missing:
+        raise ValueError(f"{shard.path}: no column {', '.join(map(repr, missing))}; columns are "
+                         f"{', '.join(columns)}. Set image_key= / alt_key= (alt_key= empty: no alt-texts)")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_shard(shard: Shard, fields: Fields) -> ShardContent:
+    """Read a whole shard; see the module docstring for what happens to bad input."""
+    reader = {"webdataset": _read_tar, "parquet": _read_manifest, "jsonl": _read_manifest, "folder": _read_folder}
+    return reader[shard.kind](shard, fields)
+
+
+def _read_tar(shard: Shard, fields: Fields) -> ShardContent:
+    """Members grouped into samples by webdataset's naming rule (``dir/key.ext``; contiguous members share a key).
+
+    A sample is complete once the next key's header is read, so on damage every sample before it is kept
+    (webdataset's own grouping loses the one in progress); the sample being read at the damage is listed as bad.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    content = ShardContent()
+    group: dict[str, Any] | None = None
+    member = ""
+    try:
+        with tarfile.open(shard.path, "r|*") as tar:
+            for info in tar:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None or _TAR_META.match(info.name):
+                    continue
+                if group is not None and group["__key__"] != key:
+                    _add_tar_sample(content, group, fields)
+                    group = None
+                member = info.name
+                data = tar.extractfile(info).read()
+                group = group or {"__key__": key, "__url__": shard.path}
+                group[ext.lower()] = data
+        problem = _tar_end_problem(shard.path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problem = f"unreadable at member {member!r} after {len(content.samples) + len(content.bad)} samples: {err}"
+    if group is not None:
+        if problem:
+            content.bad.append((group["__key__"], "may be incomplete: the tar is damaged at or right after it"))
+        else:
+            _add_tar_sample(content, group, fields)
+    content.error = problem
+    return content
+
+
+def _add_tar_sample(content: ShardContent, sample: dict[str, Any], fields: Fields) -> None:
+    try:
+        record = webdataset_sample_to_record(sample, fields)
+        content.samples.append(Sample(record.key, record.image, record.alt_texts))
+    except BadRecord as err:
+        content.bad.append((sample["__key__"], str(err)))
+
+
+def _tar_end_problem(path: str) -> str | None:
+    """Why a tar that read without error is still truncated (no end-of-archive marker), or ``None``."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size % _TAR_BLOCK:
+            return f"truncated: {size} bytes is not a whole number of {_TAR_BLOCK}-byte tar blocks"
+        f.seek(max(0, size - 2 * _TAR_BLOCK))
+        if size < 2 * _TAR_BLOCK or any(f.read()):
+            return "truncated: the tar does not end with its end-of-archive marker"
+    return None
+
+
+@dataclass(frozen=True)
+class _ManifestRows:
+    """The attributes :meth:`TableSource.to_record` reads, so manifest rows convert by the training readers' rule
+    while being streamed (TableSource itself loads whole files through ``datasets``)."""
+
+    path: str
+    fields: Fields
+    image_root: Path
+
+    to_record = TableSource.to_record
+
+
+def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
+    content = ShardContent()
+    root = Path(fields.image_root) if fields.image_root else Path(shard.path).resolve().parent
+    rows = _ManifestRows(shard.path, fields, root)
+    source = _parquet_rows(shard.path) if shard.kind == "parquet" else _jsonl_objects(shard.path)
+    try:
+        for index, row in source:
+            if isinstance(row, str):  # a line that is not a JSON object: the reason
+                content.bad.append((f"line {index + 1}", row))
+                continue
+            try:
+                record = rows.to_record(row, index)
+                content.samples.append(Sample(record.key, record.image, record.alt_texts))
+            except BadRecord as err:
+                content.bad.append((str(row.get("key") or row.get("id") or index), str(err)))
+    except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)
+        content.error = f"unreadable after {len(content.samples) + len(content.bad)} rows: {err}"
+    return content
+
+
+def _jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """``(line index, object)`` per non-blank line; a broken line gives a reason string instead of an object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield index, f"broken JSON: {err}"
+                continue
+            yield index, row if isinstance(row, dict) else f"not a JSON object: {line.strip()[:80]}"
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield index, row
+            index += 1
+
+
+def _read_folder(shard: Shard, fields: Fields) -> ShardContent:
+    content = ShardContent()
+    folder = Path(shard.path)
+    for member in shard.members:
+        image = folder / member
+        key = Path(member).with_suffix("").as_posix()
+        sidecar = image.with_suffix(".txt")
+        try:
+            alt = [sidecar.read_text(encoding="utf-8", errors="replace")] if sidecar.is_file() else []
+        except OSError as err:
+            content.bad.append((key, f"unreadable alt-text file {sidecar}: {err}"))
+            continue
+        content.samples.append(Sample(key, str(image), alt))
+    return content

@@ -1,0 +1,134 @@
+"""Export folders: file layout, strict loading, encoder reference vs copy, copying an export."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
+from altogether.export import (
+    CONFIG_FILE, WEIGHTS_FILE, ExportError, copy_export, encoder_is_portable, load_export, read_export_config,
+    save_export,
+)
+from altogether.layout import collate, tokenize_sample
+from altogether.tiny import tiny_opt_config
+
+BASE_FILES = ["altogether.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+ENCODER_FILES = ["encoder/open_clip_config.json", "encoder/open_clip_model.safetensors"]
+
+
+def files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny_dirs):
+    """The config the conftest ``tiny_parts`` model was built from."""
+    encoder, tokenizer = tiny_dirs
+    return ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
+                       mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
+                       decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tokenizer)))
+
+
+@pytest.fixture(scope="module")
+def export(tiny_parts, model_cfg, tmp_path_factory):
+    model, tokenizer, _ = tiny_parts
+    return save_export(tmp_path_factory.mktemp("e") / "export", model, tokenizer, model_cfg=model_cfg,
+                       layout=LayoutConfig(), generation=GenerationSettings(), extra={"training": {"steps": 3}})
+
+
+def batch_for(tokenizer, prompts=("zorbit K-12 for sale", "")):
+    samples = [tokenize_sample(tokenizer, p, "a red square", max_alt_tokens=16, max_caption_tokens=16) for p in prompts]
+    batch = collate(samples, num_visual_tokens=4, pad_id=tokenizer.pad_token_id)
+    batch["image_embeds"] = torch.nn.functional.normalize(torch.randn(len(prompts), 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return batch
+
+
+def test_export_layout_and_config(export, tiny_dirs):
+    # A local-dir encoder has no portable reference, so it is copied; the source is still recorded.
+    assert files(export) == sorted(BASE_FILES + ENCODER_FILES)
+    meta = read_export_config(export)
+    assert meta["model"]["encoder"] == {"name": "local-dir:encoder", "pretrained": None}
+    assert meta["encoder_source"]["name"] == f"local-dir:{tiny_dirs[0]}"
+    assert meta["lora"] is None and meta["training"] == {"steps": 3}
+    assert meta["generation"]["temperature"] == 0.2 and meta["generation"]["top_p"] == 0.7
+    keys = set(load_file(str(export / WEIGHTS_FILE)))
+    assert {k.split(".")[0] for k in keys} == {"mapper", "decoder"}
+    # The tied LM head / input embedding is written once.
+    assert ("decoder.lm_head.weight" in keys) != ("decoder.model.decoder.embed_tokens.weight" in keys)
+
+
+def test_load_export_reproduces_logits(export, tiny_parts):
+    model, tokenizer, _ = tiny_parts
+    loaded, tok, transform, meta = load_export(export)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(batch), model.logits(batch))
+    assert transform is not None and len(tok) == len(tokenizer)
+    assert not any(p.requires_grad for p in loaded.encoder.parameters())
+
+
+@pytest.mark.parametrize("change, named", [
+    ("drop", "decoder.model.decoder.final_layer_norm.bias"),
+    ("add", "mapper.surplus"),
+])
+def test_strict_loading_names_the_tensor(export, tmp_path, change, named):
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    tensors = load_file(str(broken / WEIGHTS_FILE))
+    if change == "drop":
+        del tensors[named]
+    else:
+        tensors[named] = torch.zeros(2)
+    save_file(tensors, str(broken / WEIGHTS_FILE))
+    with pytest.raises(ExportError, match=named.replace(".", r"\.")) as err:
+        load_export(broken)
+    assert ("Missing" if change == "drop" else "Unexpected") in str(err.value)
+
+
+def test_not_an_export_and_wrong_version(tmp_path, export):
+    with pytest.raises(ExportError, match="altogether.json is missing"):
+        load_export(tmp_path)
+    broken = tmp_path / "v9"
+    shutil.copytree(export, broken)
+    meta = json.loads((broken / CONFIG_FILE).read_text())
+    meta["version"] = 9
+    (broken / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="unsupported export format"):
+        load_export(broken)
+
+
+def test_encoder_reference_is_portable_only_for_known_sources(tmp_path):
+    assert encoder_is_portable({"name": "ViT-H-14-quickgelu", "pretrained": "metaclip_fullcc"})
+    assert encoder_is_portable({"name": "hf-hub:timm/some-clip", "pretrained": None})
+    assert not encoder_is_portable({"name": "ViT-H-14-quickgelu", "pretrained": None})  # random weights
+    assert not encoder_is_portable({"name": "ViT-H-14-quickgelu", "pretrained": str(tmp_path / "w.bin")})
+    assert not encoder_is_portable({"name": f"local-dir:{tmp_path}", "pretrained": None})
+
+
+def test_referenced_encoder_is_not_copied(tiny_parts, model_cfg, tmp_path):
+    """A loaded export whose encoder came from a known tag saves only the reference by default."""
+    model, tokenizer, _ = tiny_parts
+    source = {"name": "ViT-H-14-quickgelu", "pretrained": "metaclip_fullcc"}
+    out = save_export(tmp_path / "ref", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
+                      generation=GenerationSettings(), encoder_source=source)
+    assert files(out) == BASE_FILES
+    meta = read_export_config(out)
+    assert meta["model"]["encoder"] == source == meta["encoder_source"]
+    # include_encoder copies it from where it loads now, keeping the reference as its source.
+    full = save_export(tmp_path / "full", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
+                       generation=GenerationSettings(), encoder_source=source, include_encoder=True)
+    assert files(full) == sorted(BASE_FILES + ENCODER_FILES)
+    assert read_export_config(full)["encoder_source"] == source
+
+
+def test_copy_export_is_exact_and_replaces_atomically(export, tmp_path):
+    target = tmp_path / "copy"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    copy_export(export, target)
+    assert files(target) == files(export)
+    assert (target / WEIGHTS_FILE).read_bytes() == (export / WEIGHTS_FILE).read_bytes()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left behind

@@ -1,0 +1,330 @@
+"""Recaptioning at scale: shards -> one output per shard, resume after SIGKILL, 2-process DDP, best-of-N,
+several captions, bad input, manifests and folders. A tiny random-weight export; greedy unless sampling is
+the point."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from altogether import Recaptioner
+from altogether.cli import run_cli
+from altogether.clip_score import ClipScorer
+from altogether.config import (ConfigError, DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig,
+                               MapperConfig, ModelConfig)
+from altogether.data.inputs import discover_shards
+from altogether.export import save_export
+from altogether.layout import build_prompt
+from altogether.model import causal_lm
+from altogether.recaption import choose_captions, length_sorted_batches, main, recaption_shards
+from altogether.tiny import tiny_opt_config
+from tests.conftest import COLOURS, SHAPES, draw
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = {"num_workers": 0, "batch_size": 2, "progress_bar": False}  # 5 samples a shard -> 3 batches
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    draw(list(COLOURS)[i % 4], SHAPES[(i // 4) % 2], seed=i).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def alt_members(i: int) -> tuple[dict[str, bytes], list[str]]:
+    """The four ways a webdataset sample carries its alt-text (or none), and the alt-texts meant."""
+    kind = i % 4
+    if kind == 0:  # MetaCLIP: several alt-texts
+        alts = [f"zorbit K-{i} for sale", "IMG_2231.jpg"]
+        return {"json": json.dumps({"texts": alts}).encode()}, alts
+    if kind == 1:  # img2dataset
+        return {"json": json.dumps({"caption": f"photo of the product zorbit K-{i}", "url": "x"}).encode()}, [
+            f"photo of the product zorbit K-{i}"]
+    if kind == 2:
+        return {"txt": f"a photo of {i}".encode()}, [f"a photo of {i}"]
+    return {}, []
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def export(tiny_parts, tiny_dirs, tmp_path_factory):
+    model, tokenizer, _ = tiny_parts
+    encoder, tok = tiny_dirs
+    cfg = ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
+                      mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
+                      decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)))
+    return save_export(tmp_path_factory.mktemp("rc") / "export", model, tokenizer, model_cfg=cfg,
+                       layout=LayoutConfig(), generation=GenerationSettings(max_new_tokens=6, do_sample=False))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """3 tar shards of 5 samples; returns (brace pattern, {key: (image bytes, alt-texts)}, keys per shard)."""
+    folder = tmp_path_factory.mktemp("shards")
+    truth, order = {}, {}
+    for s in range(3):
+        samples = []
+        for j in range(5):
+            i = 5 * s + j
+            members, alts = alt_members(i)
+            key = f"s{s}-{j:03d}"
+            samples.append((key, {"png": png(i), **members}))
+            truth[key] = (png(i), alts)
+        write_tar(folder / f"{s:05d}.tar", samples)
+        order[f"{s:05d}"] = [k for k, _ in samples]
+    return str(folder / "{00000..00002}.tar"), truth, order
+
+
+@pytest.fixture(scope="module")
+def reference(export, shards, tmp_path_factory):
+    """An uninterrupted single-process run: (output folder, summary)."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, recaption_shards(export, shards[0], out, **RUN)
+
+
+def rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    return pq.read_table(path).to_pylist()
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "summary.json"}
+
+
+def test_end_to_end_one_output_per_shard_equal_to_the_recaptioner(export, shards, reference):
+    pattern, truth, order = shards
+    out, summary = reference
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet",
+                                                     "summary.json"]
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["shards"] == {"total": 3, "written": 3, "skipped_existing": 0, "with_read_errors": 0}
+    assert summary["samples"] == {"captioned": 15, "bad": 0, "bad_not_listed": 0}
+    assert summary["images_per_s"] > 0 and summary["bad_samples"] == [] and summary["world_size"] == 1
+    captioner = Recaptioner.from_pretrained(export, device="cpu")
+    for shard, keys in order.items():
+        got = rows(out / f"{shard}.parquet")
+        assert [r["key"] for r in got] == keys  # input order, although batches were sorted by prompt length
+        assert list(got[0]) == ["key", "alt_text", "caption"]
+        assert [r["alt_text"] for r in got] == [build_prompt(truth[k][1]) for k in keys]
+        images = [Image.open(io.BytesIO(truth[k][0])) for k in keys]
+        expected = captioner.recaption(images, [truth[k][1] for k in keys], batch_size=2)
+        assert [r["caption"] for r in got] == expected
+    assert "zorbit K-0 for sale; IMG_2231.jpg" in {r["alt_text"] for r in rows(out / "00000.parquet")}
+    assert len({r["caption"] for s in order for r in rows(out / f"{s}.parquet")}) > 1
+
+
+def test_resume_after_sigkill_mid_shard_matches_an_uninterrupted_run(export, shards, reference, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    args = [str(export), shards[0], str(out), *(f"{k}={v}" for k, v in RUN.items())]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recaption_pause.py"), str(marker), *args],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never reached the middle of its second shard"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert "in memory: ['00001']" in marker.read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet"]  # the half-done shard left nothing
+    (out / ".00001.parquet.abc123.tmp").write_bytes(b"half")  # as if killed while renaming
+
+    summary = recaption_shards(export, shards[0], out, **RUN)
+    assert summary["shards"]["skipped_existing"] == 1 and summary["shards"]["written"] == 2
+    assert summary["samples"]["captioned"] == 10
+    assert outputs(out) == outputs(reference[0])  # byte-identical files
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_two_cpu_processes_cover_every_shard_exactly_once(export, shards, reference, tmp_path):
+    out = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "altogether.recaption", str(export), shards[0], str(out),
+                           "accelerator=cpu", "devices=2", "strategy=ddp",
+                           *(f"{k}={v}" for k, v in RUN.items())],
+                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("recaptioned 15 images") == 1  # one line, from rank 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    written = [r["shards_written"] for r in summary["ranks"]]
+    assert sorted(written[0] + written[1]) == ["00000", "00001", "00002"]  # each once, none twice
+    assert written[0] and written[1]
+    assert summary["samples"]["captioned"] == 15
+    assert outputs(out) == outputs(reference[0])
+
+
+def test_best_of_n_keeps_the_highest_clip_score(export, shards, tmp_path):
+    pattern, truth, order = shards
+    out = tmp_path / "best"
+    summary = recaption_shards(export, pattern.replace("{00000..00002}", "00001"), out, **RUN, num_candidates=3,
+                               do_sample=True, temperature=1.5, save_candidates=True, output_format="jsonl")
+    assert summary["samples"]["captioned"] == 5
+    scorer = ClipScorer.from_open_clip(f"local-dir:{export / 'encoder'}")  # the captioner's own encoder
+    got = rows(out / "00001.jsonl")
+    assert [r["key"] for r in got] == order["00001"]
+    for r in got:
+        assert len(r["candidates"]) == 3
+        image = Image.open(io.BytesIO(truth[r["key"]][0])).convert("RGB")
+        scores = scorer.score([image] * 3, r["candidates"])
+        best = int(torch.argmax(scores.cosine))
+        assert r["caption"] == r["candidates"][best]
+        assert r["candidate_scores"] == pytest.approx(scores.clip_score.tolist(), abs=1e-3)
+        assert r["caption_clip_score"] == pytest.approx(float(scores.clip_score[best]), abs=1e-3)
+    assert any(len(set(r["candidates"])) > 1 for r in got)  # there was a real choice to make
+
+
+def test_several_captions_per_image_are_a_list_reproducible_by_seed(export, shards, tmp_path):
+    pattern = shards[0].replace("{00000..00002}", "00000")
+    settings = {**RUN, "num_captions": 2, "do_sample": True, "temperature": 1.5, "output_format": "jsonl"}
+    recaption_shards(export, pattern, tmp_path / "a", **settings)
+    recaption_shards(export, pattern, tmp_path / "b", **settings)
+    got = rows(tmp_path / "a" / "00000.jsonl")
+    assert all(isinstance(r["caption"], list) and len(r["caption"]) == 2 for r in got)
+    assert any(r["caption"][0] != r["caption"][1] for r in got)
+    assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
+
+
+def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = {"png": png(0), "json": b'{"texts": ["a red square"]}'}
+    write_tar(src / "mixed.tar", [("ok", good), ("badjson", {"png": png(1), "json": b'{"texts": [oops'}),
+                                  ("badimage", {"jpg": b"not an image", "txt": b"x"}),
+                                  ("noimage", {"json": b'{"caption": "lost"}'}), ("ok2", good)])
+    full = write_tar(tmp_path / "full.tar", [(f"k{i}", {"png": png(i), "txt": b"alt"}) for i in range(4)])
+    data = full.read_bytes()
+    offsets = {m.name: m.offset for m in tarfile.open(full).getmembers()}  # header offset of each member
+    (src / "cut_in_data.tar").write_bytes(data[: offsets["k2.png"] + 512 + 10])  # inside k2's image bytes
+    (src / "cut_at_header.tar").write_bytes(data[: offsets["k2.png"]])  # exactly before k2's header
+
+    out = tmp_path / "out"
+    summary = recaption_shards(export, str(src), out, **RUN)
+    assert summary["shards"]["written"] == 3 and summary["shards"]["with_read_errors"] == 2
+    reasons = {(b["shard"], b["key"]): b["reason"] for b in summary["bad_samples"]}
+    assert set(reasons) == {("mixed", "badjson"), ("mixed", "badimage"), ("mixed", "noimage"),
+                            ("cut_at_header", "k1")}
+    assert "broken JSON" in reasons["mixed", "badjson"] and "unreadable image" in reasons["mixed", "badimage"]
+    assert "no image member" in reasons["mixed", "noimage"] and "incomplete" in reasons["cut_at_header", "k1"]
+    assert summary["samples"] == {"captioned": 5, "bad": 4, "bad_not_listed": 0}
+    errors = {e["shard"]: e["error"] for e in summary["shard_errors"]}
+    assert "'k2.png'" in errors["cut_in_data"] and "unexpected end of data" in errors["cut_in_data"]
+    assert "end-of-archive" in errors["cut_at_header"]
+    assert [r["key"] for r in rows(out / "mixed.parquet")] == ["ok", "ok2"]
+    assert [r["key"] for r in rows(out / "cut_in_data.parquet")] == ["k0", "k1"]  # readable part kept
+    assert [r["key"] for r in rows(out / "cut_at_header.parquet")] == ["k0"]
+
+    listed = recaption_shards(export, str(src), tmp_path / "capped", **RUN, max_listed_bad=1)
+    assert len(listed["bad_samples"]) == 1 and listed["samples"]["bad_not_listed"] == 3
+
+
+def test_manifests_and_image_folders(export, tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.png", "sub/c.png"]):
+        draw(list(COLOURS)[i], "square", seed=i).save(images / name)
+    (images / "a.txt").write_text("zorbit K-12 for sale\n")
+    (images / "broken.png").write_bytes(b"\x89PNG broken")
+    lines = [json.dumps({"key": "m0", "img_path": "images/a.png", "alt": ["zorbit K-12 for sale", "IMG_2231.jpg"]}),
+             "{broken", json.dumps({"key": "m1", "img_path": "images/missing.png", "alt": "x"}),
+             json.dumps({"key": "m2", "img_path": "images/sub/c.png", "alt": None})]
+    (tmp_path / "part0.jsonl").write_text("\n".join(lines) + "\n")
+
+    manifest = recaption_shards(export, str(tmp_path / "part0.jsonl"), tmp_path / "from_jsonl", **RUN)
+    got = rows(tmp_path / "from_jsonl" / "part0.parquet")
+    assert [(r["key"], r["alt_text"]) for r in got] == [("m0", "zorbit K-12 for sale; IMG_2231.jpg"), ("m2", "")]
+    assert {b["key"] for b in manifest["bad_samples"]} == {"line 2", "m1"}
+    assert "image file not found" in next(b["reason"] for b in manifest["bad_samples"] if b["key"] == "m1")
+
+    folder = recaption_shards(export, str(images), tmp_path / "from_folder", **RUN, shard_size=2)
+    assert sorted(p.name for p in (tmp_path / "from_folder").glob("*.parquet")) == ["images-00000.parquet",
+                                                                                  "images-00001.parquet"]
+    got = rows(tmp_path / "from_folder" / "images-00000.parquet")
+    assert [(r["key"], r["alt_text"]) for r in got] == [("a", "zorbit K-12 for sale"), ("b", "")]
+    assert [b["key"] for b in folder["bad_samples"]] == ["broken"]
+    with pytest.raises(ValueError, match="no column 'alt_texts'"):
+        recaption_shards(export, str(tmp_path / "part0.jsonl"), tmp_path / "x", **RUN, alt_key="alt_texts")
+
+
+def test_decoding_uses_the_kv_cache_on_length_sorted_batches(export, shards, tmp_path):
+    captioner = Recaptioner.from_pretrained(export, device="cpu")
+    lengths: list[int] = []
+
+    def record(module, args, kwargs):
+        given = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        lengths.append(given.shape[1])
+
+    hook = causal_lm(captioner.model.decoder).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        recaption_shards(captioner, shards[0].replace("{00000..00002}", "00000"), tmp_path, **RUN)
+    finally:
+        hook.remove()
+    firsts = [n for n in lengths if n > 1]
+    assert len(firsts) == 3  # one full-prompt pass per batch; every later step feeds a single new token
+    assert firsts == sorted(firsts, reverse=True)  # longest prompts first
+    assert lengths.count(1) == len(lengths) - 3 > 0
+
+
+def test_length_sorted_batches_and_caption_choice():
+    assert length_sorted_batches([3, 9, 1, 9, 5], 2) == [[1, 3], [4, 0], [2]]
+    assert length_sorted_batches([], 4) == [[]]
+    assert choose_captions(["a", "b", "c"], [0.1, 0.5, 0.3], 1) == [1]
+    assert choose_captions(["a", "a", "b"], [0.9, 0.8, 0.1], 2) == [0, 2]  # distinct texts before repeats
+    assert choose_captions(["a", "a"], [0.2, 0.9], 2) == [1, 0]  # too few distinct: topped up with repeats
+    assert choose_captions(["x", "y"], None, 2) == [0, 1]
+
+
+def test_input_discovery_errors(tmp_path):
+    write_tar(tmp_path / "00000.tar", [("k", {"png": png(0)})])
+    with pytest.raises(FileNotFoundError, match="1 of 2 input file"):
+        discover_shards(str(tmp_path / "{00000..00001}.tar"))
+    (tmp_path / "b").mkdir()
+    write_tar(tmp_path / "b" / "00000.tar", [("k", {"png": png(0)})])
+    with pytest.raises(ValueError, match="share the name '00000'"):
+        discover_shards(str(tmp_path / "{.,b}/00000.tar"))
+    assert [s.name for s in discover_shards(str(tmp_path))] == ["00000"]  # a folder of tars
+
+
+@pytest.mark.parametrize("args, message", [
+    (["colour=red"], "colour"),
+    (["num_captions=2"], "need sampling"),
+    (["num_candidates=2", "num_captions=3", "do_sample=true"], "num_candidates=2 < num_captions=3"),
+    (["save_candidates=true"], "needs num_candidates > 1"),
+])
+def test_cli_settings_errors_are_one_line(export, shards, tmp_path, capsys, args, message):
+    assert run_cli(main, [str(export), shards[0], str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError):
+        main([str(export), shards[0]])

@@ -1,0 +1,167 @@
+"""Recaptioner: loading, batched generation equal to one-by-one, input forms and errors, save -> load."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from altogether import Recaptioner
+from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
+from altogether.data.records import BadRecord
+from altogether.export import ExportError, save_export
+from altogether.layout import build_prompt
+from altogether.tiny import tiny_opt_config
+
+GREEDY = {"do_sample": False, "max_new_tokens": 8}
+ALTS = ["zorbit K-12 for sale", None, ["a blue circle on a white background", "IMG_2231.jpg"], "", "a photo of"]
+
+
+@pytest.fixture(scope="module")
+def export(tiny_parts, tiny_dirs, tmp_path_factory):
+    model, tokenizer, _ = tiny_parts
+    encoder, tok = tiny_dirs
+    cfg = ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
+                      mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
+                      decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)))
+    return save_export(tmp_path_factory.mktemp("r") / "export", model, tokenizer, model_cfg=cfg,
+                       layout=LayoutConfig(), generation=GenerationSettings(max_new_tokens=6))
+
+
+@pytest.fixture(scope="module")
+def captioner(export):
+    return Recaptioner.from_pretrained(export)
+
+
+@pytest.fixture(scope="module")
+def images():
+    out = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow", "purple"]):
+        img = Image.new("RGB", (32, 32), "white")
+        ImageDraw.Draw(img).ellipse((2 + i, 2 + i, 30 - i, 30 - i), fill=colour)
+        out.append(img)
+    return out
+
+
+def test_from_pretrained_defaults(captioner, export):
+    assert captioner.device == torch.device("cpu") and captioner.dtype == torch.float32  # CPU default: fp32
+    assert captioner.generation.temperature == 0.2 and captioner.generation.top_p == 0.7
+    assert captioner.generation.top_k == 0 and captioner.directory == export
+
+
+def test_batched_equals_one_by_one_in_input_order(captioner, images):
+    batched = captioner.recaption(images, ALTS, batch_size=3, **GREEDY)
+    alone = [captioner.recaption([img], [alt], **GREEDY)[0] for img, alt in zip(images, ALTS)]
+    assert batched == alone
+    assert len(set(batched)) > 1  # the captions depend on the image and prompt, so order is really checked
+    assert captioner.recaption(images, ALTS, batch_size=len(images), **GREEDY) == alone
+
+
+def test_prompt_follows_the_training_rule(captioner):
+    ids = captioner.prompt_ids(["a photo of", " a  photo of ", "zorbit"])
+    expected = captioner.tokenizer(build_prompt(["a photo of", "zorbit"], "; "), add_special_tokens=False)["input_ids"]
+    assert ids == expected
+    assert captioner.prompt_ids(None) == captioner.prompt_ids([]) == []
+
+
+def test_paths_single_image_and_clean_text(captioner, images, tmp_path):
+    path = tmp_path / "img.png"
+    images[0].save(path)
+    from_path = captioner.recaption([path], [ALTS[0]], **GREEDY)
+    assert from_path == captioner.recaption([images[0]], [ALTS[0]], **GREEDY)
+    assert captioner.recaption(str(path), ALTS[0], **GREEDY) == from_path  # a lone image with its alt-text
+    for caption in captioner.recaption(images, **GREEDY):
+        assert caption == caption.strip() and "\n" not in caption and "</s>" not in caption and "<pad>" not in caption
+        assert "  " not in caption and all(ch.isprintable() for ch in caption)
+
+
+def test_sampling_seed_and_num_captions(captioner, images):
+    first = captioner.recaption(images[:3], ALTS[:3], num_captions=2, seed=7, temperature=1.0, top_p=1.0)
+    again = captioner.recaption(images[:3], ALTS[:3], num_captions=2, seed=7, temperature=1.0, top_p=1.0)
+    other = captioner.recaption(images[:3], ALTS[:3], num_captions=2, seed=8, temperature=1.0, top_p=1.0)
+    assert first == again != other
+    assert [len(c) for c in first] == [2, 2, 2] and all(isinstance(c, str) for row in first for c in row)
+    state = torch.random.get_rng_state()
+    captioner.recaption(images[:1], seed=1)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random state is left alone
+    beams = captioner.recaption(images[:2], num_captions=2, num_beams=2, do_sample=False, max_new_tokens=4)
+    assert [len(c) for c in beams] == [2, 2]
+
+
+def test_generation_defaults_come_from_the_export(captioner, images, monkeypatch):
+    calls = []
+    real = captioner.model.generate
+
+    def spy(embeds, alt_ids, **kwargs):
+        calls.append(kwargs)
+        return real(embeds, alt_ids, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", spy)
+    captioner.recaption(images[:2], seed=0)
+    captioner.recaption(images[:2], seed=0, top_k=5, max_new_tokens=3)
+    assert calls[0] == {"max_new_tokens": 6, "do_sample": True, "temperature": 0.2, "top_p": 0.7, "top_k": 0,
+                        "num_beams": 1, "num_return_sequences": 1}
+    assert calls[1]["top_k"] == 5 and calls[1]["max_new_tokens"] == 3 and calls[1]["temperature"] == 0.2
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda c, im: c.recaption(im[:3], ["a", "b"]), ValueError, "3 images but 2 alt-text"),
+    (lambda c, im: c.recaption(im[:2], "one alt for all"), TypeError, "one entry per image"),
+    (lambda c, im: c.recaption(im[:1], temprature=0.5), TypeError, "temprature"),
+    (lambda c, im: c.recaption(im[:1], num_captions=3, do_sample=False), ValueError, "num_captions=3"),
+    (lambda c, im: c.recaption(im[:1], batch_size=0), ValueError, "batch_size"),
+])
+def test_input_errors(captioner, images, call, error, match):
+    with pytest.raises(error, match=match):
+        call(captioner, images)
+
+
+def test_unreadable_image_names_the_file(captioner, images, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(BadRecord, match="broken.jpg"):
+        captioner.recaption([images[0], bad], **GREEDY)
+    with pytest.raises(BadRecord, match="missing.png"):
+        captioner.recaption([tmp_path / "missing.png"], **GREEDY)
+
+
+def test_bad_sources_and_missing_gpu_pieces(export, tmp_path):
+    with pytest.raises(ExportError, match="neither a local export folder nor a reachable or cached"):
+        Recaptioner.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(ExportError, match="neither"):
+        Recaptioner.from_pretrained("someone/not-cached-model")
+    with pytest.raises(ExportError, match="altogether.json is missing"):
+        Recaptioner.from_pretrained(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is usable"):
+            Recaptioner.from_pretrained(export, device="cuda")
+    with pytest.raises(ValueError, match="flash"):
+        Recaptioner.from_pretrained(export, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        Recaptioner.from_pretrained(export, dtype="fp8")
+
+
+def test_save_then_load_gives_identical_greedy_captions(captioner, images, tmp_path):
+    saved = captioner.save_pretrained(tmp_path / "saved")
+    again = Recaptioner.from_pretrained(saved)
+    assert again.recaption(images, ALTS, **GREEDY) == captioner.recaption(images, ALTS, **GREEDY)
+    assert (saved / "README.md").read_text().startswith("---\nlibrary_name: altogether\n")
+    assert again.meta["encoder_source"] == captioner.meta["encoder_source"]
+
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebook.md"
+
+
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    """Every ``python`` block of docs/notebook.md, in order, in one namespace, as a reader would run them."""
+    blocks = re.findall(r"^```python\n(.*?)^```$", NOTEBOOK.read_text(), re.S | re.M)
+    assert len(blocks) >= 10
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__notebook__"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{NOTEBOOK.name} block {i + 1}", "exec"), namespace)
+    assert namespace["alone"] == namespace["greedy"]
+    assert (tmp_path / "walkthrough" / "my-captioner" / "README.md").is_file()
+    assert (tmp_path / "walkthrough" / "run-lora" / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(namespace["merged"].recaption(namespace["images"], max_new_tokens=2)) == 3
