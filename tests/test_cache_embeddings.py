@@ -12,7 +12,7 @@ from altogether.training import build_model
 def test_cache_round_trip_and_same_loss_as_the_image_path(make_recipe, jsonl_data, tmp_path):
     cfg = make_recipe("finetune_round3", {"data.format": "jsonl", "data.train": str(jsonl_data)})
     cache_dir = tmp_path / "cache"
-    assert main([f"recipe=finetune_round3", f"cache_dir={cache_dir}", "batch_size=5",
+    assert main(["recipe=finetune_round3", f"cache_dir={cache_dir}", "batch_size=5",
                  *[f"{k}={v}" for k, v in _flat(cfg).items()]]) == 0
     meta = json.loads((cache_dir / "cache.json").read_text())
     assert meta["records"] == 24 and meta["skipped"] == 0 and meta["dtype"] == "float16"

@@ -107,3 +107,17 @@ def test_val_fraction_split_is_disjoint_and_seeded(make_recipe, jsonl_data):
     assert keys(open_sources(cfg)[1]) == keys(val)
     with pytest.raises(ValueError, match="data.train is not set"):
         open_sources(make_recipe("finetune_round3"))
+
+
+def test_truncated_tar_yields_complete_samples_then_names_the_damaged_one(tmp_path):
+    from altogether.data.readers import DamagedShard, iter_tar_samples
+
+    _tar(tmp_path / "t.tar", [(f"s{i}.png", _png()) for i in range(3)] + [("s2.txt", b"alt")])
+    data = (tmp_path / "t.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: 512 * 5])  # cut at a block boundary inside the third sample
+    keys = []
+    with pytest.raises(DamagedShard) as err:
+        for sample in iter_tar_samples(str(tmp_path / "cut.tar")):
+            keys.append(sample["__key__"])
+    assert keys == ["s0", "s1"] and err.value.partial_key == "s2"
+    assert [s["__key__"] for s in iter_tar_samples(str(tmp_path / "t.tar"))] == ["s0", "s1", "s2"]

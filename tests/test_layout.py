@@ -1,7 +1,6 @@
 import random
 
 import pytest
-import torch
 
 from altogether.layout import IGNORE_INDEX, SampleTokens, build_prompt, collate, tokenize_sample, training_pair
 

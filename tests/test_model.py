@@ -1,12 +1,11 @@
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from altogether.config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig, load_recipe
+from altogether.config import DecoderConfig, EncoderConfig, MapperConfig
 from altogether.layout import IGNORE_INDEX, collate, tokenize_sample
-from altogether.model import (AltogetherModel, ImageEncoder, Mapper, WeightsUnavailableError, build_decoder,
+from altogether.model import (ImageEncoder, Mapper, WeightsUnavailableError, build_decoder,
                               choose_attn_implementation)
 from altogether.training import CaptionerModule
 

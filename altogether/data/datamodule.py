@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..layout import SampleTokens, collate, collate_packed, count_truncated, tokenize_sample, training_pair
-from .readers import Fields, TableSource, detect_format, expand_shards, iter_tar_samples, webdataset_sample_to_record
+from .readers import (DamagedShard, Fields, TableSource, detect_format, expand_shards, iter_tar_samples,
+                      webdataset_sample_to_record)
 from .records import BadRecord, Record, load_image
 
 log = logging.getLogger(__name__)
@@ -153,14 +154,18 @@ class WebdatasetTrainingStream(IterableDataset):
             random.Random(self.seed + epoch).shuffle(shards)
             mine = shards[slot::slots] or shards[slot % len(shards) :: len(shards)]
             for shard in mine:
-                for sample in iter_tar_samples(shard):
-                    try:
-                        buffer.append(webdataset_sample_to_record(sample, self.fields))
-                    except BadRecord as err:
-                        buffer.append(err)
-                    if len(buffer) >= self.buffer:
-                        yield self.builder.safe(buffer.pop(rng.randrange(len(buffer))), count * slots + slot)
-                        count += 1
+                try:
+                    for sample in iter_tar_samples(shard):
+                        try:
+                            buffer.append(webdataset_sample_to_record(sample, self.fields))
+                        except BadRecord as err:
+                            buffer.append(err)
+                        if len(buffer) >= self.buffer:
+                            yield self.builder.safe(buffer.pop(rng.randrange(len(buffer))), count * slots + slot)
+                            count += 1
+                except DamagedShard as err:  # keep what was readable; the sample in progress counts as skipped
+                    log.warning("%s", err)
+                    buffer.append(err)
             epoch += 1
 
 

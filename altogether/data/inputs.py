@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import glob
 import json
-import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .readers import (
     IMAGE_EXTENSIONS,
+    DamagedShard,
     Fields,
-    TableSource,
     detect_format,
     expand_shards,
+    iter_tar_samples,
+    row_to_record,
     webdataset_sample_to_record,
 )
 from .records import BadRecord, ImageRef
 
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "jsonl", "folder")
-_TAR_BLOCK = 512
-_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
 
 
 @dataclass(frozen=True)
@@ -169,38 +167,15 @@ def read_shard(shard: Shard, fields: Fields) -> ShardContent:
 
 
 def _read_tar(shard: Shard, fields: Fields) -> ShardContent:
-    """Members grouped into samples by webdataset's naming rule (``dir/key.ext``; contiguous members share a key).
-
-    A sample is complete once the next key's header is read, so on damage every sample before it is kept
-    (webdataset's own grouping loses the one in progress); the sample being read at the damage is listed as bad.
-    """
-    from webdataset.tariterators import base_plus_ext
-
+    """Every readable sample of a tar; on damage the sample being read is listed as bad and the shard's error set."""
     content = ShardContent()
-    group: dict[str, Any] | None = None
-    member = ""
     try:
-        with tarfile.open(shard.path, "r|*") as tar:
-            for info in tar:
-                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
-                if key is None or _TAR_META.match(info.name):
-                    continue
-                if group is not None and group["__key__"] != key:
-                    _add_tar_sample(content, group, fields)
-                    group = None
-                member = info.name
-                data = tar.extractfile(info).read()
-                group = group or {"__key__": key, "__url__": shard.path}
-                group[ext.lower()] = data
-        problem = _tar_end_problem(shard.path)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        problem = f"unreadable at member {member!r} after {len(content.samples) + len(content.bad)} samples: {err}"
-    if group is not None:
-        if problem:
-            content.bad.append((group["__key__"], "may be incomplete: the tar is damaged at or right after it"))
-        else:
-            _add_tar_sample(content, group, fields)
-    content.error = problem
+        for sample in iter_tar_samples(shard.path):
+            _add_tar_sample(content, sample, fields)
+    except DamagedShard as err:
+        if err.partial_key is not None:
+            content.bad.append((err.partial_key, "may be incomplete: the tar is damaged at or right after it"))
+        content.error = str(err).removeprefix(f"{shard.path}: ")
     return content
 
 
@@ -212,34 +187,9 @@ def _add_tar_sample(content: ShardContent, sample: dict[str, Any], fields: Field
         content.bad.append((sample["__key__"], str(err)))
 
 
-def _tar_end_problem(path: str) -> str | None:
-    """Why a tar that read without error is still truncated (no end-of-archive marker), or ``None``."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size % _TAR_BLOCK:
-            return f"truncated: {size} bytes is not a whole number of {_TAR_BLOCK}-byte tar blocks"
-        f.seek(max(0, size - 2 * _TAR_BLOCK))
-        if size < 2 * _TAR_BLOCK or any(f.read()):
-            return "truncated: the tar does not end with its end-of-archive marker"
-    return None
-
-
-@dataclass(frozen=True)
-class _ManifestRows:
-    """The attributes :meth:`TableSource.to_record` reads, so manifest rows convert by the training readers' rule
-    while being streamed (TableSource itself loads whole files through ``datasets``)."""
-
-    path: str
-    fields: Fields
-    image_root: Path
-
-    to_record = TableSource.to_record
-
-
 def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
     content = ShardContent()
     root = Path(fields.image_root) if fields.image_root else Path(shard.path).resolve().parent
-    rows = _ManifestRows(shard.path, fields, root)
     source = _parquet_rows(shard.path) if shard.kind == "parquet" else _jsonl_objects(shard.path)
     try:
         for index, row in source:
@@ -247,7 +197,7 @@ def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
                 content.bad.append((f"line {index + 1}", row))
                 continue
             try:
-                record = rows.to_record(row, index)
+                record = row_to_record(row, index, fields, root, shard.path)
                 content.samples.append(Sample(record.key, record.image, record.alt_texts))
             except BadRecord as err:
                 content.bad.append((str(row.get("key") or row.get("id") or index), str(err)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,27 +88,29 @@ class TableSource:
         return len(self.table)
 
     def __getitem__(self, index: int) -> Record:
-        return self.to_record(self.table[index], index)
+        return row_to_record(self.table[index], index, self.fields, self.image_root, self.path)
 
-    def to_record(self, row: dict[str, Any], index: int) -> Record:
-        f = self.fields
-        key = str(row.get("key") or row.get("id") or index)
-        image = row.get(f.image_key)
-        if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            image = image.get("bytes") or image.get("path")
-        if not image:
-            raise BadRecord(f"record {key!r} in {self.path}: no image in column {f.image_key!r}")
-        if isinstance(image, str) and not os.path.isabs(image):
-            image = str(self.image_root / image)
-        target = row.get(f.target_key) if f.target_key else None
-        if f.target_key and (not isinstance(target, str) or not target.strip()):
-            raise BadRecord(f"record {key!r} in {self.path}: empty or missing target {f.target_key!r}")
-        try:
-            alt = alt_text_list(row.get(f.alt_key))
-        except BadRecord as err:
-            raise BadRecord(f"record {key!r} in {self.path}: {err}") from None
-        extra = {k: v for k, v in row.items() if k not in (f.image_key, f.alt_key, f.target_key)}
-        return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra)
+
+def row_to_record(row: dict[str, Any], index: int, fields: Fields, image_root: Path, source: str) -> Record:
+    """One table row (annotation JSON, JSONL or Parquet) as a record; relative image paths join ``image_root``."""
+    f = fields
+    key = str(row.get("key") or row.get("id") or index)
+    image = row.get(f.image_key)
+    if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    if not image:
+        raise BadRecord(f"record {key!r} in {source}: no image in column {f.image_key!r}")
+    if isinstance(image, str) and not os.path.isabs(image):
+        image = str(image_root / image)
+    target = row.get(f.target_key) if f.target_key else None
+    if f.target_key and (not isinstance(target, str) or not target.strip()):
+        raise BadRecord(f"record {key!r} in {source}: empty or missing target {f.target_key!r}")
+    try:
+        alt = alt_text_list(row.get(f.alt_key))
+    except BadRecord as err:
+        raise BadRecord(f"record {key!r} in {source}: {err}") from None
+    extra = {k: v for k, v in row.items() if k not in (f.image_key, f.alt_key, f.target_key)}
+    return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -147,20 +150,80 @@ def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Recor
     return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": sample.get("__url__")})
 
 
-def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar shard, grouped by key; a truncated shard yields what it can, then raises."""
-    import webdataset as wds
+class DamagedShard(ValueError):
+    """A tar shard that ends early or cannot be read on; ``partial_key`` is the sample being read then."""
 
-    yield from wds.tariterators.tarfile_samples([{"url": path}])
+    def __init__(self, message: str, partial_key: str | None):
+        super().__init__(message)
+        self.partial_key = partial_key
+
+
+_TAR_BLOCK = 512
+_TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
+
+
+def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard: members grouped by webdataset's naming rule (``dir/key.ext``, contiguous
+    members share a key), as ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    A sample is yielded once the next key's header is read, so on damage every sample before it comes out;
+    then :class:`DamagedShard` is raised naming the sample in progress (webdataset's own grouping silently
+    loses it, and tarfile takes a cut at a block boundary for a normal end: the end-of-archive marker is checked).
+    """
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    group: dict[str, Any] | None = None
+    member, count = "", 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for info in tar:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None or _TAR_META.match(info.name):
+                    continue
+                if group is not None and group["__key__"] != key:
+                    yield group
+                    count += 1
+                    group = None
+                member = info.name
+                data = tar.extractfile(info).read()
+                group = group or {"__key__": key, "__url__": path}
+                group[ext.lower()] = data
+        problem = _tar_end_problem(path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problem = f"unreadable at member {member!r} after {count} samples: {err}"
+    if problem:
+        raise DamagedShard(f"{path}: {problem}", group["__key__"] if group else None)
+    if group is not None:
+        yield group
+
+
+def _tar_end_problem(path: str) -> str | None:
+    """Why a tar that read without error is still truncated (no end-of-archive marker), or ``None``."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size % _TAR_BLOCK:
+            return f"truncated: {size} bytes is not a whole number of {_TAR_BLOCK}-byte tar blocks"
+        f.seek(max(0, size - 2 * _TAR_BLOCK))
+        if size < 2 * _TAR_BLOCK or any(f.read()):
+            return "truncated: the tar does not end with its end-of-archive marker"
+    return None
 
 
 def iter_webdataset(pattern: str, fields: Fields, on_bad=None) -> Iterator[Record]:
-    """Records from tar shards in order; bad samples go to ``on_bad(key, reason)`` and are skipped."""
+    """Records from tar shards in order; bad samples and damaged shards go to ``on_bad(key, reason)`` and are
+    skipped (without ``on_bad`` they raise)."""
     for shard in expand_shards(pattern):
-        for sample in iter_tar_samples(shard):
-            try:
-                yield webdataset_sample_to_record(sample, fields)
-            except BadRecord as err:
-                if on_bad is None:
-                    raise
-                on_bad(sample.get("__key__", "?"), str(err))
+        try:
+            for sample in iter_tar_samples(shard):
+                try:
+                    yield webdataset_sample_to_record(sample, fields)
+                except BadRecord as err:
+                    if on_bad is None:
+                        raise
+                    on_bad(sample.get("__key__", "?"), str(err))
+        except DamagedShard as err:
+            if on_bad is None:
+                raise
+            on_bad(err.partial_key or shard, str(err))
