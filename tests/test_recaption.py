@@ -233,10 +233,11 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
     assert summary["shards"]["written"] == 3 and summary["shards"]["with_read_errors"] == 2
     reasons = {(b["shard"], b["key"]): b["reason"] for b in summary["bad_samples"]}
     assert set(reasons) == {("mixed", "badjson"), ("mixed", "badimage"), ("mixed", "noimage"),
-                            ("cut_at_header", "k1")}
+                            ("cut_at_header", "k1"), ("cut_in_data", "k2")}
     assert "broken JSON" in reasons["mixed", "badjson"] and "unreadable image" in reasons["mixed", "badimage"]
     assert "no image member" in reasons["mixed", "noimage"] and "incomplete" in reasons["cut_at_header", "k1"]
-    assert summary["samples"] == {"captioned": 5, "bad": 4, "bad_not_listed": 0}
+    assert "incomplete" in reasons["cut_in_data", "k2"]  # the sample being read when the data ended
+    assert summary["samples"] == {"captioned": 5, "bad": 5, "bad_not_listed": 0}
     errors = {e["shard"]: e["error"] for e in summary["shard_errors"]}
     assert "'k2.png'" in errors["cut_in_data"] and "unexpected end of data" in errors["cut_in_data"]
     assert "end-of-archive" in errors["cut_at_header"]
@@ -245,7 +246,7 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
     assert [r["key"] for r in rows(out / "cut_at_header.parquet")] == ["k0"]
 
     listed = recaption_shards(export, str(src), tmp_path / "capped", **RUN, max_listed_bad=1)
-    assert len(listed["bad_samples"]) == 1 and listed["samples"]["bad_not_listed"] == 3
+    assert len(listed["bad_samples"]) == 1 and listed["samples"]["bad_not_listed"] == 4
 
 
 def test_manifests_and_image_folders(export, tmp_path):

@@ -187,9 +187,8 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
                     count += 1
                     group = None
                 member = info.name
-                data = tar.extractfile(info).read()
                 group = group or {"__key__": key, "__url__": path}
-                group[ext.lower()] = data
+                group[ext.lower()] = tar.extractfile(info).read()
         problem = _tar_end_problem(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         problem = f"unreadable at member {member!r} after {count} samples: {err}"
