@@ -182,7 +182,7 @@ class DemoConfig:
     val_scenes: int = 64
     eval_scenes: int = 400
     clip_scenes: int = 12000
-    clip_steps: int = 300
+    clip_steps: int = 500
     clip_batch_size: int = 128
     tokenizer_vocab: int = 1000
     pretrain_steps: int = 100

@@ -72,7 +72,7 @@ def run_demo(cfg) -> dict[str, dict[str, float | None]]:
     """Run every stage of the demo recipe and return the evaluation table."""
     from ..tiny import write_tokenizer
     from ..training import fit
-    from .clip import evaluate_demo_clip, train_demo_clip
+    from .clip import demo_clip_config, evaluate_demo_clip, train_demo_clip
     from .score import format_table
 
     d = cfg.demo
@@ -81,7 +81,8 @@ def run_demo(cfg) -> dict[str, dict[str, float | None]]:
     started = time.perf_counter()
 
     clip_dir = run / "clip"
-    train_demo_clip(clip_dir, num_scenes=d.clip_scenes, steps=d.clip_steps, batch_size=d.clip_batch_size, seed=d.seed)
+    train_demo_clip(clip_dir, num_scenes=d.clip_scenes, steps=d.clip_steps, batch_size=d.clip_batch_size, seed=d.seed,
+                    config=demo_clip_config(image_size=d.image_size))
     scenes = {split: make_scenes(n, d.seed, split, image_size=d.image_size)
               for split, n in (("train", d.train_scenes), ("val", d.val_scenes), ("eval", d.eval_scenes))}
     probe = evaluate_demo_clip(clip_dir, scenes["val"])
