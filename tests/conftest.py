@@ -61,21 +61,36 @@ def _nest(flat: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_parts(tiny_dirs):
-    """(model, tokenizer, transform) of the tiny captioner, seeded."""
-    torch.manual_seed(0)
+def tiny_model_cfg(tiny_dirs):
+    """The tiny captioner's ModelConfig: 4 visual tokens, a 1-layer mapper, a 2-layer OPT."""
     from altogether.config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
     from altogether.tiny import tiny_opt_config
 
     encoder, tok = tiny_dirs
-    cfg = ModelConfig(
+    return ModelConfig(
         encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
         mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
         decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)),
     )
-    tokenizer = load_tokenizer(cfg.decoder)
-    model, transform = AltogetherModel.from_config(cfg, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_model_cfg):
+    """(model, tokenizer, transform) of the tiny captioner, seeded."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_cfg.decoder)
+    model, transform = AltogetherModel.from_config(tiny_model_cfg, tokenizer)
     return model.eval(), tokenizer, transform
+
+
+def save_tiny_export(directory: Path, parts, model_cfg, **generation) -> Path:
+    """Export the tiny captioner (untrained weights) with the given generation defaults."""
+    from altogether.config import GenerationSettings, LayoutConfig
+    from altogether.export import save_export
+
+    model, tokenizer, _ = parts
+    return save_export(directory, model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
+                       generation=GenerationSettings(**generation))
 
 
 def draw(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.Image:

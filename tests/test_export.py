@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
+from altogether.config import GenerationSettings, LayoutConfig
 from altogether.export import (
     CONFIG_FILE, WEIGHTS_FILE, ExportError, copy_export, encoder_is_portable, load_export, read_export_config,
     save_export,
 )
 from altogether.layout import collate, tokenize_sample
-from altogether.tiny import tiny_opt_config
 
 BASE_FILES = ["altogether.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 ENCODER_FILES = ["encoder/open_clip_config.json", "encoder/open_clip_model.safetensors"]
@@ -24,12 +23,9 @@ def files(folder):
 
 
 @pytest.fixture(scope="module")
-def model_cfg(tiny_dirs):
+def model_cfg(tiny_model_cfg):
     """The config the conftest ``tiny_parts`` model was built from."""
-    encoder, tokenizer = tiny_dirs
-    return ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
-                       mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
-                       decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tokenizer)))
+    return tiny_model_cfg
 
 
 @pytest.fixture(scope="module")

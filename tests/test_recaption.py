@@ -20,15 +20,12 @@ from PIL import Image
 from altogether import Recaptioner
 from altogether.cli import run_cli
 from altogether.clip_score import ClipScorer
-from altogether.config import (ConfigError, DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig,
-                               MapperConfig, ModelConfig)
+from altogether.config import ConfigError
 from altogether.data.inputs import discover_shards
-from altogether.export import save_export
 from altogether.layout import build_prompt
 from altogether.model import causal_lm
 from altogether.recaption import choose_captions, length_sorted_batches, main, recaption_shards
-from altogether.tiny import tiny_opt_config
-from tests.conftest import COLOURS, SHAPES, draw
+from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = {"num_workers": 0, "batch_size": 2, "progress_bar": False}  # 5 samples a shard -> 3 batches
@@ -75,14 +72,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def export(tiny_parts, tiny_dirs, tmp_path_factory):
-    model, tokenizer, _ = tiny_parts
-    encoder, tok = tiny_dirs
-    cfg = ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
-                      mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
-                      decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)))
-    return save_export(tmp_path_factory.mktemp("rc") / "export", model, tokenizer, model_cfg=cfg,
-                       layout=LayoutConfig(), generation=GenerationSettings(max_new_tokens=6, do_sample=False))
+def export(tiny_parts, tiny_model_cfg, tmp_path_factory):
+    return save_tiny_export(tmp_path_factory.mktemp("rc") / "export", tiny_parts, tiny_model_cfg, max_new_tokens=6, do_sample=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,19 @@ import torch
 from PIL import Image, ImageDraw
 
 from altogether import Recaptioner
-from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
 from altogether.data.records import BadRecord
-from altogether.export import ExportError, save_export
+from altogether.export import ExportError
 from altogether.layout import build_prompt
-from altogether.tiny import tiny_opt_config
+from tests.conftest import save_tiny_export
+
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
 ALTS = ["zorbit K-12 for sale", None, ["a blue circle on a white background", "IMG_2231.jpg"], "", "a photo of"]
 
 
 @pytest.fixture(scope="module")
-def export(tiny_parts, tiny_dirs, tmp_path_factory):
-    model, tokenizer, _ = tiny_parts
-    encoder, tok = tiny_dirs
-    cfg = ModelConfig(encoder=EncoderConfig(name=f"local-dir:{encoder}", pretrained=None),
-                      mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
-                      decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tok)))
-    return save_export(tmp_path_factory.mktemp("r") / "export", model, tokenizer, model_cfg=cfg,
-                       layout=LayoutConfig(), generation=GenerationSettings(max_new_tokens=6))
+def export(tiny_parts, tiny_model_cfg, tmp_path_factory):
+    return save_tiny_export(tmp_path_factory.mktemp("r") / "export", tiny_parts, tiny_model_cfg, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
