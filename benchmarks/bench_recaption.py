@@ -1,0 +1,129 @@
+"""Recaptioning throughput: ``Recaptioner.recaption`` vs one plain ``generate`` call per batch, in one run.
+
+Ours sorts images by prompt length so a batch shares similar lengths, and decodes with the KV cache. The
+baseline is the reference-style loop: input order, every prompt padded to the full 128 alt-text tokens, one
+``generate`` call per batch. Both decode a fixed number of new tokens (``min_new_tokens = max_new_tokens``), so
+random weights do not change the work. Prints one line per variant, then one JSON object as its last line.
+
+    uv run python benchmarks/bench_recaption.py                 # tiny model on the CPU
+    uv run python benchmarks/bench_recaption.py --full-size     # ViT-H/14 + OPT-1.3B, random weights (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from altogether import Recaptioner
+from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
+from altogether.export import save_export
+from altogether.layout import SampleTokens, collate
+from altogether.model import AltogetherModel
+from altogether.tiny import TINY_CLIP, tiny_opt_config, write_tiny_clip, write_tokenizer
+
+OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+            "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048}
+WORDS = "zorbit velora photo product shop sale red blue square circle cat on sofa price dated file jpg".split()
+
+
+def make_export(directory: Path, full_size: bool) -> Path:
+    """An export with random weights: tiny (CPU) or the full-size architecture (GPU)."""
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30))) for _ in range(500)]
+    tokenizer_dir = write_tokenizer(directory / "tok", texts, vocab_size=2000)
+    if full_size:
+        encoder = EncoderConfig(name="ViT-H-14-quickgelu", pretrained=None)
+        mapper, decoder = MapperConfig(), DecoderConfig(config=OPT_1_3B, tokenizer=str(tokenizer_dir))
+    else:
+        clip = write_tiny_clip(directory / "clip", model_cfg={**TINY_CLIP, "embed_dim": 64})
+        encoder = EncoderConfig(name=f"local-dir:{clip}", pretrained=None)
+        mapper = MapperConfig(num_visual_tokens=40, num_layers=2, num_heads=4)
+        decoder = DecoderConfig(config=tiny_opt_config(hidden=256, layers=4, heads=4), tokenizer=str(tokenizer_dir))
+    cfg = ModelConfig(encoder=encoder, mapper=mapper, decoder=decoder)
+    from altogether.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.decoder)
+    model, _ = AltogetherModel.from_config(cfg, tokenizer)
+    return save_export(directory / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
+                       generation=GenerationSettings())
+
+
+def alt_texts(n: int, seed: int) -> list[str]:
+    """Paper-like alt-texts: about 13 words, some empty."""
+    rng = random.Random(seed)
+    return ["" if rng.random() < 0.1 else " ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.gauss(13, 6)))))
+            for _ in range(n)]
+
+
+@torch.no_grad()
+def baseline(captioner: Recaptioner, images, alts, batch: int, new_tokens: int) -> None:
+    model, pad = captioner.model, captioner.tokenizer.pad_token_id
+    width = captioner.layout.max_alt_tokens
+    for start in range(0, len(images), batch):
+        chunk = range(start, min(start + batch, len(images)))
+        pixels = torch.stack([captioner.transform(images[i]) for i in chunk]).to(captioner.device, captioner.dtype)
+        embeds = model.embed_images(pixels)
+        # Fixed layout: every prompt left-padded to the full alt-text budget.
+        samples = [SampleTokens([pad] * (width - len(ids)) + ids, []) for ids in (captioner.prompt_ids(alts[i]) for i in chunk)]
+        layout = collate(samples, num_visual_tokens=model.mapper.num_tokens, pad_id=pad, padding_side="left")
+        mask = layout["attention_mask"].clone()
+        for row, s in enumerate(samples):
+            mask[row, model.mapper.num_tokens : model.mapper.num_tokens + s.alt_ids.count(pad)] = 0
+        layout = {k: v.to(captioner.device) for k, v in layout.items()}
+        model.decoder.generate(inputs_embeds=model.input_embeddings(layout, embeds), attention_mask=mask.to(captioner.device),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=pad, eos_token_id=model.eos_id)
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        export = make_export(Path(tmp), args.full_size)
+        captioner = Recaptioner.from_pretrained(export)
+        rng = random.Random(1)
+        images = [Image.new("RGB", (224, 224), tuple(rng.randrange(256) for _ in range(3))) for _ in range(args.images)]
+        alts = alt_texts(args.images, seed=2)
+        kwargs = dict(batch_size=args.batch, do_sample=False, max_new_tokens=args.new_tokens,
+                      min_new_tokens=args.new_tokens)
+        captioner.recaption(images[: args.batch], alts[: args.batch], **kwargs)  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        ours = args.images / timed(lambda: captioner.recaption(images, alts, **kwargs))
+        base = args.images / timed(lambda: baseline(captioner, images, alts, args.batch, args.new_tokens))
+        print(f"  ours: images_per_s={ours:.2f}")
+        print(f"  base: images_per_s={base:.2f}")
+        summary = {"device": str(captioner.device), "dtype": str(captioner.dtype), "full_size": args.full_size,
+                   "batch": args.batch, "new_tokens": args.new_tokens, "images": args.images,
+                   "ours_images_per_s": ours, "baseline_images_per_s": base, "speedup": ours / base,
+                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}
+        if torch.cuda.is_available():
+            summary["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
