@@ -30,3 +30,13 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> 
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a distributed run's process group before exit: Lightning leaves it open, and gloo's threads
+    still running at interpreter exit can abort the process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

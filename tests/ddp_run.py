@@ -24,6 +24,8 @@ def main(encoder: str, tokenizer: str, data: str, out: str) -> None:
         meta = json.loads((export / "altogether.json").read_text())
         print(f"world_size={dist.get_world_size() if dist.is_initialized() else 1}")
         print(f"steps={meta['training']['steps']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
