@@ -185,8 +185,9 @@ def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_token
         batch["pixel_values"] = torch.stack([it["pixel_values"] for it in kept])
     if kept and "image_embeds" in kept[0]:
         batch["image_embeds"] = torch.stack([it["image_embeds"] for it in kept])
-    batch["num_skipped"] = torch.tensor(len(items) - len(kept))
-    batch["num_truncated"] = torch.tensor(count_truncated(tokens))
+    # Plain ints stay on the host when Lightning moves the batch, so counting them costs no device sync.
+    batch["num_skipped"] = len(items) - len(kept)
+    batch["num_truncated"] = count_truncated(tokens)
     return batch
 
 
