@@ -34,6 +34,8 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator, FormatChecker
 from rapidfuzz.distance import Levenshtein
 
+from .io import jsonl_lines
+
 # The schema lives in the repository's annotations/; a wheel carries it as altogether/annotations/.
 _PACKAGE = Path(__file__).resolve().parent
 _SCHEMA_CANDIDATES = tuple(root / "annotations" / "record.schema.json" for root in (_PACKAGE, _PACKAGE.parent))
@@ -145,15 +147,10 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """``(line_number, value)`` for every non-blank line; unreadable JSON names the file and line."""
     rows = []
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    message = f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})"
-                    raise AnnotationError(message) from None
+        for number, value, problem in jsonl_lines(path):
+            if problem:
+                raise AnnotationError(f"{path}:{number}: {problem}")
+            rows.append((number, value))
     except OSError as err:
         raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
     except UnicodeDecodeError:

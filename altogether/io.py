@@ -7,7 +7,25 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number from 1, value, problem)`` for every non-blank line of a JSONL file.
+
+    A line that is not valid JSON gives ``value=None`` and a ``problem`` naming the error; callers decide whether
+    that stops the read or skips the line. Opening or decoding the file raises as usual.
+    """
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield number, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
 def _umask() -> int:

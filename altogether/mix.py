@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from altogether.annotate import AnnotationError, atomic_write_text, clip_score_files, load_clip_scorer
+from altogether.io import jsonl_lines
 
 TARGET_P = {"clip": 0.15, "t2i": 1.0}
 ALT, CAPTION = "alt", "caption"
@@ -63,17 +64,12 @@ def _read_one(path: Path) -> list[dict]:
         return table.to_pylist()
     rows = []
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MixError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict) or row.get("key") is None:
-                    raise MixError(f"{path}:{number}: expected a JSON object with a 'key'")
-                rows.append(row)
+        for number, row, problem in jsonl_lines(path):
+            if problem:
+                raise MixError(f"{path}:{number}: {problem}")
+            if not isinstance(row, dict) or row.get("key") is None:
+                raise MixError(f"{path}:{number}: expected a JSON object with a 'key'")
+            rows.append(row)
     except OSError as err:
         raise MixError(f"{path}: cannot read ({err.strerror})") from None
     return rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..io import jsonl_lines
 from .readers import (
     IMAGE_EXTENSIONS,
     DamagedShard,
@@ -208,16 +209,11 @@ def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
 
 def _jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """``(line index, object)`` per non-blank line; a broken line gives a reason string instead of an object."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield index, f"broken JSON: {err}"
-                continue
-            yield index, row if isinstance(row, dict) else f"not a JSON object: {line.strip()[:80]}"
+    for number, row, problem in jsonl_lines(path):
+        if problem:
+            yield number - 1, f"broken JSON: {problem}"
+        else:
+            yield number - 1, row if isinstance(row, dict) else f"not a JSON object: {json.dumps(row)[:80]}"
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
