@@ -1,0 +1,675 @@
+"""``python -m altogether.evaluate MODEL DATA [key=value ...]``: the paper's Table 1 protocol, in one command.
+
+MODEL is an export folder or a Hugging Face Hub id (loaded with :class:`~altogether.recaptioner.Recaptioner`).
+DATA is an Altogether-FT annotation JSON, a JSONL / Parquet file or webdataset shards (as training reads them),
+or ``demo`` (held-out scenes of the synthetic world). Every record is captioned under each condition (``w/ alt``,
+``w/o alt``, ``w/ random alt``; on ``demo`` also ``w/ wrong-colour alt``) with greedy decoding unless told
+otherwise, and scored against its reference caption: BLEU-1..4, METEOR, ROUGE-L, CIDEr and noun-phrase P/R/F1
+(:mod:`altogether.metrics`), CLIPScore (:mod:`altogether.clip_score`) and, on ``demo``, the world's own scores.
+The alt-texts themselves are scored as the ``alt-text`` row, as in the paper; the references' CLIPScore is the
+``reference`` row.
+
+Written to ``output_dir``: ``metrics.json``, ``captions.jsonl`` (every prompt and caption), ``report.html``
+(self-contained) and ``training_curves.png`` when the export's training run is known. The metrics table is
+printed on stdout as Markdown. See ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .conditions import CONDITIONS, build_conditions
+from .config import ConfigError
+from .data.records import BadRecord, ImageRef, Record, load_image
+from .io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+USAGE = "usage: python -m altogether.evaluate MODEL DATA [key=value ...]   (MODEL: export folder or Hub id; " \
+        "DATA: annotation JSON, JSONL, Parquet, webdataset shards or demo)"
+DEMO = "demo"
+ALT_TEXT_ROW = "alt-text"
+REFERENCE_ROW = "reference"
+CLIPSCORE_KEY = "CLIPScore"
+TRUNCATION_KEY = "CLIP text truncated (%)"
+# Column order of the tables: the paper's Table 1 order, then what it does not have.
+TABLE_COLUMNS = (CLIPSCORE_KEY, "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                 "NP-F1", "NP-P", "NP-R", TRUNCATION_KEY)
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
+                   "no_repeat_ngram_size", "length_penalty")
+CIDER_NOTE = ("CIDEr's IDF weights come from the references of the evaluated set itself: CIDEr is comparable "
+              "only between runs on the same set of records.")
+_IMAGE_CHUNK = 256  # images decoded at a time for CLIPScore, so memory does not grow with the data set
+
+
+@dataclass
+class DemoEvalConfig:
+    """Held-out demo scenes (``DATA=demo``). Unset values come from the export's demo recipe, else its defaults;
+    ``seed`` defaults to the evaluation's ``seed``."""
+
+    eval_scenes: Optional[int] = None
+    seed: Optional[int] = None
+    image_size: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """Every ``key=value`` the command accepts (the keyword arguments of :func:`evaluate`)."""
+
+    output_dir: Optional[str] = None  # default: eval/<model>__<data>
+    conditions: Any = None  # comma-separated names or a list; default: all the data offers
+    seed: int = 0  # random-alt permutation, sampling, demo scenes
+    # data
+    format: str = "auto"  # auto | annotations | jsonl | parquet | webdataset
+    target_key: str = "round3"
+    alt_key: str = "alt"
+    image_key: str = "img_path"
+    image_root: Optional[str] = None
+    limit: Optional[int] = None  # evaluate the first N records read
+    # model and generation (greedy unless do_sample=true; unset keys keep the export's settings)
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    batch_size: int = 16
+    do_sample: bool = False
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    num_beams: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    no_repeat_ngram_size: Optional[int] = None
+    length_penalty: Optional[float] = None
+    # metrics
+    clip_score: bool = True
+    clip_model: Optional[str] = None  # default: the captioner's own encoder
+    clip_pretrained: Optional[str] = None
+    clip_batch_size: int = 64
+    spacy_pipeline: str = "en_core_web_sm"
+    alt_text_row: bool = True
+    # report
+    num_examples: int = 24
+    run_dir: Optional[str] = None  # default: RUN when MODEL is RUN/export and RUN/logs exists
+    progress: bool = True
+    demo: DemoEvalConfig = field(default_factory=DemoEvalConfig)
+
+
+@dataclass
+class EvalSet:
+    """The records to evaluate, how many were read, and those skipped (key and reason)."""
+
+    id: str
+    kind: str  # "demo" or a reader format
+    records: list[Record]
+    read: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    scenes: list | None = None  # demo scenes, for the world's own scorer
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` wrote: the ``metrics.json`` content, the Markdown table and the output paths."""
+
+    summary: dict[str, Any]
+    table: str
+    output_dir: Path
+    files: dict[str, Path]
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float | None]]:
+        """``{condition: {metric: value or None}}``."""
+        return self.summary["metrics"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> EvalConfig:
+    """An :class:`EvalConfig` from ``key=value`` strings or a dict (``demo.eval_scenes`` / ``{"demo": {...}}``).
+
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+    """
+    base = OmegaConf.structured(EvalConfig)
+    try:
+        if overrides:
+            bad = [o for o in overrides if "=" not in o] if not isinstance(overrides, dict) else []
+            if bad:
+                raise ConfigError(f"arguments after MODEL DATA must be key=value, got {' '.join(bad)!r}")
+            extra = OmegaConf.create(dict(overrides)) if isinstance(overrides, dict) else \
+                OmegaConf.from_dotlist(list(overrides))
+            base = OmegaConf.merge(base, extra)
+        cfg: EvalConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        known = ", ".join(f.name for f in EvalConfig.__dataclass_fields__.values())
+        raise ConfigError(f"key {key!r}: {str(err).splitlines()[0]} (valid keys: {known}, demo.eval_scenes, "
+                          "demo.seed, demo.image_size)") from None
+    for name in ("batch_size", "clip_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"key {name!r}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"key 'limit': must be >= 1, got {cfg.limit}")
+    if cfg.num_examples < 0:
+        raise ConfigError(f"key 'num_examples': must be >= 0, got {cfg.num_examples}")
+    return cfg
+
+
+def condition_names(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The conditions to run, in the order asked (``"w/ alt,w/o alt"`` or a list); all available ones if None."""
+    if requested is None:
+        return list(available)
+    names = [n.strip() for n in requested.split(",")] if isinstance(requested, str) else [str(n) for n in requested]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        raise ConfigError(f"key 'conditions': unknown or no condition(s) {unknown}; this data offers "
+                          f"{', '.join(available)} (comma-separated, e.g. conditions='w/ alt,w/o alt')")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key 'conditions': a condition is given twice in {names}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def data_format(data: str, cfg: EvalConfig) -> str:
+    """``demo`` or the reader format of ``data``, after checking that its file(s) exist."""
+    from .data.readers import detect_format, expand_shards
+
+    if data == DEMO:
+        return DEMO
+    fmt = cfg.format if cfg.format != "auto" else detect_format(data)
+    if fmt not in ("annotations", "jsonl", "parquet", "webdataset"):
+        raise ConfigError(f"key 'format': {fmt!r} is not one of auto, annotations, jsonl, parquet, webdataset")
+    paths = expand_shards(data) if fmt == "webdataset" else [data]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"DATA {data!r}: file not found: {missing[0]}"
+                                + (f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""))
+    return fmt
+
+
+def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
+    """Records with a reference caption (``target_key``) and a readable image; the others are skipped."""
+    from .data.readers import Fields, TableSource, iter_webdataset
+
+    fields = Fields(alt_key=cfg.alt_key, image_key=cfg.image_key, target_key=cfg.target_key,
+                    image_root=cfg.image_root)
+    out = EvalSet(id=data, kind=fmt, records=[], read=0)
+
+    def skip(key: str, reason: str) -> None:
+        out.skipped.append({"key": key, "reason": reason})
+
+    if fmt == "webdataset":
+        candidates = iter_webdataset(data, fields, on_bad=skip)
+    else:
+        source = TableSource(data, fmt, fields)
+        candidates = _table_records(source, skip)
+    for record in candidates:
+        out.read += 1
+        if not isinstance(record.target, str) or not record.target.strip():
+            skip(record.key, f"no reference caption {cfg.target_key!r}")
+        else:
+            try:
+                load_image(record.image, key=record.key)  # fail here, not in the middle of generation
+                out.records.append(record)
+            except BadRecord as err:
+                skip(record.key, str(err))
+        if cfg.limit is not None and out.read >= cfg.limit:
+            break
+    return out
+
+
+def _table_records(source, skip):
+    for index in range(len(source)):
+        try:
+            yield source[index]
+        except BadRecord as err:
+            skip(str(index), str(err))
+
+
+def demo_records(cfg: EvalConfig, export_meta: dict[str, Any]) -> EvalSet:
+    """Held-out demo scenes (names never seen in training); sizes default to the export's demo recipe."""
+    from .config import DemoConfig
+    from .demo.recipe import scene_records
+    from .demo.world import make_scenes
+
+    recipe = (export_meta.get("recipe") or {}).get("demo") or {}
+    defaults = DemoConfig()
+    n = _first(cfg.demo.eval_scenes, recipe.get("eval_scenes"), defaults.eval_scenes)
+    size = _first(cfg.demo.image_size, recipe.get("image_size"), defaults.image_size)
+    seed = _first(cfg.demo.seed, cfg.seed)
+    if cfg.limit is not None:
+        n = min(n, cfg.limit)
+    scenes = make_scenes(n, seed, "eval", image_size=size)
+    records = scene_records(scenes, "eval")
+    return EvalSet(id=DEMO, kind=DEMO, records=records, read=len(records), scenes=scenes)
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def generation_overrides(cfg: EvalConfig) -> dict[str, Any]:
+    """Hugging Face ``generate`` keywords given on the command line (``do_sample`` always: greedy by default)."""
+    overrides = {k: getattr(cfg, k) for k in GENERATION_KEYS if getattr(cfg, k) is not None}
+    return {"do_sample": cfg.do_sample, **overrides}
+
+
+def generate_captions(captioner, images: Sequence[ImageRef], prompts: Sequence[str], *, batch_size: int,
+                      seed: int, label: str, progress: bool = True, **generation: Any) -> list[str]:
+    """One caption per image under its prompt, with a progress bar; deterministic for a given seed.
+
+    Images go in batches of similar prompt length; each batch samples from a seed derived from ``seed``,
+    ``label`` and its position (greedy decoding does not depend on batching at all).
+    """
+    from tqdm.auto import tqdm
+
+    lengths = [len(captioner.prompt_ids(p)) for p in prompts]
+    order = sorted(range(len(images)), key=lambda i: -lengths[i])
+    captions: list[str] = [""] * len(images)
+    with tqdm(total=len(images), desc=label, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch_seed = random.Random(f"{seed}:{label}:{start}").getrandbits(32)
+            out = captioner.recaption([images[i] for i in rows], [prompts[i] for i in rows],
+                                      batch_size=batch_size, seed=batch_seed, **generation)
+            for i, caption in zip(rows, out):
+                captions[i] = caption
+            bar.update(len(rows))
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIPScore
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clip_scorer_for(captioner, cfg: EvalConfig):
+    """(scorer or None, description). Default: the captioner's own encoder as its export loads it (a stored
+    ``local-dir:`` encoder works offline); ``clip_model`` / ``clip_pretrained`` override. When it cannot load,
+    the description says why and CLIPScore is reported unavailable."""
+    from .clip_score import ClipScorer, ClipWeightsUnavailableError
+    from .export import export_model_config
+
+    if not cfg.clip_score:
+        return None, {"available": False, "reason": "disabled with clip_score=false"}
+    encoder = export_model_config(captioner.directory, captioner.meta).encoder
+    if cfg.clip_model is not None:
+        name, pretrained, source = cfg.clip_model, cfg.clip_pretrained, "clip_model/clip_pretrained"
+    elif cfg.clip_pretrained is not None:
+        name, pretrained, source = encoder.name, cfg.clip_pretrained, "the captioner's encoder, clip_pretrained"
+    else:
+        name, pretrained, source = encoder.name, encoder.pretrained, "the captioner's encoder"
+    info: dict[str, Any] = {"model": name, "pretrained": pretrained, "source": source}
+    try:
+        scorer = ClipScorer.from_open_clip(name, pretrained, device=captioner.device)
+    except ClipWeightsUnavailableError as err:
+        log.warning("CLIPScore unavailable: %s", err)
+        return None, {**info, "available": False, "reason": str(err)}
+    scorer.batch_size = cfg.clip_batch_size
+    info.update(available=True, context_length=scorer.context_length,
+                truncation=f"texts are tokenized by the scorer's own tokenizer and cut to its {scorer.context_length}"
+                           "-token context, keeping the start (start/end tokens included)")
+    return scorer, info
+
+
+def embed_images(scorer, images: Sequence[ImageRef]):
+    """The scorer's image embeddings of all images, decoding a chunk at a time."""
+    import torch
+
+    parts = [scorer.embed_images([load_image(im) for im in images[s : s + _IMAGE_CHUNK]])
+             for s in range(0, len(images), _IMAGE_CHUNK)]
+    return torch.cat(parts)
+
+
+def clip_scores(scorer, image_embeddings, texts: Sequence[str]):
+    """CLIPScores of ``texts[i]`` against image ``i`` (embedded once for every condition)."""
+    from .clip_score import ScoreResult
+
+    text_embeddings, truncated = scorer.embed_texts(list(texts))
+    cosine = (image_embeddings * text_embeddings).sum(dim=-1)
+    return ScoreResult(cosine=cosine, clip_score=100.0 * cosine.clamp(min=0.0), truncated=truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The protocol
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, data, *, conditions: str | Sequence[str] | None = None, seed: int = 0,
+             output_dir: str | Path | None = None, **options: Any) -> EvalResult:
+    """Run the evaluation protocol and write its outputs (see the module docstring).
+
+    ``model``: an export folder, a Hub id or a loaded :class:`~altogether.recaptioner.Recaptioner`. ``data``: a
+    data file / shard pattern or ``"demo"``. ``options``: the other :class:`EvalConfig` keys
+    (``target_key="round2"``, ``max_new_tokens=64``, ``clip_model=...``, ``demo={"eval_scenes": 50}``).
+    """
+    if conditions is not None and not isinstance(conditions, str):
+        conditions = list(conditions)
+    cfg = eval_config({**options, "seed": seed, "conditions": conditions,
+                       "output_dir": None if output_dir is None else str(output_dir)})
+    return run_evaluation(model, str(data), cfg)
+
+
+def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
+    """:func:`evaluate` with a ready :class:`EvalConfig`."""
+    from .recaptioner import Recaptioner
+
+    started = time.perf_counter()
+    kind = data_format(data, cfg)  # a bad DATA fails before the model loads
+    available = _demo_conditions() if kind == DEMO else CONDITIONS
+    names = condition_names(cfg.conditions, available)
+    eval_set = None if kind == DEMO else read_records(data, kind, cfg)
+
+    if isinstance(model, Recaptioner):
+        captioner, model_id = model, str(model.directory)
+    else:
+        captioner, model_id = Recaptioner.from_pretrained(model, device=cfg.device, dtype=cfg.dtype), str(model)
+    log.info("model %s loaded (%s)", model_id, captioner)
+    if eval_set is None:
+        eval_set = demo_records(cfg, captioner.meta)
+    _check_records(eval_set)
+
+    records = eval_set.records
+    images = [r.image for r in records]
+    references = [r.target for r in records]
+    alt_texts = [_alt_prompt(r, captioner.layout.alt_separator) for r in records]
+    prompts = _condition_prompts(eval_set, alt_texts, names, cfg.seed)
+
+    generation = generation_overrides(cfg)
+    captions = {c: generate_captions(captioner, images, prompts[c], batch_size=cfg.batch_size, seed=cfg.seed,
+                                     label=c, progress=cfg.progress, **generation) for c in names}
+
+    rows: dict[str, dict[str, float | None]] = {}
+    skipped: dict[str, str] = {}
+    notes = [CIDER_NOTE]
+    scored = {c: captions[c] for c in names}
+    if cfg.alt_text_row:
+        scored[ALT_TEXT_ROW] = alt_texts
+    for row, texts in scored.items():
+        log.info("scoring %s", row)
+        rows[row], tokenizer = _caption_metrics(texts, references, cfg.spacy_pipeline, skipped, notes)
+
+    scorer, clip_info = clip_scorer_for(captioner, cfg)
+    per_example_clip: dict[str, list[float]] = {}
+    if scorer is not None:
+        image_embeddings = embed_images(scorer, images)
+        for row, texts in {**scored, REFERENCE_ROW: references}.items():
+            result = clip_scores(scorer, image_embeddings, texts)
+            rows.setdefault(row, {}).update({CLIPSCORE_KEY: result.mean, TRUNCATION_KEY: 100.0 * result.truncation_rate})
+            per_example_clip[row] = result.clip_score.tolist()
+    else:
+        for row in [*scored, REFERENCE_ROW]:
+            rows.setdefault(row, {}).update({CLIPSCORE_KEY: None, TRUNCATION_KEY: None})
+        skipped[CLIPSCORE_KEY] = skipped[TRUNCATION_KEY] = clip_info["reason"]
+
+    demo_scores = None
+    if eval_set.kind == DEMO:
+        from .demo.score import score_captions as score_demo
+
+        demo_scores = {c: score_demo(eval_set.scenes, captions[c], prompts[c]) for c in names}
+
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_id, data)
+    files = {"captions": out_dir / "captions.jsonl"}
+    atomic_write_text(files["captions"], _captions_jsonl(records, alt_texts, prompts, captions, per_example_clip))
+    run_dir, plot_path, plot_skip = _training_curves(captioner.directory, cfg.run_dir, out_dir)
+    if plot_path is not None:
+        files["training_curves"] = plot_path
+    elif plot_skip:
+        skipped["training curves"] = plot_skip
+
+    summary = {
+        "format": "altogether-eval",
+        "version": 1,
+        "model": _model_info(model_id, captioner),
+        "data": _data_info(eval_set, cfg),
+        "seed": cfg.seed,
+        "conditions": names,
+        "generation": {**OmegaConf.to_container(captioner.generation), **generation},
+        "metrics": {c: rows[c] for c in names},
+        "baselines": {r: rows[r] for r in rows if r not in names},
+        "demo_scores": demo_scores,
+        "clip_score": clip_info,
+        "tokenizer": tokenizer,
+        "skipped": skipped,
+        "notes": notes,
+        "run_dir": str(run_dir) if run_dir else None,
+        "versions": library_versions(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    table = format_table(rows, skipped)
+    if demo_scores is not None:
+        from .demo.score import format_table as demo_table
+
+        table += "\nDemo world scores (fractions):\n\n" + demo_table(demo_scores)
+    files["report"] = _write_report(out_dir / "report.html", summary, rows, eval_set, alt_texts, prompts, captions,
+                                    per_example_clip, cfg.num_examples, plot_path)
+    files["metrics"] = atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    return EvalResult(summary=summary, table=table, output_dir=out_dir, files=files)
+
+
+def _demo_conditions() -> tuple[str, ...]:
+    from .demo.recipe import CONDITIONS as demo_conditions
+
+    return tuple(demo_conditions)
+
+
+def _check_records(eval_set: EvalSet) -> None:
+    if eval_set.skipped:
+        shown = "; ".join(f"{s['key']}: {s['reason']}" for s in eval_set.skipped[:3])
+        log.warning("%s: skipped %d of %d records (%s%s)", eval_set.id, len(eval_set.skipped), eval_set.read, shown,
+                    "; ..." if len(eval_set.skipped) > 3 else "")
+    if not eval_set.records:
+        first = eval_set.skipped[0]["reason"] if eval_set.skipped else "it holds no records"
+        raise ValueError(f"DATA {eval_set.id!r}: no usable records ({len(eval_set.skipped)} skipped; first: {first})")
+    log.info("%s: %d records to evaluate", eval_set.id, len(eval_set.records))
+
+
+def _alt_prompt(record: Record, separator: str) -> str:
+    from .layout import build_prompt
+
+    return build_prompt(record.alt_texts, separator)
+
+
+def _condition_prompts(eval_set: EvalSet, alt_texts: list[str], names: list[str], seed: int) -> dict[str, list[str]]:
+    if eval_set.kind == DEMO:
+        from .demo.recipe import condition_prompts
+
+        built = condition_prompts(eval_set.scenes, seed)  # the demo recipe's own prompts, wrong colour included
+        return {name: built[name] for name in names}
+    return build_conditions(alt_texts, seed, names)
+
+
+def _caption_metrics(texts: list[str], references: list[str], spacy_pipeline: str, skipped: dict[str, str],
+                     notes: list[str]) -> tuple[dict[str, float | None], str]:
+    from .metrics import score_captions
+
+    result = score_captions(texts, references, spacy_pipeline=spacy_pipeline)
+    for metric, reason in result.skipped.items():
+        skipped.setdefault(metric, reason)
+    notes.extend(w for w in result.warnings if w not in notes)
+    return dict(result.scores), result.tokenizer
+
+
+def default_output_dir(model_id: str, data: str) -> Path:
+    """``eval/<model>__<data>``: the export's run name (or Hub id) and the data file's stem."""
+    path = Path(model_id).resolve()
+    if not path.exists():
+        model_name = model_id.replace("/", "--")
+    else:
+        model_name = path.parent.name if path.name == "export" else path.name
+    data_name = DEMO if data == DEMO else Path(data).name.split(".")[0]
+    return Path("eval") / f"{_slug(model_name)}__{_slug(data_name)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "x"
+
+
+def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tuple[Path | None, Path | None, str | None]:
+    """(run directory, plot path, reason it was not plotted) for the export's training run, if known."""
+    from .plot import plot_run
+
+    if run_dir is None:
+        parent = Path(export_dir).parent
+        if Path(export_dir).name != "export" or not (parent / "logs").is_dir():
+            return None, None, None  # not the export of a local run: nothing to plot, nothing skipped
+        run = parent
+    else:
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise FileNotFoundError(f"key 'run_dir': not a directory: {run_dir}")
+    try:
+        return run, plot_run(run, out_dir / "training_curves.png"), None
+    except (FileNotFoundError, ValueError) as err:
+        log.warning("training curves not plotted: %s", err)
+        return run, None, str(err)
+
+
+def _model_info(model_id: str, captioner) -> dict[str, Any]:
+    meta = captioner.meta
+    return {"id": model_id, "path": str(captioner.directory), "recipe": (meta.get("recipe") or {}).get("recipe"),
+            "encoder": meta["model"]["encoder"], "encoder_source": meta.get("encoder_source"),
+            "training": meta.get("training"), "device": str(captioner.device), "dtype": str(captioner.dtype)}
+
+
+def _data_info(eval_set: EvalSet, cfg: EvalConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"id": eval_set.id, "format": eval_set.kind, "read": eval_set.read,
+                            "evaluated": len(eval_set.records), "skipped": len(eval_set.skipped),
+                            "skipped_examples": eval_set.skipped[:20], "limit": cfg.limit}
+    if eval_set.kind == DEMO:
+        info.update(split="eval", scenes=len(eval_set.records), scene_seed=_first(cfg.demo.seed, cfg.seed),
+                    image_size=eval_set.scenes[0].image.size[0] if eval_set.scenes else None)
+    else:
+        info.update(target_key=cfg.target_key, alt_key=cfg.alt_key, image_key=cfg.image_key)
+    return info
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of Python, the libraries behind the numbers, and Java (PTB tokenizer and METEOR)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("altogether", "torch", "transformers", "open_clip_torch", "pycocoevalcap", "tokenizers",
+                    "peft", "spacy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["java"] = _java_version()
+    return versions
+
+
+def _java_version() -> str | None:
+    java = shutil.which("java")
+    if java is None:
+        return None
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[0] if lines else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: dict[str, dict[str, float | None]], skipped: dict[str, str] | None = None) -> str:
+    """A Markdown table, one row per condition / baseline, metrics in the paper's order; ``n/a`` for None,
+    followed by one line per skipped metric with its reason."""
+    present = {k for values in rows.values() for k in values}
+    columns = [c for c in TABLE_COLUMNS if c in present] + sorted(present - set(TABLE_COLUMNS))
+    lines = ["| condition | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row, values in rows.items():
+        cells = ["n/a" if values.get(c) is None else f"{values[c]:.2f}" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    reasons: dict[str, list[str]] = {}
+    for metric, reason in (skipped or {}).items():
+        reasons.setdefault(reason, []).append(metric)
+    if reasons:
+        lines += [""] + [f"- skipped {', '.join(metrics)}: {reason}" for reason, metrics in reasons.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _captions_jsonl(records, alt_texts, prompts, captions, clip) -> str:
+    lines = []
+    for i, record in enumerate(records):
+        row = {"key": record.key, "alt_text": alt_texts[i], "reference": record.target,
+               "prompts": {c: prompts[c][i] for c in captions}, "captions": {c: captions[c][i] for c in captions},
+               "clip_score": {r: scores[i] for r, scores in clip.items()}}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(path: Path, summary, rows, eval_set: EvalSet, alt_texts, prompts, captions, clip,
+                  num_examples: int, plot_path: Path | None) -> Path:
+    from .report import Example, write_report
+
+    table = {row: dict(values) for row, values in rows.items()}
+    for condition, scores in (summary["demo_scores"] or {}).items():
+        table[condition].update({f"demo {k} (%)": None if v is None else 100.0 * v for k, v in scores.items()})
+    examples = []
+    for i, record in enumerate(eval_set.records[:num_examples]):
+        extra = {f"prompt {c}": prompts[c][i] for c in captions if prompts[c][i] not in ("", alt_texts[i])}
+        extra.update({f"CLIPScore {r}": f"{scores[i]:.1f}" for r, scores in clip.items()})
+        examples.append(Example(alt_text=alt_texts[i], reference=record.target, image=load_image(record.image),
+                                captions={c: captions[c][i] for c in captions}, id=record.key, extra=extra))
+    meta = {"model": summary["model"]["id"], "data": f"{eval_set.id} ({len(eval_set.records)} records evaluated, "
+            f"{len(eval_set.skipped)} skipped)", "seed": summary["seed"], "generation": summary["generation"],
+            "CLIPScore model": {k: summary["clip_score"].get(k) for k in ("model", "pretrained", "source")},
+            "tokenizer": summary["tokenizer"], "skipped": summary["skipped"] or "nothing",
+            "training run": summary["run_dir"] or "unknown", "note": CIDER_NOTE, "versions": summary["versions"]}
+    figures = {f"Training curves of {summary['run_dir']}": plot_path} if plot_path else {}
+    return write_report(path, table, examples, title=f"Altogether evaluation: {Path(summary['model']['id']).name} "
+                        f"on {Path(eval_set.id).name}", meta=meta, figures=figures)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        keys = ", ".join(f"{k}={v}" for k, v in asdict(EvalConfig()).items() if k != "demo")
+        print(f"{USAGE}\nkeys (defaults): {keys}, demo.eval_scenes, demo.seed, demo.image_size")
+        return 0 if argv else 2
+    positional = [a for a in argv if "=" not in a]
+    if len(positional) != 2:
+        raise ConfigError(f"expected MODEL and DATA, got {positional}; {USAGE}")
+    cfg = eval_config([a for a in argv if "=" in a])
+    result = run_evaluation(positional[0], positional[1], cfg)
+    print(result.table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+
+    sys.exit(run_cli(main))
