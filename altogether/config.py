@@ -190,6 +190,27 @@ class DemoConfig:
 
 
 @dataclass
+class GenerationOverrides:
+    """Hugging Face ``generate`` settings a command may override (``key=value``); ``None`` keeps the export's."""
+
+    max_new_tokens: Optional[int] = None
+    min_new_tokens: Optional[int] = None
+    do_sample: Optional[bool] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    num_beams: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    no_repeat_ngram_size: Optional[int] = None
+    length_penalty: Optional[float] = None
+
+    def given_generation(self) -> dict[str, Any]:
+        """The generation settings that were set (not ``None``)."""
+        names = GenerationOverrides.__dataclass_fields__
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+@dataclass
 class RecipeConfig:
     recipe: str = MISSING
     description: str = ""

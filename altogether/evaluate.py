@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -34,7 +35,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .conditions import CONDITIONS, build_conditions
-from .config import ConfigError
+from .config import ConfigError, GenerationOverrides
 from .data.records import BadRecord, ImageRef, Record, load_image
 from .io import atomic_write_text
 
@@ -50,8 +51,6 @@ TRUNCATION_KEY = "CLIP text truncated (%)"
 # Column order of the tables: the paper's Table 1 order, then what it does not have.
 TABLE_COLUMNS = (CLIPSCORE_KEY, "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                  "NP-F1", "NP-P", "NP-R", TRUNCATION_KEY)
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
-                   "no_repeat_ngram_size", "length_penalty")
 CIDER_NOTE = ("CIDEr's IDF weights come from the references of the evaluated set itself: CIDEr is comparable "
               "only between runs on the same set of records.")
 _IMAGE_CHUNK = 256  # images decoded at a time for CLIPScore, so memory does not grow with the data set
@@ -68,7 +67,7 @@ class DemoEvalConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(GenerationOverrides):
     """Every ``key=value`` the command accepts (the keyword arguments of :func:`evaluate`)."""
 
     output_dir: Optional[str] = None  # default: eval/<model>__<data>
@@ -85,15 +84,7 @@ class EvalConfig:
     device: Optional[str] = None
     dtype: Optional[str] = None
     batch_size: int = 16
-    do_sample: bool = False
-    max_new_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    num_beams: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    no_repeat_ngram_size: Optional[int] = None
-    length_penalty: Optional[float] = None
+    do_sample: bool = False  # greedy unless asked: evaluation must be deterministic
     # metrics
     clip_score: bool = True
     clip_model: Optional[str] = None  # default: the captioner's own encoder
@@ -275,8 +266,7 @@ def _first(*values):
 
 def generation_overrides(cfg: EvalConfig) -> dict[str, Any]:
     """Hugging Face ``generate`` keywords given on the command line (``do_sample`` always: greedy by default)."""
-    overrides = {k: getattr(cfg, k) for k in GENERATION_KEYS if getattr(cfg, k) is not None}
-    return {"do_sample": cfg.do_sample, **overrides}
+    return {**cfg.given_generation(), "do_sample": cfg.do_sample}
 
 
 def generate_captions(captioner, images: Sequence[ImageRef], prompts: Sequence[str], *, batch_size: int,
@@ -377,56 +367,26 @@ def evaluate(model, data, *, conditions: str | Sequence[str] | None = None, seed
 
 def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
     """:func:`evaluate` with a ready :class:`EvalConfig`."""
-    from .recaptioner import Recaptioner
-
     started = time.perf_counter()
     kind = data_format(data, cfg)  # a bad DATA fails before the model loads
-    available = _demo_conditions() if kind == DEMO else CONDITIONS
-    names = condition_names(cfg.conditions, available)
+    if cfg.run_dir is not None and not Path(cfg.run_dir).is_dir():
+        raise FileNotFoundError(f"key 'run_dir': not a directory: {cfg.run_dir}")
+    names = condition_names(cfg.conditions, _demo_conditions() if kind == DEMO else CONDITIONS)
     eval_set = None if kind == DEMO else read_records(data, kind, cfg)
-
-    if isinstance(model, Recaptioner):
-        captioner, model_id = model, str(model.directory)
-    else:
-        captioner, model_id = Recaptioner.from_pretrained(model, device=cfg.device, dtype=cfg.dtype), str(model)
-    log.info("model %s loaded (%s)", model_id, captioner)
+    captioner, model_id = _load_captioner(model, cfg)
     if eval_set is None:
         eval_set = demo_records(cfg, captioner.meta)
     _check_records(eval_set)
 
     records = eval_set.records
     images = [r.image for r in records]
-    references = [r.target for r in records]
     alt_texts = [_alt_prompt(r, captioner.layout.alt_separator) for r in records]
     prompts = _condition_prompts(eval_set, alt_texts, names, cfg.seed)
-
     generation = generation_overrides(cfg)
     captions = {c: generate_captions(captioner, images, prompts[c], batch_size=cfg.batch_size, seed=cfg.seed,
                                      label=c, progress=cfg.progress, **generation) for c in names}
-
-    rows: dict[str, dict[str, float | None]] = {}
-    skipped: dict[str, str] = {}
-    notes = [CIDER_NOTE]
-    scored = {c: captions[c] for c in names}
-    if cfg.alt_text_row:
-        scored[ALT_TEXT_ROW] = alt_texts
-    for row, texts in scored.items():
-        log.info("scoring %s", row)
-        rows[row], tokenizer = _caption_metrics(texts, references, cfg.spacy_pipeline, skipped, notes)
-
-    scorer, clip_info = clip_scorer_for(captioner, cfg)
-    per_example_clip: dict[str, list[float]] = {}
-    if scorer is not None:
-        image_embeddings = embed_images(scorer, images)
-        for row, texts in {**scored, REFERENCE_ROW: references}.items():
-            result = clip_scores(scorer, image_embeddings, texts)
-            rows.setdefault(row, {}).update({CLIPSCORE_KEY: result.mean, TRUNCATION_KEY: 100.0 * result.truncation_rate})
-            per_example_clip[row] = result.clip_score.tolist()
-    else:
-        for row in [*scored, REFERENCE_ROW]:
-            rows.setdefault(row, {}).update({CLIPSCORE_KEY: None, TRUNCATION_KEY: None})
-        skipped[CLIPSCORE_KEY] = skipped[TRUNCATION_KEY] = clip_info["reason"]
-
+    texts = {**captions, **({ALT_TEXT_ROW: alt_texts} if cfg.alt_text_row else {})}
+    scores = score_rows(texts, [r.target for r in records], images, captioner, cfg)
     demo_scores = None
     if eval_set.kind == DEMO:
         from .demo.score import score_captions as score_demo
@@ -434,14 +394,13 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
         demo_scores = {c: score_demo(eval_set.scenes, captions[c], prompts[c]) for c in names}
 
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_id, data)
-    files = {"captions": out_dir / "captions.jsonl"}
-    atomic_write_text(files["captions"], _captions_jsonl(records, alt_texts, prompts, captions, per_example_clip))
+    files = {"captions": atomic_write_text(out_dir / "captions.jsonl",
+                                           _captions_jsonl(records, alt_texts, prompts, captions, scores.per_example))}
     run_dir, plot_path, plot_skip = _training_curves(captioner.directory, cfg.run_dir, out_dir)
     if plot_path is not None:
         files["training_curves"] = plot_path
     elif plot_skip:
-        skipped["training curves"] = plot_skip
-
+        scores.skipped["training curves"] = plot_skip
     summary = {
         "format": "altogether-eval",
         "version": 1,
@@ -450,27 +409,88 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
         "seed": cfg.seed,
         "conditions": names,
         "generation": {**OmegaConf.to_container(captioner.generation), **generation},
-        "metrics": {c: rows[c] for c in names},
-        "baselines": {r: rows[r] for r in rows if r not in names},
+        "metrics": {c: scores.rows[c] for c in names},
+        "baselines": {r: v for r, v in scores.rows.items() if r not in names},
         "demo_scores": demo_scores,
-        "clip_score": clip_info,
-        "tokenizer": tokenizer,
-        "skipped": skipped,
-        "notes": notes,
-        "run_dir": str(run_dir) if run_dir else None,
+        "clip_score": scores.clip,
+        "tokenizer": scores.tokenizer,
+        "skipped": scores.skipped,
+        "notes": scores.notes,
+        "run_dir": str(run_dir.resolve()) if run_dir else None,
         "versions": library_versions(),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    table = format_table(rows, skipped)
+    table = format_table(scores.rows, scores.skipped)
     if demo_scores is not None:
         from .demo.score import format_table as demo_table
 
         table += "\nDemo world scores (fractions):\n\n" + demo_table(demo_scores)
-    files["report"] = _write_report(out_dir / "report.html", summary, rows, eval_set, alt_texts, prompts, captions,
-                                    per_example_clip, cfg.num_examples, plot_path)
+    files["report"] = _write_report(out_dir / "report.html", summary, scores, eval_set, alt_texts, prompts, captions,
+                                    cfg.num_examples, plot_path)
     files["metrics"] = atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return EvalResult(summary=summary, table=table, output_dir=out_dir, files=files)
+
+
+@dataclass
+class Scores:
+    """Metric rows (``{row: {metric: value or None}}``), per-example CLIPScores, and what was skipped and why."""
+
+    rows: dict[str, dict[str, float | None]]
+    per_example: dict[str, list[float]]
+    skipped: dict[str, str]
+    notes: list[str]
+    tokenizer: str
+    clip: dict[str, Any]
+
+
+def score_rows(texts: dict[str, list[str]], references: list[str], images: Sequence[ImageRef], captioner,
+               cfg: EvalConfig) -> Scores:
+    """Caption metrics of every row of ``texts`` against ``references``, then CLIPScore of every row and of the
+    references themselves (the ``reference`` row); a metric that cannot run is None with its reason."""
+    from .metrics import load_spacy_noun_phrases, score_captions
+
+    scores = Scores(rows={}, per_example={}, skipped={}, notes=[CIDER_NOTE], tokenizer="", clip={})
+    noun_phrases, _ = load_spacy_noun_phrases(cfg.spacy_pipeline)  # once; when None, each call says why
+    for row, row_texts in texts.items():
+        log.info("scoring %s", row)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = score_captions(row_texts, references, noun_phrases, spacy_pipeline=cfg.spacy_pipeline)
+        for message in (str(w.message) for w in caught):
+            if message not in scores.notes:  # each warning once, not once per row
+                log.warning("%s", message)
+                scores.notes.append(message)
+        scores.rows[row] = dict(result.scores)
+        scores.tokenizer = result.tokenizer
+        for metric, reason in result.skipped.items():
+            scores.skipped.setdefault(metric, reason)
+
+    scorer, scores.clip = clip_scorer_for(captioner, cfg)
+    clip_rows = {**texts, REFERENCE_ROW: references}
+    if scorer is None:
+        for row in clip_rows:
+            scores.rows.setdefault(row, {}).update({CLIPSCORE_KEY: None, TRUNCATION_KEY: None})
+        scores.skipped[CLIPSCORE_KEY] = scores.skipped[TRUNCATION_KEY] = scores.clip["reason"]
+        return scores
+    image_embeddings = embed_images(scorer, images)
+    for row, row_texts in clip_rows.items():
+        result = clip_scores(scorer, image_embeddings, row_texts)
+        scores.rows.setdefault(row, {}).update({CLIPSCORE_KEY: result.mean,
+                                                TRUNCATION_KEY: 100.0 * result.truncation_rate})
+        scores.per_example[row] = result.clip_score.tolist()
+    return scores
+
+
+def _load_captioner(model, cfg: EvalConfig):
+    from .recaptioner import Recaptioner
+
+    if isinstance(model, Recaptioner):
+        captioner, model_id = model, str(model.directory)
+    else:
+        captioner, model_id = Recaptioner.from_pretrained(model, device=cfg.device, dtype=cfg.dtype), str(model)
+    log.info("model %s loaded: %s", model_id, captioner)
+    return captioner, model_id
 
 
 def _demo_conditions() -> tuple[str, ...]:
@@ -505,30 +525,22 @@ def _condition_prompts(eval_set: EvalSet, alt_texts: list[str], names: list[str]
     return build_conditions(alt_texts, seed, names)
 
 
-def _caption_metrics(texts: list[str], references: list[str], spacy_pipeline: str, skipped: dict[str, str],
-                     notes: list[str]) -> tuple[dict[str, float | None], str]:
-    from .metrics import score_captions
-
-    result = score_captions(texts, references, spacy_pipeline=spacy_pipeline)
-    for metric, reason in result.skipped.items():
-        skipped.setdefault(metric, reason)
-    notes.extend(w for w in result.warnings if w not in notes)
-    return dict(result.scores), result.tokenizer
-
-
 def default_output_dir(model_id: str, data: str) -> Path:
     """``eval/<model>__<data>``: the export's run name (or Hub id) and the data file's stem."""
+    data_name = DEMO if data == DEMO else Path(data).name.split(".")[0]
+    return Path("eval") / f"{_slug(model_name(model_id))}__{_slug(data_name)}"
+
+
+def model_name(model_id: str) -> str:
+    """A short name: RUN for a local ``RUN/export`` folder, the folder name of another, the Hub id as given."""
     path = Path(model_id).resolve()
     if not path.exists():
-        model_name = model_id.replace("/", "--")
-    else:
-        model_name = path.parent.name if path.name == "export" else path.name
-    data_name = DEMO if data == DEMO else Path(data).name.split(".")[0]
-    return Path("eval") / f"{_slug(model_name)}__{_slug(data_name)}"
+        return model_id
+    return path.parent.name if path.name == "export" else path.name
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "x"
+    return re.sub(r"[^\w.-]+", "_", text.replace("/", "--")).strip("_") or "x"
 
 
 def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tuple[Path | None, Path | None, str | None]:
@@ -542,8 +554,6 @@ def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tu
         run = parent
     else:
         run = Path(run_dir)
-        if not run.is_dir():
-            raise FileNotFoundError(f"key 'run_dir': not a directory: {run_dir}")
     try:
         return run, plot_run(run, out_dir / "training_curves.png"), None
     except (FileNotFoundError, ValueError) as err:
@@ -553,7 +563,7 @@ def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tu
 
 def _model_info(model_id: str, captioner) -> dict[str, Any]:
     meta = captioner.meta
-    return {"id": model_id, "path": str(captioner.directory), "recipe": (meta.get("recipe") or {}).get("recipe"),
+    return {"id": model_id, "path": str(Path(captioner.directory).resolve()), "recipe": (meta.get("recipe") or {}).get("recipe"),
             "encoder": meta["model"]["encoder"], "encoder_source": meta.get("encoder_source"),
             "training": meta.get("training"), "device": str(captioner.device), "dtype": str(captioner.dtype)}
 
@@ -609,12 +619,18 @@ def format_table(rows: dict[str, dict[str, float | None]], skipped: dict[str, st
     for row, values in rows.items():
         cells = ["n/a" if values.get(c) is None else f"{values[c]:.2f}" for c in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    reasons: dict[str, list[str]] = {}
-    for metric, reason in (skipped or {}).items():
-        reasons.setdefault(reason, []).append(metric)
+    reasons = skipped_by_reason(skipped or {})
     if reasons:
-        lines += [""] + [f"- skipped {', '.join(metrics)}: {reason}" for reason, metrics in reasons.items()]
+        lines += [""] + [f"- skipped {names}: {reason}" for names, reason in reasons.items()]
     return "\n".join(lines) + "\n"
+
+
+def skipped_by_reason(skipped: dict[str, str]) -> dict[str, str]:
+    """``{"NP-P, NP-R, NP-F1": reason}``: skipped things that share a reason, named together."""
+    grouped: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        grouped.setdefault(reason, []).append(name)
+    return {", ".join(names): reason for reason, names in grouped.items()}
 
 
 def _captions_jsonl(records, alt_texts, prompts, captions, clip) -> str:
@@ -627,27 +643,31 @@ def _captions_jsonl(records, alt_texts, prompts, captions, clip) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_report(path: Path, summary, rows, eval_set: EvalSet, alt_texts, prompts, captions, clip,
-                  num_examples: int, plot_path: Path | None) -> Path:
+def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set: EvalSet, alt_texts, prompts,
+                  captions, num_examples: int, plot_path: Path | None) -> Path:
     from .report import Example, write_report
 
-    table = {row: dict(values) for row, values in rows.items()}
-    for condition, scores in (summary["demo_scores"] or {}).items():
-        table[condition].update({f"demo {k} (%)": None if v is None else 100.0 * v for k, v in scores.items()})
+    table = {row: dict(values) for row, values in scores.rows.items()}
+    for condition, values in (summary["demo_scores"] or {}).items():
+        table[condition].update({f"demo {k} (%)": None if v is None else 100.0 * v for k, v in values.items()})
     examples = []
     for i, record in enumerate(eval_set.records[:num_examples]):
+        # Prompts other than the record's own alt-text (random / wrong-colour alt) are shown under the image.
         extra = {f"prompt {c}": prompts[c][i] for c in captions if prompts[c][i] not in ("", alt_texts[i])}
-        extra.update({f"CLIPScore {r}": f"{scores[i]:.1f}" for r, scores in clip.items()})
+        extra.update({f"CLIPScore {row}": f"{values[i]:.1f}" for row, values in scores.per_example.items()})
         examples.append(Example(alt_text=alt_texts[i], reference=record.target, image=load_image(record.image),
                                 captions={c: captions[c][i] for c in captions}, id=record.key, extra=extra))
+    clip = summary["clip_score"]
     meta = {"model": summary["model"]["id"], "data": f"{eval_set.id} ({len(eval_set.records)} records evaluated, "
             f"{len(eval_set.skipped)} skipped)", "seed": summary["seed"], "generation": summary["generation"],
-            "CLIPScore model": {k: summary["clip_score"].get(k) for k in ("model", "pretrained", "source")},
-            "tokenizer": summary["tokenizer"], "skipped": summary["skipped"] or "nothing",
-            "training run": summary["run_dir"] or "unknown", "note": CIDER_NOTE, "versions": summary["versions"]}
+            "CLIPScore model": f"{clip['model']} ({clip['pretrained']})" if clip.get("model") else "none",
+            "CLIP text truncation": clip.get("truncation") or clip.get("reason"),
+            "caption tokenizer": summary["tokenizer"], "training run": summary["run_dir"] or "unknown",
+            **{f"skipped {names}": reason for names, reason in skipped_by_reason(summary["skipped"]).items()},
+            "note": CIDER_NOTE, "versions": summary["versions"]}
     figures = {f"Training curves of {summary['run_dir']}": plot_path} if plot_path else {}
-    return write_report(path, table, examples, title=f"Altogether evaluation: {Path(summary['model']['id']).name} "
-                        f"on {Path(eval_set.id).name}", meta=meta, figures=figures)
+    title = f"Altogether evaluation: {model_name(summary['model']['id'])} on {Path(eval_set.id).name}"
+    return write_report(path, table, examples, title=title, meta=meta, figures=figures)
 
 
 # ---------------------------------------------------------------------------------------------------------

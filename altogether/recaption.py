@@ -31,14 +31,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cli import run_cli
-from .config import ConfigError, GenerationSettings
+from .config import ConfigError, GenerationOverrides, GenerationSettings
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields
 from .data.records import BadRecord, load_image
 from .export import export_model_config, generation_from, read_export_config
 from .io import atomic_write_bytes, atomic_write_text
 from .layout import build_prompt, tokenize_sample
-from .recaptioner import GENERATION_KWARGS, Recaptioner, resolve_source
+from .recaptioner import Recaptioner, resolve_source
 
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
@@ -50,7 +50,7 @@ USAGE = "usage: python -m altogether.recaption MODEL INPUT OUTPUT [key=value ...
 
 
 @dataclass
-class RecaptionSettings:
+class RecaptionSettings(GenerationOverrides):
     """``key=value`` settings of a run. Generation keys left at ``None`` take the export's values."""
 
     # input
@@ -69,16 +69,6 @@ class RecaptionSettings:
     clip_model: Optional[str] = None  # best-of-N scorer; default: the captioner's own encoder (both towers)
     clip_pretrained: Optional[str] = None
     seed: int = 0  # sampling seed; each batch draws from a seed derived from (seed, shard, batch)
-    max_new_tokens: Optional[int] = None
-    min_new_tokens: Optional[int] = None
-    do_sample: Optional[bool] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    num_beams: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    no_repeat_ngram_size: Optional[int] = None
-    length_penalty: Optional[float] = None
     # hardware
     batch_size: int = 16
     num_workers: int = 2  # data loader processes per rank (reading and decoding images)
@@ -122,7 +112,7 @@ def check_settings(s: RecaptionSettings, defaults: GenerationSettings) -> dict[s
     if s.num_candidates > 1 and s.num_candidates < s.num_captions:
         raise ConfigError(f"num_candidates={s.num_candidates} < num_captions={s.num_captions}: best-of-N keeps "
                           "the best num_captions of num_candidates")
-    generation = {k: getattr(s, k) for k in GENERATION_KWARGS if k != "seed" and getattr(s, k, None) is not None}
+    generation = s.given_generation()
     draws = max(s.num_candidates, s.num_captions)
     do_sample = generation.get("do_sample", defaults.do_sample)
     if draws > 1 and not do_sample and generation.get("num_beams", defaults.num_beams) < draws:
