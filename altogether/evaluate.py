@@ -148,7 +148,7 @@ def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Eval
         cfg: EvalConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        known = ", ".join(f.name for f in EvalConfig.__dataclass_fields__.values())
+        known = ", ".join(name for name in EvalConfig.__dataclass_fields__ if name != "demo")
         raise ConfigError(f"key {key!r}: {str(err).splitlines()[0]} (valid keys: {known}, demo.eval_scenes, "
                           "demo.seed, demo.image_size)") from None
     for name in ("batch_size", "clip_batch_size"):
@@ -213,24 +213,24 @@ def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
         candidates = iter_webdataset(data, fields, on_bad=skip)
     else:
         source = TableSource(data, fmt, fields)
-        candidates = _table_records(source, skip)
+        candidates = _table_records(source, skip, len(source) if cfg.limit is None else min(cfg.limit, len(source)))
     for record in candidates:
-        out.read += 1
+        if cfg.limit is not None and len(out.records) + len(out.skipped) >= cfg.limit:
+            break
         if not isinstance(record.target, str) or not record.target.strip():
             skip(record.key, f"no reference caption {cfg.target_key!r}")
-        else:
-            try:
-                load_image(record.image, key=record.key)  # fail here, not in the middle of generation
-                out.records.append(record)
-            except BadRecord as err:
-                skip(record.key, str(err))
-        if cfg.limit is not None and out.read >= cfg.limit:
-            break
+            continue
+        try:
+            load_image(record.image, key=record.key)  # fail here, not in the middle of generation
+            out.records.append(record)
+        except BadRecord as err:
+            skip(record.key, str(err))
+    out.read = len(out.records) + len(out.skipped)
     return out
 
 
-def _table_records(source, skip):
-    for index in range(len(source)):
+def _table_records(source, skip, count: int):
+    for index in range(count):
         try:
             yield source[index]
         except BadRecord as err:
@@ -543,7 +543,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", text.replace("/", "--")).strip("_") or "x"
 
 
-def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tuple[Path | None, Path | None, str | None]:
+def _training_curves(export_dir: Path, run_dir: str | None,
+                     out_dir: Path) -> tuple[Path | None, Path | None, str | None]:
     """(run directory, plot path, reason it was not plotted) for the export's training run, if known."""
     from .plot import plot_run
 
@@ -563,9 +564,9 @@ def _training_curves(export_dir: Path, run_dir: str | None, out_dir: Path) -> tu
 
 def _model_info(model_id: str, captioner) -> dict[str, Any]:
     meta = captioner.meta
-    return {"id": model_id, "path": str(Path(captioner.directory).resolve()), "recipe": (meta.get("recipe") or {}).get("recipe"),
-            "encoder": meta["model"]["encoder"], "encoder_source": meta.get("encoder_source"),
-            "training": meta.get("training"), "device": str(captioner.device), "dtype": str(captioner.dtype)}
+    return {"id": model_id, "path": str(Path(captioner.directory).resolve()),
+            "recipe": (meta.get("recipe") or {}).get("recipe"), "encoder": meta["model"]["encoder"],
+            "encoder_source": meta.get("encoder_source"), "training": meta.get("training"), "device": str(captioner.device), "dtype": str(captioner.dtype)}
 
 
 def _data_info(eval_set: EvalSet, cfg: EvalConfig) -> dict[str, Any]:
@@ -589,6 +590,9 @@ def library_versions() -> dict[str, str | None]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    import torch
+
+    versions["cuda"] = torch.version.cuda  # the build's CUDA (None on CPU builds): bf16 numbers differ on GPU
     versions["java"] = _java_version()
     return versions
 
@@ -613,8 +617,7 @@ def _java_version() -> str | None:
 def format_table(rows: dict[str, dict[str, float | None]], skipped: dict[str, str] | None = None) -> str:
     """A Markdown table, one row per condition / baseline, metrics in the paper's order; ``n/a`` for None,
     followed by one line per skipped metric with its reason."""
-    present = {k for values in rows.values() for k in values}
-    columns = [c for c in TABLE_COLUMNS if c in present] + sorted(present - set(TABLE_COLUMNS))
+    columns = ordered_columns(rows)
     lines = ["| condition | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for row, values in rows.items():
         cells = ["n/a" if values.get(c) is None else f"{values[c]:.2f}" for c in columns]
@@ -623,6 +626,12 @@ def format_table(rows: dict[str, dict[str, float | None]], skipped: dict[str, st
     if reasons:
         lines += [""] + [f"- skipped {names}: {reason}" for names, reason in reasons.items()]
     return "\n".join(lines) + "\n"
+
+
+def ordered_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The metrics present in ``rows``: the paper's Table 1 order first, then the others in first-seen order."""
+    present = list(dict.fromkeys(k for values in rows.values() for k in values))
+    return [c for c in TABLE_COLUMNS if c in present] + [c for c in present if c not in TABLE_COLUMNS]
 
 
 def skipped_by_reason(skipped: dict[str, str]) -> dict[str, str]:
@@ -649,7 +658,10 @@ def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set:
 
     table = {row: dict(values) for row, values in scores.rows.items()}
     for condition, values in (summary["demo_scores"] or {}).items():
-        table[condition].update({f"demo {k} (%)": None if v is None else 100.0 * v for k, v in values.items()})
+        table[condition].update({f"demo {k.replace('_', ' ')} (%)": None if v is None else 100.0 * v
+                                 for k, v in values.items()})
+    columns = ordered_columns(table)  # the report's columns follow the first row's key order
+    table = {row: {c: values.get(c) for c in columns} for row, values in table.items()}
     examples = []
     for i, record in enumerate(eval_set.records[:num_examples]):
         # Prompts other than the record's own alt-text (random / wrong-colour alt) are shown under the image.
@@ -660,7 +672,7 @@ def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set:
     clip = summary["clip_score"]
     meta = {"model": summary["model"]["id"], "data": f"{eval_set.id} ({len(eval_set.records)} records evaluated, "
             f"{len(eval_set.skipped)} skipped)", "seed": summary["seed"], "generation": summary["generation"],
-            "CLIPScore model": f"{clip['model']} ({clip['pretrained']})" if clip.get("model") else "none",
+            "CLIPScore model": " ".join(str(clip[k]) for k in ("model", "pretrained") if clip.get(k)) or "none",
             "CLIP text truncation": clip.get("truncation") or clip.get("reason"),
             "caption tokenizer": summary["tokenizer"], "training run": summary["run_dir"] or "unknown",
             **{f"skipped {names}": reason for names, reason in skipped_by_reason(summary["skipped"]).items()},

@@ -97,7 +97,9 @@ def render_report(
 ) -> str:
     """The report as one HTML string (see :func:`write_report`)."""
     # Conditions in the metrics' order, then any that only the examples have.
-    conditions = list(dict.fromkeys([*metrics, *(c for ex in examples for c in ex.captions)]))
+    # Caption columns in the metrics' order, but only rows that have captions (not e.g. a "reference" row).
+    captioned = {c for ex in examples for c in ex.captions}
+    conditions = [c for c in dict.fromkeys([*metrics, *captioned]) if c in captioned]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

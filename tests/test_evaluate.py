@@ -1,81 +1,279 @@
-"""The evaluation command end to end on a tiny export and data the test writes."""
+"""The evaluation command end to end on a tiny random-weight export (captions are noise: structure and value
+ranges are asserted, never quality)."""
 
+import io
 import json
+import math
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
+import torch
 
 from altogether.cli import run_cli
-from altogether.evaluate import CIDER_NOTE, main
-from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
+from altogether.conditions import CONDITIONS
+from altogether.config import ConfigError
+from altogether.evaluate import CIDER_NOTE, evaluate, format_table, main
+from altogether.metrics import METRIC_KEYS
 
-QUICK = ["max_new_tokens=6", "batch_size=4", "progress=false", "num_examples=3"]
+from .conftest import COLOURS, SHAPES, draw, save_tiny_export
+
+CLIP_KEYS = ("CLIPScore", "CLIP text truncated (%)")
+SKIPPED_IMAGE, EMPTY_TARGET = 6, 7  # record indices of the fixture's two bad records
 
 
 @pytest.fixture(scope="module")
-def export(tiny_parts, tiny_model_cfg, tmp_path_factory):
-    return save_tiny_export(tmp_path_factory.mktemp("ev") / "export", tiny_parts, tiny_model_cfg, max_new_tokens=6)
+def export(tiny_parts, tiny_model_cfg, tmp_path_factory) -> Path:
+    """RUN/export of the tiny captioner (sampling by default, 6 new tokens) with RUN/logs of a short run."""
+    run = tmp_path_factory.mktemp("run")
+    logs = run / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    rows = "".join(f"{s},{4 - 0.2 * s},{1e-4 * (s + 1)},\n" for s in range(8)) + "7,,,3.5\n"
+    (logs / "metrics.csv").write_text("step,train/loss,lr,val/loss\n" + rows)
+    return save_tiny_export(run / "export", tiny_parts, tiny_model_cfg, max_new_tokens=6, do_sample=True)
 
 
 @pytest.fixture(scope="module")
-def annotations(tmp_path_factory):
-    """An Altogether-FT annotation file of 6 records with round2/round3 captions."""
+def ft_json(tmp_path_factory) -> Path:
+    """Altogether-FT annotation JSON: 6 good records, one with a missing image, one with an empty round3."""
     root = tmp_path_factory.mktemp("ft")
+    (root / "images").mkdir()
     data = []
-    for i in range(6):
+    for i in range(8):
         colour, shape = list(COLOURS)[i % 4], SHAPES[i % 2]
-        draw(colour, shape, seed=i).save(root / f"{i}.png")
-        data.append({"alt": f"zorbit K-{i} for sale", "url": f"http://x/{i}.png", "img_path": f"{i}.png",
-                     "round2": f"a {colour} {shape}", "round3": f"a photo of zorbit K-{i}: a {colour} {shape}"})
-    (root / "ft.json").write_text(json.dumps({"data": data}))
-    return root / "ft.json"
+        if i != SKIPPED_IMAGE:
+            draw(colour, shape, seed=i).save(root / "images" / f"{i}.png")
+        data.append({"alt": f"zorbit K-{i}  for sale",
+                     "url": f"https://example.com/{i}.png", "img_path": f"images/{i}.png",
+                     "round2": f"a {colour} {shape}",
+                     "round3": "" if i == EMPTY_TARGET else f"a photo of zorbit K-{i}: a {colour} {shape} on white"})
+    path = root / "ft.json"
+    path.write_text(json.dumps({"data": data}))
+    return path
 
 
-def test_annotation_file_end_to_end(export, annotations, tmp_path, capsys):
+@pytest.fixture
+def no_java(monkeypatch, tmp_path):
+    """No java on PATH: METEOR is skipped and captions take the simple tokenizer (fast)."""
+    empty = tmp_path / "empty_path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def markdown_rows(text):
+    """{row: {column: cell}} of the first Markdown table in ``text``."""
+    lines = text[text.index("|"):].split("\n\n")[0].splitlines()  # the first block of table lines
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def check_range(metric, value):
+    upper = 1000.0 if metric == "CIDEr" else 100.0  # CIDEr-D x100 can exceed 100
+    assert 0.0 <= value <= upper and math.isfinite(value), (metric, value)
+
+
+def test_end_to_end_on_annotations(export, ft_json, tmp_path, no_java, capsys):
     out = tmp_path / "eval"
-    assert run_cli(main, [str(export), str(annotations), f"output_dir={out}", "target_key=round3", *QUICK]) == 0
+    assert run_cli(main, [str(export), str(ft_json), f"output_dir={out}", "progress=false"]) == 0
+    stdout = capsys.readouterr().out
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["conditions"] == ["w/ alt", "w/o alt", "w/ random alt"]
-    for condition in summary["conditions"]:
-        row = summary["metrics"][condition]
-        for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "CLIPScore"):
-            assert row[metric] is not None and row[metric] >= 0, (condition, metric)
-    assert summary["metrics"]["w/ alt"]["CLIP text truncated (%)"] == 0.0
-    assert summary["seed"] == 0 and summary["model"] and summary["data"] and "torch" in summary["versions"]
+
+    assert summary["model"]["id"] == str(export) and summary["data"]["id"] == str(ft_json)
+    assert summary["seed"] == 0 and summary["conditions"] == list(CONDITIONS)
+    assert summary["versions"]["torch"] == torch.__version__.split("+")[0] and summary["versions"]["java"] is None
+    assert {"transformers", "open_clip_torch", "pycocoevalcap", "python"} <= set(summary["versions"])
+    data = summary["data"]
+    assert (data["read"], data["evaluated"], data["skipped"], data["target_key"]) == (8, 6, 2, "round3")
+    reasons = " | ".join(s["reason"] for s in data["skipped_examples"])
+    assert "image file not found" in reasons and "round3" in reasons
+    # Greedy by default even though the export samples; the export's max_new_tokens is kept.
+    assert summary["generation"]["do_sample"] is False and summary["generation"]["max_new_tokens"] == 6
+
+    skipped = summary["skipped"]
+    assert "java" in skipped["METEOR"] and summary["tokenizer"] == "simple"
     assert CIDER_NOTE in summary["notes"]
-    assert summary["skipped"]["NP-F1"]  # spaCy is not installed here: reported with a reason, not a zero
-    captions = [json.loads(l) for l in (out / "captions.jsonl").read_text().splitlines()]
+    assert summary["clip_score"]["available"] and summary["clip_score"]["model"].endswith("export/encoder")
+    assert summary["clip_score"]["context_length"] == 77
+    rows = {**summary["metrics"], **summary["baselines"]}
+    assert list(summary["metrics"]) == list(CONDITIONS) and list(summary["baselines"]) == ["alt-text", "reference"]
+    for name in [*CONDITIONS, "alt-text"]:
+        assert set(rows[name]) == {*METRIC_KEYS, *CLIP_KEYS}
+        for metric in METRIC_KEYS:
+            assert (rows[name][metric] is None) == (metric in skipped), (name, metric)
+    assert set(rows["reference"]) == set(CLIP_KEYS)
+    for name, values in rows.items():
+        for metric, value in values.items():
+            if value is not None:
+                check_range(metric, value)
+    # The alt-text row scores the alt-texts against the references: they share words, so BLEU-1 is positive.
+    assert rows["alt-text"]["BLEU-1"] > 0
+
+    table = markdown_rows(stdout)
+    assert list(table) == [*CONDITIONS, "alt-text", "reference"]
+    for name, values in rows.items():
+        for metric, value in values.items():
+            assert table[name][metric] == ("n/a" if value is None else f"{value:.2f}")
+    assert "- skipped METEOR" in stdout
+
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 6
-    html = (out / "report.html").read_text()
-    assert html.count("data:image/jpeg;base64,") == 3 and "w/ random alt" in html  # num_examples=3 thumbnails
-    printed = capsys.readouterr().out
-    assert "| w/ alt |" in printed and "| alt-text |" in printed
+    assert captions[0]["alt_text"] == "zorbit K-0 for sale"  # the training prompt rule collapses whitespace
+    for row in captions:
+        assert set(row["captions"]) == set(CONDITIONS)
+        assert row["prompts"]["w/ alt"] == row["alt_text"] and row["prompts"]["w/o alt"] == ""
+        assert row["prompts"]["w/ random alt"] != row["alt_text"]
+        assert set(row["clip_score"]) == {*CONDITIONS, "alt-text", "reference"}
+
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('src="data:image/jpeg;base64,') == 6  # one thumbnail per example
+    assert html.count('src="data:image/png;base64,') == 1  # the training curves, embedded
+    assert not re.search(r'(src|href)="(?!data:)', html)  # nothing to fetch: opens offline
+    assert "a photo of zorbit K-1: a green circle on white" in html and "w/ random alt" in html
+    assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert summary["run_dir"] == str(export.parent)
 
 
-def test_condition_selection_and_unavailable_clip_score(export, annotations, tmp_path):
+def test_condition_selection_is_deterministic_with_sampling(export, jsonl_data, tmp_path, no_java):
+    options = dict(conditions="w/o alt,w/ random alt", seed=3, do_sample=True, temperature=1.0, limit=5,
+                   clip_score=False, alt_text_row=False, progress=False)
+    first = evaluate(export, jsonl_data, output_dir=tmp_path / "a", **options)
+    second = evaluate(export, jsonl_data, output_dir=tmp_path / "b", **options)
+    assert list(first.metrics) == ["w/o alt", "w/ random alt"] and first.summary["baselines"] == {
+        "reference": {"CLIPScore": None, "CLIP text truncated (%)": None}}
+    assert first.summary["data"]["evaluated"] == 5 and first.summary["data"]["format"] == "jsonl"
+    assert first.summary["generation"]["do_sample"] is True and first.summary["generation"]["temperature"] == 1.0
+    assert "clip_score=false" in first.summary["skipped"]["CLIPScore"]
+    assert (tmp_path / "a" / "captions.jsonl").read_text() == (tmp_path / "b" / "captions.jsonl").read_text()
+    assert first.metrics == second.metrics
+
+
+def test_unknown_or_demo_only_condition_is_refused(export, ft_json, tmp_path):
+    with pytest.raises(ConfigError, match="w/ wrong-colour alt"):
+        evaluate(export, ft_json, conditions=["w/ wrong-colour alt"], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="given twice"):
+        evaluate(export, ft_json, conditions="w/ alt,w/ alt", output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("source", ["local-dir without weights", "open_clip tag, offline"])
+def test_clip_score_unavailable_is_none_with_reason(export, ft_json, tmp_path, no_java, capsys, monkeypatch, source):
+    if source == "local-dir without weights":
+        folder = tmp_path / "clip_without_weights"
+        folder.mkdir()
+        (folder / "open_clip_config.json").write_text((export / "encoder" / "open_clip_config.json").read_text())
+        options, named = [f"clip_model=local-dir:{folder}"], str(folder)
+    else:  # offline with an empty cache: the weights cannot be downloaded
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+        options, named = ["clip_model=ViT-B-32-quickgelu", "clip_pretrained=metaclip_fullcc"], "metaclip_fullcc"
     out = tmp_path / "eval"
-    code = run_cli(main, [str(export), str(annotations), f"output_dir={out}", "conditions=w/o alt",
-                          "clip_model=ViT-B-32-quickgelu", "clip_pretrained=metaclip_fullcc", "target_key=round2",
-                          *QUICK])
-    assert code == 0
+    argv = [str(export), str(ft_json), "conditions=w/o alt", *options, f"output_dir={out}", "progress=false"]
+    assert run_cli(main, argv) == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["conditions"] == ["w/o alt"] and list(summary["metrics"]) == ["w/o alt"]
-    assert summary["metrics"]["w/o alt"]["CLIPScore"] is None
-    assert "metaclip_fullcc" in summary["skipped"]["CLIPScore"]  # offline: says which weights are missing
+    assert summary["clip_score"]["available"] is False and named in summary["clip_score"]["reason"]
+    assert named in summary["skipped"]["CLIPScore"]
+    for values in [*summary["metrics"].values(), *summary["baselines"].values()]:
+        assert values["CLIPScore"] is None and values["CLIP text truncated (%)"] is None
+    assert summary["metrics"]["w/o alt"]["BLEU-1"] is not None  # the other metrics still run
+    table = markdown_rows(capsys.readouterr().out)
+    assert {row["CLIPScore"] for row in table.values()} == {"n/a"}
 
 
-def test_demo_data_adds_the_world_scores(export, tmp_path):
+def test_webdataset_shards(export, tmp_path, no_java):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            image = io.BytesIO()
+            draw("red", "square", seed=i).save(image, format="PNG")
+            meta = {"texts": [f"zorbit K-{i}"], "round3": f"a red square number {i}"} if i < 2 else {"texts": ["x"]}
+            for name, payload in ((f"{i:04d}.png", image.getvalue()), (f"{i:04d}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    no_logs = tmp_path / "run_without_logs"
+    no_logs.mkdir()
+    result = evaluate(export, shard, conditions="w/ alt", output_dir=tmp_path / "eval",
+                      run_dir=str(no_logs))
+    data = result.summary["data"]
+    assert (data["format"], data["read"], data["evaluated"], data["skipped"]) == ("webdataset", 3, 2, 1)
+    check_range("CLIPScore", result.metrics["w/ alt"]["CLIPScore"])
+    # A run directory without logs: no plot, and the reason is recorded.
+    assert "no metrics.csv" in result.summary["skipped"]["training curves"]
+    assert "training_curves" not in result.files
+
+
+def test_demo_world(export, tmp_path, no_java, capsys):
+    from altogether.demo.score import METRICS
+    from altogether.demo.world import make_scenes
+
     out = tmp_path / "eval"
-    assert run_cli(main, [str(export), "demo", f"output_dir={out}", "demo.eval_scenes=4", *QUICK]) == 0
+    assert run_cli(main, [str(export), "demo", "demo.eval_scenes=5", f"output_dir={out}", "progress=false",
+                          "alt_text_row=false"]) == 0
     summary = json.loads((out / "metrics.json").read_text())
-    assert "w/ wrong-colour alt" in summary["conditions"]
-    scores = summary["demo_scores"]["w/ alt"]
-    assert set(scores) >= {"name_carry_over", "colour_acc", "shape_acc", "wrong_colour_copied"}
-    assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
+    demo_conditions = [*CONDITIONS, "w/ wrong-colour alt"]
+    assert summary["data"]["id"] == "demo" and summary["data"]["evaluated"] == 5
+    assert summary["conditions"] == demo_conditions and list(summary["demo_scores"]) == demo_conditions
+    for scores in summary["demo_scores"].values():
+        assert set(scores) == set(METRICS)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
+    # The eval scenes are the held-out ones the world makes for this seed; references are their captions.
+    scenes = make_scenes(5, 0, "eval")
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [c["reference"] for c in captions] == [s.caption for s in scenes]
+    assert [c["alt_text"] for c in captions] == [" ".join(s.alt_text.split()) for s in scenes]
+    assert all(c["prompts"]["w/ wrong-colour alt"] != c["alt_text"] for c in captions)
+    stdout = capsys.readouterr().out
+    assert list(markdown_rows(stdout)) == [*demo_conditions, "reference"] and "name carry-over" in stdout
+    assert "demo name carry over (%)" in (out / "report.html").read_text(encoding="utf-8")
 
 
-def test_bad_inputs_are_one_line_errors(export, tmp_path, capsys):
-    assert run_cli(main, [str(export), str(tmp_path / "missing.json"), *QUICK]) == 2
-    assert run_cli(main, [str(tmp_path / "no-model"), "demo", *QUICK]) == 2
-    assert run_cli(main, [str(export), "demo", "conditions=w/ nothing"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+@pytest.mark.skipif(__import__("shutil").which("java") is None, reason="java is not on PATH: no PTB/METEOR here")
+def test_with_java_meteor_is_scored(export, ft_json, tmp_path):
+    result = evaluate(export, ft_json, conditions="w/ alt", clip_score=False, alt_text_row=False,
+                      output_dir=tmp_path, progress=False)
+    assert result.summary["tokenizer"] == "ptb" and "METEOR" not in result.summary["skipped"]
+    check_range("METEOR", result.metrics["w/ alt"]["METEOR"])
+    assert result.summary["versions"]["java"]
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["missing.json"], "missing.json"),
+    (["data.txt"], "cannot tell the format"),
+    (["{ft}", "colour=red"], "key 'colour'"),
+    (["{ft}", "limit=many"], "key 'limit'"),
+    (["{ft}", "conditions=w/ nothing"], "w/ nothing"),
+    (["{ft}", "run_dir=/no/such/run"], "run_dir"),
+])
+def test_bad_arguments_are_one_line_errors(export, ft_json, tmp_path, monkeypatch, capsys, argv_tail, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("x")
+    argv = [str(export), *[a.replace("{ft}", str(ft_json)) for a in argv_tail]]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bad_model_is_a_one_line_error_from_the_command(ft_json, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "altogether.evaluate", str(tmp_path), str(ft_json)],
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "altogether.json" in done.stderr
+
+
+def test_format_table_orders_columns_and_marks_missing():
+    rows = {"w/ alt": {"BLEU-1": 12.345, "CLIPScore": 30.0, "METEOR": None, "extra": 1.0},
+            "reference": {"CLIPScore": 28.5}}
+    text = format_table(rows, {"METEOR": "no java", "NP-P": "no spaCy", "NP-R": "no spaCy"})
+    assert text.splitlines()[0] == "| condition | CLIPScore | BLEU-1 | METEOR | extra |"
+    assert markdown_rows(text) == {
+        "w/ alt": {"CLIPScore": "30.00", "BLEU-1": "12.35", "METEOR": "n/a", "extra": "1.00"},
+        "reference": {"CLIPScore": "28.50", "BLEU-1": "n/a", "METEOR": "n/a", "extra": "n/a"},
+    }
+    assert "- skipped NP-P, NP-R: no spaCy" in text and "- skipped METEOR: no java" in text
