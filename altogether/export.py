@@ -28,9 +28,7 @@ Loading is strict: a missing or unexpected tensor is an error that names it. Onl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,6 +38,7 @@ from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from .config import EncoderConfig, GenerationSettings, LayoutConfig, ModelConfig
+from .io import replacing_dir
 from .model import AltogetherModel, causal_lm
 
 CONFIG_FILE = "altogether.json"
@@ -137,9 +136,7 @@ def save_export(
     which is forced when the reference is not portable (see the module docstring).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with replacing_dir(directory) as tmp:
         model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
         loadable = dict(model_dict["encoder"])
         source = dict(encoder_source or loadable)
@@ -168,22 +165,7 @@ def save_export(
         base_referenced = bool(lora and lora["base_decoder"])
         _save_tensors(trained_state(model, with_decoder=not base_referenced), tmp / WEIGHTS_FILE)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
 
 
 def _save_adapter(decoder: nn.Module, target: Path) -> None:
@@ -225,18 +207,12 @@ def copy_export(source: str | Path, target: str | Path, *, include_encoder: bool
     """Copy an export folder (atomically); ``include_encoder`` adds ``encoder/`` when it only had a reference."""
     source, target = Path(source), Path(target)
     meta = read_export_config(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with replacing_dir(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if include_encoder and not (tmp / ENCODER_DIR).is_dir():
             _save_encoder(meta["encoder_source"], tmp / ENCODER_DIR)
             meta["model"]["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from .cli import run_cli
 from .export import CONFIG_FILE, ExportError, copy_export, read_export_config
+from .io import atomic_write_text
 from .model_card import render_card
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ def finish_folder(folder: str | Path, source_export: str | Path, *, repo_id: str
         if path.resolve() != (folder / name).resolve():
             shutil.copy2(path, folder / name)
     card = render_card(read_export_config(folder), evaluation=evaluation, repo_id=repo_id, load_path=str(folder))
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(card)
-    os.replace(tmp, folder / "README.md")
+    atomic_write_text(folder / "README.md", card)
     return folder
 
 

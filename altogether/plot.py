@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from .io import atomic_write_bytes
 
 LOSS_SERIES = ("train/loss", "val/loss")
 LR_SERIES = "lr"
@@ -70,16 +71,7 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     series = read_series(run_dir)
     out_path = Path(out_path) if out_path is not None else Path(run_dir) / DEFAULT_NAME
     png = _render(series, title=Path(run_dir).resolve().name)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(png)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out_path, png)
     log.info("plotted %s to %s", ", ".join(series), out_path)
     return out_path
 

@@ -15,13 +15,14 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from .io import atomic_write_text
 
 THUMBNAIL_SIZE = 224
 
@@ -75,17 +76,7 @@ def write_report(
     """
     path = Path(path)
     document = render_report(metrics, examples, title=title, meta=meta or {}, figures=figures or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(document)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, document)
 
 
 def render_report(

@@ -12,8 +12,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from altogether.demo.world import (
     scene_from_facts,
     visual_description,
 )
+from altogether.io import replacing_dir
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +171,10 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def _save_atomically(model: torch.nn.Module, config: dict, out_dir: Path) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the saved model is meant to be shared
+    with replacing_dir(out_dir) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME))
-        if out_dir.exists():
-            # Swap the old folder out first so a reader never sees a half-written one.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train_demo_clip(
