@@ -15,6 +15,7 @@ at 0 at each sample's first real position, so padding never changes what a sampl
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -117,17 +118,19 @@ def collate(
     num_visual_tokens: int,
     pad_id: int,
     padding_side: str = "right",
+    width: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pad samples into one batch.
+    """Pad samples into one batch, as wide as its longest sample or ``width`` if that is more.
 
     Training pads on the right; generation pads on the left so every prompt ends at the last column.
     Returns ``input_ids`` (visual positions hold ``pad_id``), ``visual_mask``, ``attention_mask``,
-    ``position_ids`` and ``labels``, all of shape ``(batch, length)``.
+    ``position_ids`` and ``labels``, all of shape ``(batch, length)``, and the gather indices of
+    :func:`gather_indices`.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     lengths = [num_visual_tokens + len(s.alt_ids) + len(s.caption_ids) for s in samples]
-    width = max(lengths)
+    width = max(lengths + [width or 0])
     shape = (len(samples), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -141,13 +144,38 @@ def collate(
         attention_mask[row, start : start + n] = 1
         input_ids[row, text_start : start + n] = torch.tensor(s.alt_ids + s.caption_ids, dtype=torch.long)
         labels[row, caption_start : start + n] = torch.tensor(s.caption_ids, dtype=torch.long)
-    return {
+    return gather_indices({
         "input_ids": input_ids,
         "visual_mask": visual_mask,
         "attention_mask": attention_mask,
         "position_ids": position_ids_from_mask(attention_mask),
         "labels": labels,
-    }
+    })
+
+
+def gather_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the flat positions the model gathers from, computed here on the host.
+
+    ``visual_index``: where the visual tokens go, row-major; ``predict_index``: positions whose next label is
+    a caption token or EOS (where the LM head runs). Deriving them from the masks on a GPU (boolean indexing,
+    ``nonzero``) would make the host wait for the device in every training step.
+    """
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    batch["visual_index"] = batch["visual_mask"].flatten().nonzero().squeeze(1)
+    batch["predict_index"] = predicts.flatten().nonzero().squeeze(1)
+    return batch
+
+
+def sequence_runs(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative lengths of the runs of one sample (or of padding) in the flattened batch, and the longest.
+
+    These are flash-attention's variable-length arguments (``cu_seqlens``, ``max_seqlen``); given to it, it
+    does not infer them from the position ids on the device. A padding run is one sequence of its own.
+    """
+    counts = [n for row in segment_ids for n in torch.unique_consecutive(row, return_counts=True)[1].tolist()]
+    return torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32), max(counts)
 
 
 def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -216,7 +244,7 @@ def collate_packed(
             position_ids[r, start : start + n] = torch.arange(n)
             order.append(i)
             start += n
-    return {
+    return gather_indices({
         "input_ids": input_ids,
         "visual_mask": visual_mask,
         "attention_mask": (segment_ids > 0).long(),
@@ -224,7 +252,7 @@ def collate_packed(
         "position_ids": position_ids,
         "labels": labels,
         "order": torch.tensor(order, dtype=torch.long),
-    }
+    })
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

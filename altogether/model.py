@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
-from .layout import IGNORE_INDEX, SampleTokens, block_causal_mask, collate
+from .layout import SampleTokens, block_causal_mask, collate
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class CaptionLoss:
     """Mean cross-entropy over caption + EOS tokens, and how many tokens it averaged."""
 
     loss: torch.Tensor
-    num_tokens: torch.Tensor
+    num_tokens: int
 
 
 class AltogetherModel(nn.Module):
@@ -271,12 +271,13 @@ class AltogetherModel(nn.Module):
         return self.encoder(pixel_values)
 
     def input_embeddings(self, batch: dict[str, torch.Tensor], image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the mapper's visual tokens written into the ``visual_mask`` positions."""
+        """Token embeddings with the mapper's visual tokens written at the ``visual_index`` positions."""
         embed = causal_lm(self.decoder).get_input_embeddings()
         tokens = embed(batch["input_ids"])
         visual = self.mapper(image_embeds.to(tokens.dtype)).to(tokens.dtype)
         # Each row has exactly num_visual_tokens marked positions, so the flattened order matches.
-        return tokens.masked_scatter(batch["visual_mask"].unsqueeze(-1), visual)
+        flat = tokens.flatten(0, 1).index_copy(0, batch["visual_index"], visual.flatten(0, 1))
+        return flat.view_as(tokens)
 
     def _image_embeds(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "image_embeds" in batch:
@@ -288,36 +289,45 @@ class AltogetherModel(nn.Module):
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last hidden states of the decoder for a laid-out batch (``pixel_values`` or ``image_embeds``).
 
-        A packed batch (with ``segment_ids``) gets a block-diagonal causal mask; flash-attention instead finds
-        the samples from the restarting position ids (its variable-length path), so it gets no mask.
+        Attention stays inside each sample: a block-diagonal causal mask built from ``segment_ids`` (packed
+        batches) or the attention mask, or, for flash-attention, no mask and the variable-length arguments
+        (``cu_seq_lens``/``max_seq_len`` from :func:`~altogether.layout.sequence_runs` when the batch carries
+        them, else flash-attention infers them from the restarting position ids). The explicit mask also keeps
+        Hugging Face from checking on the device whether the padding mask can be dropped.
         """
         lm = causal_lm(self.decoder)
-        mask = batch["attention_mask"]
-        if "segment_ids" in batch:
-            packed_varlen = getattr(lm.config, "_attn_implementation", "") == "flash_attention_2"
-            mask = None if packed_varlen else block_causal_mask(batch["segment_ids"])
+        varlen: dict[str, Any] = {}
+        if "flash" in getattr(lm.config, "_attn_implementation", ""):
+            mask = None
+            if "cu_seq_lens" in batch:
+                varlen = {"cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
+                          "max_length_q": batch["max_seq_len"], "max_length_k": batch["max_seq_len"]}
+        else:
+            mask = block_causal_mask(batch.get("segment_ids", batch["attention_mask"]))
         out = lm.base_model(
             inputs_embeds=self.input_embeddings(batch, self._image_embeds(batch)),
             attention_mask=mask,
             position_ids=batch["position_ids"],
             use_cache=False,
+            **varlen,
         )
         return out.last_hidden_state
 
     def forward(self, batch: dict[str, torch.Tensor]) -> CaptionLoss:
         """Caption loss; the LM head runs only at positions that predict a caption token or EOS."""
         token_losses, _ = self.token_losses(batch)
-        num_tokens = torch.tensor(token_losses.numel(), device=token_losses.device)
-        return CaptionLoss(token_losses.sum() / num_tokens.clamp(min=1), num_tokens)
+        num_tokens = token_losses.shape[0]  # known on the host: the index was built by the collate function
+        return CaptionLoss(token_losses.sum() / max(num_tokens, 1), num_tokens)
 
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every caption/EOS token, and the (row, position) it was predicted at."""
         hidden = self.hidden_states(batch)
-        targets = batch["labels"][:, 1:]
-        predicting = targets != IGNORE_INDEX
-        logits = causal_lm(self.decoder).get_output_embeddings()(hidden[:, :-1][predicting])
-        losses = F.cross_entropy(logits.float(), targets[predicting], reduction="none")
-        return losses, predicting.nonzero()
+        index = batch["predict_index"]
+        targets = batch["labels"].flatten().index_select(0, index + 1)
+        logits = causal_lm(self.decoder).get_output_embeddings()(hidden.flatten(0, 1).index_select(0, index))
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        width = batch["labels"].shape[1]
+        return losses, torch.stack([index // width, index % width], dim=1)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-vocabulary logits at every position (tests and analysis; training uses :meth:`forward`)."""

@@ -79,7 +79,7 @@ class CaptionerModule(L.LightningModule):
         out = self.model(batch)
         size = batch["labels"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log("train/caption_tokens", out.num_tokens.float(), reduce_fx="sum", batch_size=size)
+        self.log("train/caption_tokens", float(out.num_tokens), reduce_fx="sum", batch_size=size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
         return out.loss
 
@@ -97,7 +97,8 @@ class CaptionerModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        # The fused kernel keeps the step count on the device: the foreach/single-tensor paths read it back.
+        fused = self.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(

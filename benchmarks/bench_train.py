@@ -45,12 +45,7 @@ def make_samples(n: int, task: str, vocab: int, seed: int) -> list[SampleTokens]
 
 def fixed_layout(samples, num_visual: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The reference-style layout: every sample padded to the full 424 positions."""
-    batch = collate(samples, num_visual_tokens=num_visual, pad_id=pad_id)
-    extra = FIXED - batch["input_ids"].shape[1]
-    for key, value in (("input_ids", pad_id), ("visual_mask", False), ("attention_mask", 0), ("position_ids", 0),
-                       ("labels", -100)):
-        batch[key] = F.pad(batch[key], (0, extra), value=value)
-    return batch
+    return collate(samples, num_visual_tokens=num_visual, pad_id=pad_id, width=FIXED)
 
 
 def build(full_size: bool, device: str) -> tuple[AltogetherModel, int]:

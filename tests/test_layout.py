@@ -1,6 +1,7 @@
 import random
 
 import pytest
+import torch
 
 from altogether.layout import IGNORE_INDEX, SampleTokens, build_prompt, collate, tokenize_sample, training_pair
 
@@ -63,6 +64,20 @@ def test_collate_right_padding_masks_labels_positions():
     assert batch["position_ids"].tolist() == [list(range(8)), [0, 1, 2, 3, 4, 0, 0, 0]]
     i = IGNORE_INDEX
     assert batch["labels"].tolist() == [[i, i, i, i, i, 20, 21, 1], [i, i, i, 30, 1, i, i, i]]
+    # Flat gather indices (row * 8 + column): visual positions, and positions whose next label is trained.
+    assert batch["visual_index"].tolist() == [0, 1, 2, 8, 9, 10]
+    assert batch["predict_index"].tolist() == [4, 5, 6, 10, 11]
+    wide = collate([a, b], num_visual_tokens=3, pad_id=0, width=12)
+    assert wide["input_ids"].shape == (2, 12) and wide["predict_index"].tolist() == [4, 5, 6, 14, 15]
+    assert wide["attention_mask"][:, 8:].sum() == 0
+
+
+def test_sequence_runs_are_flash_attention_varlen_arguments():
+    from altogether.layout import sequence_runs
+
+    # Row 0: two packed samples then padding; row 1: one sample filling the row.
+    cu, longest = sequence_runs(torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6, 12] and longest == 6
 
 
 def test_collate_left_padding_puts_prompt_ends_in_last_column():

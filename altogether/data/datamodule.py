@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from ..layout import SampleTokens, collate, collate_packed, count_truncated, tokenize_sample, training_pair
+from ..layout import (SampleTokens, collate, collate_packed, count_truncated, sequence_runs, tokenize_sample,
+                      training_pair)
 from .readers import (DamagedShard, Fields, TableSource, detect_format, expand_shards, iter_tar_samples,
                       webdataset_sample_to_record)
 from .records import BadRecord, Record, load_image
@@ -181,11 +182,14 @@ def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_token
         kept = [kept[i] for i in batch.pop("order").tolist()]
     elif kept:
         batch = collate(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id)
+    if kept:
+        batch["cu_seq_lens"], batch["max_seq_len"] = sequence_runs(batch.get("segment_ids", batch["attention_mask"]))
     if kept and "pixel_values" in kept[0]:
         batch["pixel_values"] = torch.stack([it["pixel_values"] for it in kept])
     if kept and "image_embeds" in kept[0]:
         batch["image_embeds"] = torch.stack([it["image_embeds"] for it in kept])
-    # Plain ints stay on the host when Lightning moves the batch, so counting them costs no device sync.
+    # Plain ints (the counts, max_seq_len) stay on the host when Lightning moves the batch: reading them costs
+    # no device sync.
     batch["num_skipped"] = len(items) - len(kept)
     batch["num_truncated"] = count_truncated(tokens)
     return batch
