@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
+from .decoding import decode, logits_processors
 from .layout import SampleTokens, block_causal_mask, collate
 
 log = logging.getLogger(__name__)
@@ -342,19 +343,24 @@ class AltogetherModel(nn.Module):
         alt_ids: Sequence[list[int]],
         *,
         max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
         num_beams: int = 1,
         num_return_sequences: int = 1,
-        **generate_kwargs: Any,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        length_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
 
-        Prompts are left-padded so every row continues from its last prompt token; the decoder computes
-        position ids from the attention mask, the same ones the training layout gives. Returns
-        ``len(alt_ids) * num_return_sequences`` lists, the candidates of one image consecutive.
+        Prompts are left-padded so every row continues from its last prompt token, with the position ids the
+        training layout gives. Greedy decoding and sampling run :func:`altogether.decoding.decode`, where
+        finished captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``.
+        Keyword names and meanings follow ``generate`` (``top_k=0`` is off; ``length_penalty`` applies to beams).
+        Returns ``len(alt_ids) * num_return_sequences`` lists, the candidates of one image consecutive.
         """
         batch = collate(
             [SampleTokens(list(ids), []) for ids in alt_ids],
@@ -363,20 +369,26 @@ class AltogetherModel(nn.Module):
             padding_side="left",
         )
         batch = {k: v.to(image_embeds.device) for k, v in batch.items()}
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-        out = causal_lm(self.decoder).generate(
-            inputs_embeds=self.input_embeddings(batch, image_embeds),
-            attention_mask=batch["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_beams=num_beams,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            **sampling,
-            **generate_kwargs,
-        )
-        sequences = out.sequences if hasattr(out, "sequences") else out
+        embeds, mask = self.input_embeddings(batch, image_embeds), batch["attention_mask"]
+        lm = causal_lm(self.decoder)
+        if num_beams > 1:
+            sequences = lm.generate(
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                top_k=top_k, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                length_penalty=length_penalty, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+            )
+        else:
+            processors = logits_processors(
+                min_new_tokens=min_new_tokens, eos_id=self.eos_id, do_sample=do_sample, temperature=temperature,
+                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size)
+            sequences = decode(
+                lm, embeds.repeat_interleave(num_return_sequences, dim=0),
+                mask.repeat_interleave(num_return_sequences, dim=0), max_new_tokens=max_new_tokens,
+                eos_id=self.eos_id, pad_id=self.pad_id, do_sample=do_sample, processors=processors,
+            )
         return [_until_eos(row.tolist(), self.eos_id) for row in sequences]
 
 

@@ -57,3 +57,22 @@ def tiny_model_overrides(encoder_dir: str | Path, tokenizer_dir: str | Path, *, 
             "decoder": {"config": tiny_opt_config(), "tokenizer": str(tokenizer_dir)},
         }
     }
+
+
+def favour_token(decoder: torch.nn.Module, token_id: int, logit_shift: float) -> None:
+    """Raise ``token_id``'s logit by ``logit_shift`` at every position of a random OPT decoder, in place.
+
+    Moves the final layer norm's bias along the token's output embedding. With the EOS token this makes a
+    random decoder end its captions at varied lengths, as a trained one does (tests and benchmarks of decoding).
+    """
+    lm = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+    norm = getattr(getattr(lm, "model", None), "decoder", None)
+    if norm is None or getattr(norm, "final_layer_norm", None) is None or norm.project_out is not None:
+        raise ValueError("favour_token needs an OPT decoder with a final layer norm and no output projection")
+    weight = lm.get_output_embeddings().weight
+    with torch.no_grad():
+        if not weight[token_id].any():  # OPT zeroes the row of its config's pad id at init: give it a direction
+            seeded = torch.Generator().manual_seed(token_id)
+            weight[token_id] = torch.randn(weight.shape[1], generator=seeded).to(weight) * weight.std()
+        direction = weight[token_id]
+        norm.final_layer_norm.bias += logit_shift * direction / direction.dot(direction)
