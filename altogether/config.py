@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -203,6 +203,7 @@ class GenerationOverrides:
     repetition_penalty: Optional[float] = None
     no_repeat_ngram_size: Optional[int] = None
     length_penalty: Optional[float] = None
+    exponential_decay_length_penalty: Optional[List[float]] = None  # [start, factor]
 
     def given_generation(self) -> dict[str, Any]:
         """The generation settings that were set (not ``None``)."""

@@ -21,11 +21,16 @@ COMPACT_FRACTION = 1 / 8
 
 
 def logits_processors(*, min_new_tokens: int, eos_id: int, do_sample: bool, temperature: float, top_p: float,
-                      top_k: int, repetition_penalty: float, no_repeat_ngram_size: int):
-    """Hugging Face's processors for these settings, in ``generate``'s order (penalties, then sampling warpers)."""
-    from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
-                              RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+                      top_k: int, repetition_penalty: float, no_repeat_ngram_size: int,
+                      exponential_decay_length_penalty: tuple[int, float] | None = None):
+    """Hugging Face's processors for these settings, in ``generate``'s order (penalties, then sampling warpers).
+
+    The generated ids are the processors' whole input (the prompt enters as embeddings), so lengths count new
+    tokens only.
+    """
+    from transformers import (ExponentialDecayLengthPenalty, LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                              NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
 
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
@@ -33,8 +38,9 @@ def logits_processors(*, min_new_tokens: int, eos_id: int, do_sample: bool, temp
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     if min_new_tokens > 0:
-        # The generated ids are the processors' whole input (the prompt enters as embeddings), so skip nothing.
         processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos_id))
+    if exponential_decay_length_penalty is not None:
+        processors.append(ExponentialDecayLengthPenalty(exponential_decay_length_penalty, eos_id, 0))
     if do_sample:
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))

@@ -269,11 +269,6 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(1)
 
 
-def token_utilisation(attention_mask: torch.Tensor) -> float:
-    """Fraction of computed positions that hold a real (non-padding) token."""
-    return float(attention_mask.float().mean())
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... from each row's first attended position; padding gets 0 (never attended)."""
     mask = attention_mask.long()

@@ -353,13 +353,16 @@ class AltogetherModel(nn.Module):
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         length_penalty: float = 1.0,
+        exponential_decay_length_penalty: Sequence[float] | None = None,
     ) -> list[list[int]]:
         """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
 
         Prompts are left-padded so every row continues from its last prompt token, with the position ids the
         training layout gives. Greedy decoding and sampling run :func:`altogether.decoding.decode`, where
         finished captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``.
-        Keyword names and meanings follow ``generate`` (``top_k=0`` is off; ``length_penalty`` applies to beams).
+        Keyword names and meanings follow ``generate`` (``top_k=0`` is off; ``length_penalty`` applies to beams;
+        ``exponential_decay_length_penalty=(start, factor)`` raises EOS's score by a growing amount after
+        ``start`` new tokens, for shorter captions without a hard cut).
         Returns ``len(alt_ids) * num_return_sequences`` lists, the candidates of one image consecutive.
         """
         batch = collate(
@@ -371,19 +374,24 @@ class AltogetherModel(nn.Module):
         batch = {k: v.to(image_embeds.device) for k, v in batch.items()}
         embeds, mask = self.input_embeddings(batch, image_embeds), batch["attention_mask"]
         lm = causal_lm(self.decoder)
+        decay = None
+        if exponential_decay_length_penalty is not None:
+            start, factor = exponential_decay_length_penalty
+            decay = (int(start), float(factor))
         if num_beams > 1:
             sequences = lm.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                 top_k=top_k, num_beams=num_beams, num_return_sequences=num_return_sequences,
                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                length_penalty=length_penalty, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                length_penalty=length_penalty, exponential_decay_length_penalty=decay, pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
             )
         else:
             processors = logits_processors(
                 min_new_tokens=min_new_tokens, eos_id=self.eos_id, do_sample=do_sample, temperature=temperature,
                 top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size)
+                no_repeat_ngram_size=no_repeat_ngram_size, exponential_decay_length_penalty=decay)
             sequences = decode(
                 lm, embeds.repeat_interleave(num_return_sequences, dim=0),
                 mask.repeat_interleave(num_return_sequences, dim=0), max_new_tokens=max_new_tokens,

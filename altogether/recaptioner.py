@@ -35,7 +35,7 @@ AltTexts = str | Sequence[str] | None
 # Hugging Face ``generate`` names accepted by :meth:`Recaptioner.recaption` (``seed`` is ours).
 GENERATION_KWARGS = frozenset({
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "seed",
-    "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
+    "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "exponential_decay_length_penalty",
 })
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -145,7 +145,7 @@ class Recaptioner:
                 ids = self.model.generate(embeds, [prompts[i] for i in rows], num_return_sequences=num_captions,
                                           **settings)
                 for k, i in enumerate(rows):
-                    captions[i] = [self._text(t) for t in ids[k * num_captions : (k + 1) * num_captions]]
+                    captions[i] = [self.decode(t) for t in ids[k * num_captions : (k + 1) * num_captions]]
         return [c[0] for c in captions] if num_captions == 1 else captions
 
     @property
@@ -158,6 +158,10 @@ class Recaptioner:
             raise TypeError(f"recaption() got unknown generation argument(s) {', '.join(unknown)}; "
                             f"valid: {', '.join(sorted(GENERATION_KWARGS))}")
         settings = {**OmegaConf.to_container(self.generation), **kwargs}
+        decay = settings.get("exponential_decay_length_penalty")
+        if decay is not None and (len(decay) != 2 or int(decay[0]) != decay[0] or decay[0] < 0 or decay[1] < 1):
+            raise ValueError(f"exponential_decay_length_penalty must be (start, factor) with a whole start >= 0 and "
+                             f"a factor >= 1, got {decay!r}")
         if settings["max_new_tokens"] < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {settings['max_new_tokens']}")
         if num_captions < 1:
@@ -167,7 +171,7 @@ class Recaptioner:
                              "greedy decoding gives one caption per image")
         return settings
 
-    def _text(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         """Decoded caption on one line: special tokens dropped, control characters and runs of spaces collapsed."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return " ".join("".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).split())

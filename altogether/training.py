@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import CaptionDataModule, open_sources
@@ -277,6 +277,8 @@ def fit(
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
                         save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False),
         SampleCaptions(sample_records, tokenizer, transform, cfg, run_dir / "samples.jsonl"),
+        # The bar shows the loss, read back from the device: as often as the logs, not after every step.
+        *([TQDMProgressBar(refresh_rate=t.log_every_n_steps)] if t.progress_bar else []),
         *callbacks,
     ]
     has_val = bool(val_source)

@@ -1,12 +1,19 @@
 """Recaptioning throughput: ``Recaptioner.recaption`` vs one plain ``generate`` call per batch, in one run.
 
-Ours sorts images by prompt length so a batch shares similar lengths, and decodes with the KV cache. The
-baseline is the reference-style loop: input order, every prompt padded to the full 128 alt-text tokens, one
-``generate`` call per batch. Both decode a fixed number of new tokens (``min_new_tokens = max_new_tokens``), so
-random weights do not change the work. Prints one line per variant, then one JSON object as its last line.
+Ours sorts images by prompt length so a batch shares similar lengths, pads each batch only to its longest
+prompt, and decodes with the KV cache, finished captions leaving the batch. The baseline is the reference-style
+loop: input order, every prompt padded to the full 128 alt-text tokens, one Hugging Face ``generate`` call per
+batch. Both decode greedily with the same settings, so they write the same captions (the script counts them).
 
-    uv run python benchmarks/bench_recaption.py                 # tiny model on the CPU
-    uv run python benchmarks/bench_recaption.py --full-size     # ViT-H/14 + OPT-1.3B, random weights (GPU)
+Caption lengths: ``--lengths fixed`` decodes exactly ``--new-tokens`` per image (``min_new_tokens`` =
+``max_new_tokens``). ``--lengths varied`` lets captions end on their own within a 256-token budget, as trained
+models do: the random decoder's EOS is favoured slightly and ``exponential_decay_length_penalty`` raises it after
+30 tokens, which ends greedy captions after about 100 tokens, differently per image (the script prints the
+lengths). Prints one line per variant, then one JSON object as its last line.
+
+    uv run python benchmarks/bench_recaption.py                              # tiny model on the CPU
+    uv run python benchmarks/bench_recaption.py --lengths fixed --new-tokens 32
+    uv run python benchmarks/bench_recaption.py --full-size --lengths fixed --new-tokens 110   # GPU
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import json
 import random
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +30,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from altogether import Recaptioner
+from altogether import Recaptioner, decoding
 from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
 from altogether.export import save_export
 from altogether.layout import SampleTokens, collate
 from altogether.model import AltogetherModel
-from altogether.tiny import TINY_CLIP, tiny_opt_config, write_tiny_clip, write_tokenizer
+from altogether.tiny import TINY_CLIP, favour_token, tiny_opt_config, write_tiny_clip, write_tokenizer
 
 OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
             "num_attention_heads": 32, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048}
+CAPTION_BUDGET = 256
+LENGTH_DECAY = (30, 1.02)  # --lengths varied: exponential_decay_length_penalty
 WORDS = "zorbit velora photo product shop sale red blue square circle cat on sofa price dated file jpg".split()
 
 
@@ -64,9 +74,10 @@ def alt_texts(n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def baseline(captioner: Recaptioner, images, alts, batch: int, new_tokens: int) -> None:
+def baseline(captioner: Recaptioner, images, alts, batch: int, generation: dict) -> list[str]:
     model, pad = captioner.model, captioner.tokenizer.pad_token_id
     width = captioner.layout.max_alt_tokens
+    captions = []
     for start in range(0, len(images), batch):
         chunk = range(start, min(start + batch, len(images)))
         pixels = torch.stack([captioner.transform(images[i]) for i in chunk]).to(captioner.device, captioner.dtype)
@@ -78,46 +89,89 @@ def baseline(captioner: Recaptioner, images, alts, batch: int, new_tokens: int) 
         for row, s in enumerate(samples):
             mask[row, model.mapper.num_tokens : model.mapper.num_tokens + s.alt_ids.count(pad)] = 0
         layout = {k: v.to(captioner.device) for k, v in layout.items()}
-        model.decoder.generate(inputs_embeds=model.input_embeddings(layout, embeds), attention_mask=mask.to(captioner.device),
-                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=pad, eos_token_id=model.eos_id)
+        out = model.decoder.generate(inputs_embeds=model.input_embeddings(layout, embeds),
+                                     attention_mask=mask.to(captioner.device), do_sample=False, pad_token_id=pad,
+                                     eos_token_id=model.eos_id, **generation)
+        captions += [captioner.decode(row[: row.index(model.eos_id)] if model.eos_id in row else row)
+                     for row in out.tolist()]
+    return captions
 
 
-def timed(fn) -> float:
+def ours(captioner: Recaptioner, images, alts, batch: int, generation: dict) -> list[str]:
+    return captioner.recaption(images, alts, batch_size=batch, do_sample=False, **generation)
+
+
+def ours_keeping_finished(captioner: Recaptioner, images, alts, batch: int, generation: dict) -> list[str]:
+    """Ours with finished captions kept in the batch to its end: what leaving early alone is worth."""
+    compact = decoding.COMPACT_FRACTION
+    decoding.COMPACT_FRACTION = 2.0  # more than every row: never drop one
+    try:
+        return ours(captioner, images, alts, batch, generation)
+    finally:
+        decoding.COMPACT_FRACTION = compact
+
+
+@torch.no_grad()
+def caption_lengths(captioner: Recaptioner, images, alts, generation: dict) -> list[int]:
+    """Generated tokens per image (EOS not counted), decoded one image at a time, untimed."""
+    model = captioner.model
+    lengths = []
+    for image, alt in zip(images, alts):
+        pixels = captioner.transform(image)[None].to(captioner.device, captioner.dtype)
+        lengths += [len(ids) for ids in model.generate(model.embed_images(pixels), [captioner.prompt_ids(alt)],
+                                                       **generation)]
+    return lengths
+
+
+def timed(fn):
+    """Seconds ``fn`` took, and what it returned."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--lengths", choices=("varied", "fixed"), default="varied")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per caption with --lengths fixed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         export = make_export(Path(tmp), args.full_size)
         captioner = Recaptioner.from_pretrained(export)
+        if args.lengths == "varied":
+            favour_token(captioner.model.decoder, captioner.tokenizer.eos_token_id, 0.05)
+            generation = {"max_new_tokens": CAPTION_BUDGET, "exponential_decay_length_penalty": LENGTH_DECAY}
+        else:
+            generation = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
         rng = random.Random(1)
         images = [Image.new("RGB", (224, 224), tuple(rng.randrange(256) for _ in range(3))) for _ in range(args.images)]
         alts = alt_texts(args.images, seed=2)
-        kwargs = dict(batch_size=args.batch, do_sample=False, max_new_tokens=args.new_tokens,
-                      min_new_tokens=args.new_tokens)
-        captioner.recaption(images[: args.batch], alts[: args.batch], **kwargs)  # warm-up
+        ours(captioner, images[: args.batch], alts[: args.batch], args.batch, generation)  # warm-up
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        ours = args.images / timed(lambda: captioner.recaption(images, alts, **kwargs))
-        base = args.images / timed(lambda: baseline(captioner, images, alts, args.batch, args.new_tokens))
-        print(f"  ours: images_per_s={ours:.2f}")
-        print(f"  base: images_per_s={base:.2f}")
+        results = {}
+        for name, fn in (("ours", ours), ("ours_keeping_finished", ours_keeping_finished), ("baseline", baseline)):
+            seconds, captions = timed(lambda: fn(captioner, images, alts, args.batch, generation))
+            results[name] = (args.images / seconds, captions)
+            print(f"  {name}: images_per_s={results[name][0]:.2f}", flush=True)
+        same = sum(a == b for a, b in zip(results["ours"][1], results["baseline"][1]))
+        lengths = caption_lengths(captioner, images, alts, generation)
+        print(f"  caption tokens: mean {statistics.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}; "
+              f"identical captions {same}/{args.images}")
         summary = {"device": str(captioner.device), "dtype": str(captioner.dtype), "full_size": args.full_size,
-                   "batch": args.batch, "new_tokens": args.new_tokens, "images": args.images,
-                   "ours_images_per_s": ours, "baseline_images_per_s": base, "speedup": ours / base,
+                   "lengths": args.lengths, "batch": args.batch, "images": args.images, **generation,
+                   "mean_caption_tokens": statistics.mean(lengths), "min_caption_tokens": min(lengths),
+                   "max_caption_tokens": max(lengths), "identical_captions": same,
+                   "ours_images_per_s": results["ours"][0], "baseline_images_per_s": results["baseline"][0],
+                   "speedup": results["ours"][0] / results["baseline"][0],
+                   "ours_keeping_finished_images_per_s": results["ours_keeping_finished"][0],
                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "torch": torch.__version__, "threads": torch.get_num_threads()}
         if torch.cuda.is_available():

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from altogether.config import MapperConfig
-from altogether.layout import SampleTokens, collate, collate_packed, token_utilisation
+from altogether.data.datamodule import collate_training
+from altogether.layout import SampleTokens, collate
 from altogether.model import AltogetherModel, Mapper, build_decoder
 from altogether.tiny import tiny_opt_config
 
@@ -60,18 +61,16 @@ def build(full_size: bool, device: str) -> tuple[AltogetherModel, int]:
 
 
 def run(variant: str, model, samples, embeds, args) -> dict[str, float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                  fused=args.device == "cuda" or None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     batches = []
     for i in range(0, len(samples), args.batch):
         chunk, vec = samples[i:i + args.batch], embeds[i:i + args.batch]
         if variant == "fixed":
-            batch = fixed_layout(chunk, 40, 1)
-        else:
-            batch = collate_packed(chunk, num_visual_tokens=40, pad_id=1, max_tokens=args.pack_tokens)
-            vec = vec[batch.pop("order")]
-        batch["image_embeds"] = vec
-        batches.append({k: v.to(args.device) for k, v in batch.items()})
+            batch = {**fixed_layout(chunk, 40, 1), "image_embeds": vec}
+        else:  # exactly what training gets: packed rows, embeddings in packed order, flash-attention runs
+            items = [{"tokens": t, "image_embeds": e} for t, e in zip(chunk, vec)]
+            batch = collate_training(items, num_visual_tokens=40, pad_id=1, pack_tokens=args.pack_tokens)
+        batches.append({k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step(batch):

@@ -105,6 +105,7 @@ def test_generation_defaults_come_from_the_export(captioner, images, monkeypatch
     (lambda c, im: c.recaption(im[:1], temprature=0.5), TypeError, "temprature"),
     (lambda c, im: c.recaption(im[:1], num_captions=3, do_sample=False), ValueError, "num_captions=3"),
     (lambda c, im: c.recaption(im[:1], batch_size=0), ValueError, "batch_size"),
+    (lambda c, im: c.recaption(im[:1], exponential_decay_length_penalty=(5,)), ValueError, "(start, factor)"),
 ])
 def test_input_errors(captioner, images, call, error, match):
     with pytest.raises(error, match=match):
