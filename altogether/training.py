@@ -21,7 +21,7 @@ from .data.datamodule import CaptionDataModule, open_sources
 from .data.records import Record, load_image
 from .export import is_lora, load_export, merge_adapter, save_export
 from .layout import build_prompt, tokenize_sample
-from .model import AltogetherModel, load_tokenizer
+from .model import AltogetherModel, causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,6 @@ def fit(
 
     model, tokenizer, transform = model_parts or build_model(cfg)
     if cfg.trainer.activation_checkpointing:
-        from .model import causal_lm
-
         causal_lm(model.decoder).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_source, val_source = sources if sources is not None else open_sources(cfg)
     if cfg.data.use_cache:
@@ -267,9 +265,9 @@ def fit(
     datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,
                                    val_source=val_source)
     module = CaptionerModule(model, cfg)
-    decoder = model.decoder
     if cfg.trainer.compile:
-        model.decoder = torch.compile(decoder)
+        # In place, and the module hidden_states calls: weight names stay the export's.
+        causal_lm(model.decoder).base_model.compile()
 
     t = cfg.trainer
     sample_records = [val_source[i] for i in range(min(t.num_sample_images, len(val_source)))] if val_source else []
@@ -305,7 +303,6 @@ def fit(
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     export = run_dir / "export"
-    model.decoder = decoder  # the uncompiled module: its weight names are the export's
     if trainer.is_global_zero:
         log.info("%s: %d optimizer steps; %d records skipped as unreadable; %d captions truncated to %d tokens",
                  cfg.recipe, trainer.global_step, module.skipped_total, module.truncated_total,

@@ -51,3 +51,21 @@ def test_ddp_on_two_cpu_processes(tiny_dirs, jsonl_data, tmp_path):
     lines = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
     assert lines["world_size"] == "2" and lines["steps"] == "3"
     assert (tmp_path / "ddp" / "export" / "model.safetensors").is_file()
+
+
+def test_compile_compiles_the_decoder_that_training_runs(make_recipe, jsonl_data, tmp_path, monkeypatch):
+    """``trainer.compile=true`` compiles, in place, the decoder module the loss calls (the backend is swapped for
+    eager here: Inductor's compile time is minutes on this CPU); the export keeps the plain weight names."""
+    compiled = []
+    real = torch.compile
+
+    def eager_compile(fn, *args, **kwargs):
+        compiled.append(getattr(fn, "__self__", fn))
+        return real(fn, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    export = fit(_small(make_recipe, jsonl_data, tmp_path / "c", **{"trainer.compile": True, "optim.max_steps": 2}))
+    assert [type(m).__name__ for m in compiled] == ["OPTModel"]
+    names = set(load_file(export / "model.safetensors"))
+    assert names and not any("_orig_mod" in n for n in names)
+    assert any(n.startswith("decoder.model.decoder.layers.0.") for n in names)
