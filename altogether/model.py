@@ -379,13 +379,14 @@ class AltogetherModel(nn.Module):
             start, factor = exponential_decay_length_penalty
             decay = (int(start), float(factor))
         if num_beams > 1:
+            sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
             sequences = lm.generate(
                 inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                top_k=top_k, num_beams=num_beams, num_return_sequences=num_return_sequences,
-                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                length_penalty=length_penalty, exponential_decay_length_penalty=decay, pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
+                min_new_tokens=min_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
+                exponential_decay_length_penalty=decay, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                **sampling,
             )
         else:
             processors = logits_processors(
