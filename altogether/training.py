@@ -43,6 +43,11 @@ def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[
     ]
 
 
+def checkpoint_activations(model: AltogetherModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
+    causal_lm(model.decoder).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def set_decoder_trainable(model: AltogetherModel, mode: str, lora=None) -> AltogetherModel:
     """``full``: every decoder weight trains; ``frozen``: none; ``lora``: a peft LoRA adapter only.
 
@@ -254,7 +259,7 @@ def fit(
 
     model, tokenizer, transform = model_parts or build_model(cfg)
     if cfg.trainer.activation_checkpointing:
-        causal_lm(model.decoder).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     train_source, val_source = sources if sources is not None else open_sources(cfg)
     if cfg.data.use_cache:
         from .cache_embeddings import CachedSource, EmbeddingCache

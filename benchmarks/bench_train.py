@@ -6,6 +6,7 @@ same mapper + decoder work. Prints one line per variant, then one JSON object as
 
     uv run python benchmarks/bench_train.py --task pretrain              # tiny model on the CPU
     uv run python benchmarks/bench_train.py --task finetune --full-size  # ViT-H/14 embeddings + OPT-1.3B (GPU)
+    uv run python benchmarks/bench_train.py --task finetune --full-size --activation-checkpointing
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from altogether.config import MapperConfig
 from altogether.data.datamodule import collate_training
 from altogether.layout import SampleTokens, collate
 from altogether.model import AltogetherModel, Mapper, build_decoder
+from altogether.training import checkpoint_activations
 from altogether.tiny import tiny_opt_config
 
 OPT_1_3B = {"model_type": "opt", "hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
@@ -113,9 +115,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pack-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, embed_dim = build(args.full_size, args.device)
+    if args.activation_checkpointing:
+        checkpoint_activations(model)
     vocab = model.decoder.config.vocab_size
     samples = make_samples(args.batch * (args.steps + args.warmup), args.task, vocab, args.seed)
     embeds = F.normalize(torch.randn(len(samples), embed_dim), dim=-1)
@@ -125,6 +130,7 @@ def main() -> None:
         print(f"{variant:>6}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[variant].items()), flush=True)
     summary = {
         "task": args.task, "device": args.device, "full_size": args.full_size, "batch": args.batch,
+        "activation_checkpointing": args.activation_checkpointing,
         "ours_samples_per_s": results["packed"]["samples_per_s"],
         "baseline_samples_per_s": results["fixed"]["samples_per_s"],
         "speedup": results["packed"]["samples_per_s"] / results["fixed"]["samples_per_s"],
