@@ -154,7 +154,7 @@ def save_export(
             "version": FORMAT_VERSION,
             "model": model_dict,
             "encoder_source": source,
-            "decoder_hf_config": causal_lm(model.decoder).config.to_dict(),
+            "decoder_hf_config": causal_lm(model.decoder).config.to_diff_dict(),
             "lora": lora,
             "layout": OmegaConf.to_container(OmegaConf.structured(layout), resolve=True),
             "generation": OmegaConf.to_container(OmegaConf.structured(generation), resolve=True),

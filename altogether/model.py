@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
@@ -176,7 +177,8 @@ def build_decoder(
     attn = choose_attn_implementation(cfg.attn_implementation, device)
     if cfg.config is not None or not load_weights:
         if cfg.config is not None:
-            hf_config = dict(cfg.config)
+            # Plain containers all the way down: transformers checks nested values such as label2id for dict.
+            hf_config = OmegaConf.to_container(OmegaConf.create(dict(cfg.config)))
             model_type = hf_config.pop("model_type", None)
             if model_type is None:
                 raise ValueError("model.decoder.config needs a 'model_type' (e.g. 'opt')")
