@@ -39,7 +39,8 @@ class EncoderConfig:
 
 @dataclass
 class MapperConfig:
-    """ClipCap transformer mapper: image embedding -> ``num_visual_tokens`` decoder-space tokens."""
+    """ClipCap's transformer mapper (:class:`altogether.model.Mapper`): image embedding -> ``num_visual_tokens``
+    decoder-space tokens. Defaults are ClipCap's: 40 tokens, 8 pre-norm layers, 8 heads, MLP ratio 2 (ReLU)."""
 
     num_visual_tokens: int = 40
     num_layers: int = 8

@@ -46,7 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENCODER_DIR = "encoder"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ClipCap's exact mapper (v1's had GELU, q/k/v biases and other tensor names)
 
 
 class ExportError(ValueError):
@@ -231,7 +231,8 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ExportError(f"{path}: invalid JSON: {err}") from None
     if meta.get("format") != "altogether-export" or meta.get("version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: unsupported export format {meta.get('format')!r} v{meta.get('version')!r}")
+        raise ExportError(f"{path}: unsupported export format {meta.get('format')!r} v{meta.get('version')!r}; "
+                          f"this altogether reads 'altogether-export' v{FORMAT_VERSION}")
     return meta
 
 

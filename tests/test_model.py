@@ -121,25 +121,61 @@ def test_mapper_shapes_and_last_tokens_are_the_output():
     cfg = MapperConfig(num_visual_tokens=5, num_layers=2, num_heads=2, mlp_ratio=2.0)
     mapper = Mapper(embed_dim=8, width=16, cfg=cfg)
     assert mapper(torch.randn(3, 8)).shape == (3, 5, 16)
-    layer = mapper.transformer.layers[0]
-    assert layer.norm_first and layer.linear1.out_features == 32
+    layer = mapper.layers[0]
+    assert isinstance(layer.norm1, torch.nn.LayerNorm) and layer.fc1.out_features == 32
 
 
-def test_full_size_architectures_from_config_on_meta_device():
+def test_mapper_is_clipcaps_transformer_mapper():
+    """Pre-norm layers (a norm before attention and before the MLP, none at the end), ReLU MLP, q/k/v without
+    bias, constants drawn N(0, 1); the output is the transformer's last ``num_visual_tokens`` positions."""
+    torch.manual_seed(0)
+    cfg = MapperConfig(num_visual_tokens=40, num_layers=2, num_heads=8, mlp_ratio=2.0)
+    mapper = Mapper(embed_dim=32, width=256, cfg=cfg)
+    attn = mapper.layers[0].attn
+    assert attn.query.bias is None and attn.key_value.bias is None and attn.out.bias is not None
+    assert mapper.layers[0].fc1.bias is not None and mapper.layers[0].fc2.bias is not None
+    assert 0.95 < mapper.constant.std().item() < 1.05 and abs(mapper.constant.mean().item()) < 0.05
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in mapper.children())  # no final norm
+
+    # The same computation written out from ClipCap's definition, step by step.
+    embeds = torch.randn(3, 32)
+    x = torch.cat([mapper.project(embeds).view(3, 40, 256), mapper.constant.expand(3, -1, -1)], dim=1)
+    for layer in mapper.layers:
+        h = layer.norm1(x)
+        q = h @ layer.attn.query.weight.T
+        k, v = (h @ layer.attn.key_value.weight.T).view(3, 80, 2, 8, 32).unbind(2)
+        scores = torch.einsum("bnhd,bmhd->bnmh", q.view(3, 80, 8, 32), k) * 32**-0.5
+        x = x + layer.attn.out(torch.einsum("bnmh,bmhd->bnhd", scores.softmax(dim=2), v).reshape(3, 80, 256))
+        x = x + layer.fc2(torch.relu(layer.fc1(layer.norm2(x))))
+    torch.testing.assert_close(mapper(embeds), x[:, 40:], atol=1e-5, rtol=1e-5)
+
+
+def test_full_size_parameter_counts_on_meta_device():
+    """The paper's model from its real configs, without weights: mapper, OPT-1.3B and what trains."""
     import open_clip
-    from transformers import OPTConfig, OPTForCausalLM
+
+    from altogether.model import AltogetherModel
+    from altogether.training import set_decoder_trainable
+    from transformers import OPTForCausalLM
+
+    from .hub_opt import opt_config
 
     with torch.device("meta"):
         clip = open_clip.create_model("ViT-H-14-quickgelu", pretrained=None, device="meta")
-        opt = OPTForCausalLM(OPTConfig(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
-                                       vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048))
+        opt = OPTForCausalLM(opt_config())  # facebook/opt-1.3b's config.json fields
         mapper = Mapper(1024, 2048, MapperConfig())
-    visual = sum(p.numel() for p in clip.visual.parameters())
-    decoder = sum(p.numel() for p in opt.parameters())  # lm_head is tied to the token embedding
-    assert clip.visual.output_dim == 1024
-    assert 630e6 < visual < 635e6  # ViT-H/14 image tower: ~632M
-    assert decoder == 1_315_758_080  # OPT-1.3B
-    assert sum(p.numel() for p in mapper.parameters()) > 300e6  # 8 layers at width 2048 + the 1024->40x2048 map
+    encoder = ImageEncoder(clip.visual, clip.visual.output_dim)
+    model = set_decoder_trainable(AltogetherModel(encoder, mapper, opt, pad_id=1, eos_id=2), "full")
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert clip.visual.output_dim == 1024 and opt.config.vocab_size == 50272
+    assert 630e6 < count(encoder) < 635e6  # ViT-H/14 image tower: ~632M
+    assert count(opt) == 1_315_758_080  # OPT-1.3B (lm_head is tied to the token embedding)
+    assert count(mapper.project) == 83_968_000  # 1024 -> 40 x 2048, with bias
+    assert [count(layer) for layer in mapper.layers] == [33_570_816] * 8
+    assert mapper.constant.numel() == 81_920  # 40 x 2048
+    assert count(mapper) == 352_616_448
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 352_616_448 + 1_315_758_080 == 1_668_374_528  # mapper + decoder; the encoder is frozen
 
 
 def test_offline_loading_fails_fast_naming_the_source(monkeypatch):
