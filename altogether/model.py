@@ -332,19 +332,25 @@ class AltogetherModel(nn.Module):
         batches) or the attention mask, or, for flash-attention, no mask and the variable-length arguments
         (``cu_seq_lens``/``max_seq_len`` from :func:`~altogether.layout.sequence_runs` when the batch carries
         them, else flash-attention infers them from the restarting position ids). The explicit mask also keeps
-        Hugging Face from checking on the device whether the padding mask can be dropped.
+        Hugging Face from checking on the device whether the padding mask can be dropped. Eager attention adds its
+        mask to the scores, so it gets the additive form (0 where attended, the dtype's minimum elsewhere).
         """
         lm = causal_lm(self.decoder)
+        embeds = self.input_embeddings(batch, self._image_embeds(batch))
+        attn = getattr(lm.config, "_attn_implementation", "")
         varlen: dict[str, Any] = {}
-        if "flash" in getattr(lm.config, "_attn_implementation", ""):
+        if "flash" in attn:
             mask = None
             if "cu_seq_lens" in batch:
                 varlen = {"cu_seq_lens_q": batch["cu_seq_lens"], "cu_seq_lens_k": batch["cu_seq_lens"],
                           "max_length_q": batch["max_seq_len"], "max_length_k": batch["max_seq_len"]}
         else:
             mask = block_causal_mask(batch.get("segment_ids", batch["attention_mask"]))
+            if attn == "eager":
+                mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(embeds.dtype).min)
         out = lm.base_model(
-            inputs_embeds=self.input_embeddings(batch, self._image_embeds(batch)),
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=batch["position_ids"],
             use_cache=False,

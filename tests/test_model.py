@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from altogether.config import DecoderConfig, EncoderConfig, MapperConfig
 from altogether.layout import IGNORE_INDEX, collate, tokenize_sample
-from altogether.model import (ImageEncoder, Mapper, WeightsUnavailableError, build_decoder,
+from altogether.model import (AltogetherModel, ImageEncoder, Mapper, WeightsUnavailableError, build_decoder,
                               choose_attn_implementation)
 from altogether.training import CaptionerModule
 
@@ -154,7 +154,6 @@ def test_full_size_parameter_counts_on_meta_device():
     """The paper's model from its real configs, without weights: mapper, OPT-1.3B and what trains."""
     import open_clip
 
-    from altogether.model import AltogetherModel
     from altogether.training import set_decoder_trainable
     from transformers import OPTForCausalLM
 
@@ -184,6 +183,43 @@ def test_offline_loading_fails_fast_naming_the_source(monkeypatch):
         build_decoder(DecoderConfig(name_or_path="facebook/opt-125m"))
     with pytest.raises(WeightsUnavailableError, match=r"(?s)metaclip_fullcc.*local-dir:"):
         ImageEncoder.from_config(EncoderConfig(name="ViT-B-32-quickgelu", pretrained="metaclip_fullcc"))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_later_token_never_changes_an_earlier_position(attn, tiny_parts, tiny_model_cfg):
+    """Causal and block-diagonal under every attention implementation, padded and packed batches alike."""
+    import dataclasses
+
+    from altogether.layout import collate_packed
+
+    trained, tok, transform = tiny_parts
+    cfg = dataclasses.replace(tiny_model_cfg, decoder=dataclasses.replace(tiny_model_cfg.decoder, attn_implementation=attn))
+    model, _ = AltogetherModel.from_config(cfg, tok)
+    model.load_state_dict(trained.state_dict())
+    model.eval()
+    assert model.decoder.config._attn_implementation == attn
+    samples = [tokenize_sample(tok, p, c, max_alt_tokens=16, max_caption_tokens=32) for p, c, _ in ITEMS * 2]
+    pixels = torch.stack([transform(draw(*img)) for _, _, img in ITEMS * 2])
+    padded = collate(samples, num_visual_tokens=4, pad_id=tok.pad_token_id)
+    padded["pixel_values"] = pixels
+    packed = collate_packed(samples, num_visual_tokens=4, pad_id=tok.pad_token_id, max_tokens=64)
+    packed["pixel_values"] = pixels[packed.pop("order")]
+    assert (packed["segment_ids"].amax(dim=1) > 1).any()  # a row holds several samples
+    for batch in (padded, packed):
+        with torch.no_grad():
+            before = model.logits(batch)
+            row = int(packed["segment_ids"].amax(dim=1).argmax()) if batch is packed else 0
+            # The last caption token of the row's first sample (the position before its EOS label).
+            first = batch["segment_ids"][row] == 1 if batch is packed else batch["attention_mask"][row].bool()
+            t = int(first.nonzero().max()) - 1
+            changed = {k: v.clone() for k, v in batch.items()}
+            changed["input_ids"][row, t] = (changed["input_ids"][row, t] + 1) % len(tok)
+            after = model.logits(changed)
+        torch.testing.assert_close(after[row, :t], before[row, :t], atol=1e-6, rtol=0)
+        assert (after[row, t] - before[row, t]).abs().max() > 1e-3  # the change is seen where it is
+        if batch is packed:  # the next sample in the row never sees it
+            later = packed["segment_ids"][row] > 1
+            torch.testing.assert_close(after[row][later], before[row][later], atol=1e-6, rtol=0)
 
 
 def test_attention_implementation_choice():
