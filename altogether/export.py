@@ -145,6 +145,7 @@ def save_export(
             model_dict["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
         else:
             model_dict["encoder"] = source
+        hf_config = causal_lm(model.decoder).config
         lora = None
         if is_lora(model.decoder):
             lora = {"adapter": ADAPTER_DIR, "base_decoder": lora_base_reference(model.decoder)}
@@ -154,7 +155,8 @@ def save_export(
             "version": FORMAT_VERSION,
             "model": model_dict,
             "encoder_source": source,
-            "decoder_hf_config": causal_lm(model.decoder).config.to_diff_dict(),
+            # The decoder's own vocabulary size always (it may exceed the tokenizer's, as OPT-1.3B's does).
+            "decoder_hf_config": {**hf_config.to_diff_dict(), "vocab_size": hf_config.vocab_size},
             "lora": lora,
             "layout": OmegaConf.to_container(OmegaConf.structured(layout), resolve=True),
             "generation": OmegaConf.to_container(OmegaConf.structured(generation), resolve=True),
@@ -267,12 +269,14 @@ def load_export(
     merge_lora: bool = False,
     base_decoder: str | None = None,
     attn_implementation: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[AltogetherModel, Any, Callable | None, dict[str, Any]]:
     """(model, tokenizer, image transform, export config) from an export folder, strictly.
 
     ``merge_lora`` merges a LoRA adapter into the decoder weights (faster inference, no peft wrapper);
     ``base_decoder`` overrides where a referenced LoRA base decoder loads from; ``attn_implementation``
-    overrides the one the export was trained with (``auto`` picks what this machine has).
+    overrides the one the export was trained with (``auto`` picks what this machine has). ``dtype``: the mapper's
+    and decoder's (float32, as training needs, unless asked).
     """
     from .model import load_tokenizer
 
@@ -285,7 +289,8 @@ def load_export(
     if attn_implementation is not None:
         cfg.decoder.attn_implementation = attn_implementation
     tokenizer = load_tokenizer(cfg.decoder)
-    model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder)
+    model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder,
+                                                    dtype=dtype)
     lora = meta.get("lora")
     parts = {"mapper": model.mapper}
     if not (lora and lora.get("base_decoder")):

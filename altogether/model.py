@@ -204,10 +204,18 @@ def build_decoder(
     *,
     vocab_size: int | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
     load_weights: bool = True,
 ) -> nn.Module:
-    """A Hugging Face causal LM: pretrained from ``name_or_path``, or random from ``cfg.config``."""
+    """A Hugging Face causal LM: pretrained from ``name_or_path``, or random from ``cfg.config``.
+
+    ``vocab_size`` is the tokenizer's size. The decoder keeps its own vocabulary size (``facebook/opt-1.3b``: 50272
+    embedding rows for 50265 tokens); a ``cfg.config`` that names none takes the tokenizer's. The embeddings are
+    never shrunk, and grow (with a warning) only when the tokenizer has more tokens than the decoder has rows.
+    ``dtype``: float32 unless asked, whatever dtype the checkpoint's config.json names (OPT's says float16, and
+    transformers 5 loads that when given none): training keeps fp32 master weights and leaves mixed precision to
+    the trainer; inference asks for its dtype.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = choose_attn_implementation(cfg.attn_implementation, device)
@@ -219,22 +227,28 @@ def build_decoder(
             if model_type is None:
                 raise ValueError("model.decoder.config needs a 'model_type' (e.g. 'opt')")
             if vocab_size is not None:
-                hf_config["vocab_size"] = vocab_size
+                hf_config.setdefault("vocab_size", vocab_size)
             config = AutoConfig.for_model(model_type, **hf_config)
         else:
             config = _pretrained_config(cfg.name_or_path)
         config._attn_implementation = attn
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
-    except (OSError, ValueError) as err:
-        raise WeightsUnavailableError(
-            f"could not load decoder weights {cfg.name_or_path!r} (a Hugging Face Hub id or local folder). "
-            f"Offline, download it where you have network (`hf download {cfg.name_or_path} --local-dir DIR`) and "
-            "set model.decoder.name_or_path=DIR, or set HF_HOME to a cache that holds it. Cause: "
-            + " ".join(str(err).split())
-        ) from err
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
+        except (OSError, ValueError) as err:
+            raise WeightsUnavailableError(
+                f"could not load decoder weights {cfg.name_or_path!r} (a Hugging Face Hub id or local folder). "
+                f"Offline, download it where you have network (`hf download {cfg.name_or_path} --local-dir DIR`) "
+                "and set model.decoder.name_or_path=DIR, or set HF_HOME to a cache that holds it. Cause: "
+                + " ".join(str(err).split())
+            ) from err
+    rows = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > rows:
+        log.warning("decoder %r has %d embedding rows but its tokenizer %d tokens: growing the embeddings and LM "
+                    "head to %d rows (the new rows start untrained)", cfg.name_or_path if cfg.config is None else
+                    "model.decoder.config", rows, vocab_size, vocab_size)
+        model.resize_token_embeddings(vocab_size)
     return model.to(device)
 
 
@@ -285,16 +299,19 @@ class AltogetherModel(nn.Module):
         device: str | torch.device = "cpu",
         load_weights: bool = True,
         with_encoder: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple["AltogetherModel", Callable | None]:
         """Build the captioner (and the image transform) from a model config and its tokenizer.
 
-        ``with_encoder=False`` builds a model that consumes cached image embeddings only.
+        ``with_encoder=False`` builds a model that consumes cached image embeddings only. ``dtype`` is the mapper's
+        and decoder's (float32 for training, see :func:`build_decoder`).
         """
         encoder, preprocess = ImageEncoder.from_config(cfg.encoder, device) if with_encoder else (None, None)
-        decoder = build_decoder(cfg.decoder, vocab_size=len(tokenizer), device=device, load_weights=load_weights)
+        decoder = build_decoder(cfg.decoder, vocab_size=len(tokenizer), device=device, dtype=dtype,
+                                load_weights=load_weights)
         width = decoder.get_input_embeddings().embedding_dim
         embed_dim = encoder.embed_dim if encoder is not None else _encoder_embed_dim(cfg.encoder)
-        mapper = Mapper(embed_dim, width, cfg.mapper).to(device)
+        mapper = Mapper(embed_dim, width, cfg.mapper).to(device=device, dtype=dtype)
         model = cls(encoder, mapper, decoder, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
         return model, preprocess
 

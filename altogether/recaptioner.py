@@ -84,7 +84,7 @@ class Recaptioner:
         directory = resolve_source(path_or_hub_id, revision=revision, token=token)
         model, tokenizer, transform, meta = load_export(
             directory, device=device, merge_lora=merge_lora, base_decoder=base_decoder,
-            attn_implementation=attn_implementation,
+            attn_implementation=attn_implementation, dtype=dtype,
         )
         return cls(model.to(device=device, dtype=dtype), tokenizer, transform, meta, directory)
 

@@ -121,3 +121,11 @@ def jsonl_data(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def opt_folder(tiny_dirs, tmp_path_factory) -> Path:
+    """A decoder folder shaped like ``facebook/opt-1.3b`` (fp16, dropout 0.1, 50272 rows > the tokenizer)."""
+    from .hub_opt import write_opt_folder
+
+    return write_opt_folder(tmp_path_factory.mktemp("hub") / "opt-1.3b", tiny_dirs[1])

@@ -128,3 +128,44 @@ def test_copy_export_is_exact_and_replaces_atomically(export, tmp_path):
     assert files(target) == files(export)
     assert (target / WEIGHTS_FILE).read_bytes() == (export / WEIGHTS_FILE).read_bytes()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left behind
+
+
+def test_decoder_keeps_its_own_vocabulary_through_an_export(opt_folder, tiny_model_cfg, tmp_path):
+    """A decoder with more embedding rows than its tokenizer has tokens (facebook/opt-1.3b: 50272 and 50265),
+    loaded with from_pretrained from its folder, exports and loads back strictly to the same logits."""
+    import dataclasses
+
+    from altogether.config import DecoderConfig
+    from altogether.model import AltogetherModel, load_tokenizer
+
+    cfg = dataclasses.replace(tiny_model_cfg, decoder=DecoderConfig(name_or_path=str(opt_folder)))
+    tokenizer = load_tokenizer(cfg.decoder)
+    model, _ = AltogetherModel.from_config(cfg, tokenizer)
+    assert model.decoder.get_input_embeddings().num_embeddings == 50272 > len(tokenizer)
+    out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
+                      generation=GenerationSettings())
+    assert read_export_config(out)["decoder_hf_config"]["vocab_size"] == 50272
+    loaded, *_ = load_export(out)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(batch), model.eval().logits(batch))
+
+
+def test_a_tokenizer_larger_than_the_decoder_grows_the_embeddings_and_says_so(tiny_model_cfg, tmp_path, caplog):
+    import dataclasses
+
+    from altogether.config import DecoderConfig
+    from altogether.model import AltogetherModel, load_tokenizer
+    from altogether.tiny import tiny_opt_config
+
+    decoder = DecoderConfig(config={**tiny_opt_config(), "vocab_size": 300}, tokenizer=tiny_model_cfg.decoder.tokenizer)
+    cfg = dataclasses.replace(tiny_model_cfg, decoder=decoder)
+    tokenizer = load_tokenizer(cfg.decoder)
+    tokens = len(tokenizer)
+    assert tokens > 300
+    model, _ = AltogetherModel.from_config(cfg, tokenizer)
+    assert model.decoder.get_input_embeddings().num_embeddings == model.decoder.lm_head.out_features == tokens
+    assert f"300 embedding rows but its tokenizer {tokens} tokens" in caplog.text
+    out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
+                      generation=GenerationSettings())
+    assert load_export(out)[0].decoder.get_input_embeddings().num_embeddings == tokens

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -5,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
+from altogether import Recaptioner
+from altogether.model import AltogetherModel
 from altogether.training import fit, lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,3 +73,47 @@ def test_compile_compiles_the_decoder_that_training_runs(make_recipe, jsonl_data
     names = set(load_file(export / "model.safetensors"))
     assert names and not any("_orig_mod" in n for n in names)
     assert any(n.startswith("decoder.model.decoder.layers.0.") for n in names)
+
+
+def _hub_decoder(make_recipe, jsonl_data, out, opt_folder, **extra):
+    """A recipe whose decoder is the Hub-shaped OPT folder, given as users give it (``name_or_path``)."""
+    return _small(make_recipe, jsonl_data, out, **{"model.decoder.config": None, "model.decoder.tokenizer": None,
+                                                   "model.decoder.name_or_path": str(opt_folder), **extra})
+
+
+def test_fp16_checkpoint_trains_with_fp32_master_weights(make_recipe, jsonl_data, opt_folder, tmp_path):
+    """OPT's config.json says float16 and transformers 5 loads that dtype unless told: training on CPU
+    (``32-true``) must still run, with fp32 weights, gradients and optimizer steps; inference takes the dtype asked."""
+    seen = set()
+
+    class Dtypes(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.update((p.dtype, p.grad.dtype) for g in optimizer.param_groups for p in g["params"])
+
+    export = fit(_hub_decoder(make_recipe, jsonl_data, tmp_path / "run", opt_folder, **{"optim.max_steps": 2}),
+                 callbacks=[Dtypes()])
+    assert seen == {(torch.float32, torch.float32)}
+    assert {t.dtype for t in load_file(export / "model.safetensors").values()} == {torch.float32}
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        captioner = Recaptioner.from_pretrained(export, device="cpu", dtype=dtype)
+        trained = [captioner.model.mapper, captioner.model.decoder]
+        assert {p.dtype for m in trained for p in m.parameters()} == {expected}
+
+
+def test_decoder_larger_than_its_tokenizer_goes_through_every_stage(make_recipe, jsonl_data, opt_folder, tmp_path):
+    """facebook/opt-1.3b has 50272 embedding rows and 50265 tokens: pretrain -> export -> Recaptioner -> init_from."""
+    from .conftest import draw
+
+    pretrain = fit(_hub_decoder(make_recipe, jsonl_data, tmp_path / "pretrain", opt_folder, **{"optim.max_steps": 2}))
+    captioner = Recaptioner.from_pretrained(pretrain, device="cpu")
+    rows = captioner.model.decoder.get_input_embeddings().num_embeddings
+    assert rows == 50272 > len(captioner.tokenizer)
+    stored = load_file(pretrain / "model.safetensors")
+    weights = "decoder.lm_head.weight" if "decoder.lm_head.weight" in stored else "decoder.model.decoder.embed_tokens.weight"
+    assert torch.equal(captioner.model.decoder.get_input_embeddings().weight, stored[weights])
+    [caption] = captioner.recaption([draw("red", "square")], ["zorbit K-12 for sale"], do_sample=False,
+                                    max_new_tokens=4)
+    assert isinstance(caption, str)
+    finetune = fit(_small(make_recipe, jsonl_data, tmp_path / "finetune", **{"init_from": str(pretrain),
+                                                                            "optim.max_steps": 2}))
+    assert Recaptioner.from_pretrained(finetune, device="cpu").model.decoder.get_input_embeddings().num_embeddings == rows
