@@ -315,6 +315,14 @@ class AltogetherModel(nn.Module):
         model = cls(encoder, mapper, decoder, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
         return model, preprocess
 
+    def train(self, mode: bool = True) -> "AltogetherModel":
+        """Train mode for what trains (mapper, decoder and its LoRA adapter); a decoder with nothing to train stays in
+        eval mode, as ClipCap keeps its frozen language model, and so does the frozen encoder."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.decoder.parameters()):
+            self.decoder.eval()
+        return self
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Mapper and decoder weights: what an export stores (the frozen encoder is referenced, not copied)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}

@@ -77,6 +77,12 @@ class CaptionerModule(L.LightningModule):
         self.truncated_total = 0
         self.skipped_total = 0
 
+    def on_fit_start(self) -> None:
+        # Lightning 2.6 leaves modules in the mode it finds them, and from_pretrained and load_export return eval
+        # mode: without this, dropout (OPT-1.3B's 0.1) would never run. Validation and sample captions switch to
+        # eval mode and back.
+        self.model.train()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self._count(batch)
         if "labels" not in batch:  # every sample of this micro-batch was unreadable

@@ -81,6 +81,64 @@ def _hub_decoder(make_recipe, jsonl_data, out, opt_folder, **extra):
                                                    "model.decoder.name_or_path": str(opt_folder), **extra})
 
 
+class ModeRecorder(Callback):
+    """``(phase, part, module.training)`` at every forward of the encoder, the mapper and each decoder layer.
+
+    The phase is ``train`` (training_step), ``val`` (validation_step) or ``sample`` (sample captions).
+    """
+
+    def __init__(self):
+        self.phase, self.seen = "train", set()
+
+    def setup(self, trainer, pl_module, stage):
+        model = pl_module.model
+        parts = [("encoder", model.encoder.visual), ("mapper", model.mapper)]
+        parts += [("decoder", m) for m in model.decoder.modules() if type(m).__name__ == "OPTDecoderLayer"]
+        for part, module in parts:
+            module.register_forward_pre_hook(lambda m, args, part=part: self.seen.add((self.phase, part, m.training)))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.phase = "train"
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.phase = "val"
+
+
+@pytest.mark.parametrize("path", ["config", "pretrained", "init_from", "lora", "frozen"])
+def test_trainable_modules_train_in_train_mode_and_evaluate_in_eval_mode(path, make_recipe, jsonl_data, opt_folder,
+                                                                         tmp_path, monkeypatch):
+    """On every way a run gets its model, dropout runs in each training step (decoder dropout 0.1 as OPT-1.3B's
+    config) and not in validation or sample captions; the frozen encoder never trains, nor does a frozen decoder
+    (ClipCap keeps its frozen language model in eval mode)."""
+    extra = {"data.val_fraction": 0.25, "trainer.val_every_n_steps": 2, "trainer.sample_every_n_steps": 2,
+             "trainer.num_sample_images": 1}
+    if path == "config":  # the Hub's config.json given as model.decoder.config: random weights
+        extra = {**extra, "model.decoder.config": json.loads((opt_folder / "config.json").read_text()),
+                 "model.decoder.tokenizer": str(opt_folder)}
+    if path == "init_from":
+        extra["init_from"] = str(fit(_hub_decoder(make_recipe, jsonl_data, tmp_path / "first", opt_folder,
+                                                  **{"optim.max_steps": 2})))
+    if path in ("lora", "frozen"):
+        extra["model.decoder.trainable"] = path
+    recorder = ModeRecorder()
+    real_generate = AltogetherModel.generate
+
+    def generate(model, *args, **kwargs):
+        phase, recorder.phase = recorder.phase, "sample"
+        try:
+            return real_generate(model, *args, **kwargs)
+        finally:
+            recorder.phase = phase
+
+    monkeypatch.setattr(AltogetherModel, "generate", generate)
+    cfg = _hub_decoder(make_recipe, jsonl_data, tmp_path / "run", opt_folder, **extra)
+    fit(cfg, callbacks=[recorder])
+    trains = path != "frozen"
+    assert recorder.seen == {("train", "encoder", False), ("train", "mapper", True), ("train", "decoder", trains),
+                             ("val", "encoder", False), ("val", "mapper", False), ("val", "decoder", False),
+                             ("sample", "mapper", False), ("sample", "decoder", False)}
+
+
 def test_fp16_checkpoint_trains_with_fp32_master_weights(make_recipe, jsonl_data, opt_folder, tmp_path):
     """OPT's config.json says float16 and transformers 5 loads that dtype unless told: training on CPU
     (``32-true``) must still run, with fp32 weights, gradients and optimizer steps; inference takes the dtype asked."""
