@@ -156,6 +156,13 @@ def draw_shape(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.
     return img
 
 
+def architecture(hub_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a Hub ``config.json`` that define the model, ``model_type`` included: what
+    ``model.decoder.config`` takes. File metadata and the checkpoint's dtype are left out."""
+    metadata = ("_name_or_path", "architectures", "transformers_version", "torch_dtype")
+    return {k: v for k, v in hub_config.items() if k not in metadata}
+
+
 def write_opt_folder(directory: str | Path, texts: Iterable[str], *, seed: int = 0) -> Path:
     """A folder shaped like ``facebook/opt-1.3b``: load it with ``model.decoder.name_or_path=<folder>``.
 
@@ -172,9 +179,8 @@ def write_opt_folder(directory: str | Path, texts: Iterable[str], *, seed: int =
     directory.mkdir(parents=True, exist_ok=True)
     hub_config = {**OPT_1_3B_CONFIG, **TINY_OPT_SHAPE}
     torch.manual_seed(seed)
-    fields = {k: v for k, v in hub_config.items()
-              if k not in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "model_type")}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("opt", **fields))
+    fields = architecture(hub_config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     model.to(torch.float16).save_pretrained(str(directory))
     # save_pretrained writes today's field names (`dtype`); the Hub's files are the ones users have.
     (directory / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
