@@ -126,7 +126,7 @@ OPT_TOKENIZER_CONFIG: dict[str, Any] = {
 # What the Hub-shaped decoder shrinks, and nothing else. The vocabulary keeps the real model's 7 spare rows.
 TINY_OPT_SHAPE = {"hidden_size": 64, "word_embed_proj_dim": 64, "ffn_dim": 256, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "vocab_size": 512}
-TINY_OPT_TOKENIZER_SIZE = 512 - (OPT_1_3B_CONFIG["vocab_size"] - OPT_1_3B_TOKENIZER_SIZE)
+TINY_OPT_TOKENIZER_SIZE = TINY_OPT_SHAPE["vocab_size"] - (OPT_1_3B_CONFIG["vocab_size"] - OPT_1_3B_TOKENIZER_SIZE)
 
 # ViT-H-14-quickgelu (open_clip's config for MetaCLIP ViT-H/14) with width and depth shrunk: same image size,
 # patch size, QuickGELU and 1024-d embedding, so the transform and the mapper's input are the real ones.
@@ -172,7 +172,6 @@ def write_opt_folder(directory: str | Path, texts: Iterable[str], *, seed: int =
     of :data:`TINY_OPT_TOKENIZER_SIZE` tokens trained on ``texts`` (fewer if ``texts`` has fewer pairs to merge),
     so that, as in the real model, the embedding has more rows than the tokenizer has tokens.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -186,12 +185,8 @@ def write_opt_folder(directory: str | Path, texts: Iterable[str], *, seed: int =
     (directory / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(OPT_GENERATION_CONFIG, indent=2) + "\n")
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=TINY_OPT_TOKENIZER_SIZE, special_tokens=list(OPT_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts, trainer=trainer)
-    bpe.model.save(str(directory))  # vocab.json + merges.txt, GPT-2's format
+    bpe = train_tokenizer(texts, vocab_size=TINY_OPT_TOKENIZER_SIZE, special_tokens=OPT_SPECIAL_TOKENS)
+    bpe.backend_tokenizer.model.save(str(directory))  # vocab.json + merges.txt, GPT-2's format
     (directory / "tokenizer_config.json").write_text(json.dumps(OPT_TOKENIZER_CONFIG, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(OPT_SPECIAL_TOKENS_MAP, indent=2) + "\n")
     return directory

@@ -311,7 +311,8 @@ def print_memory(counts: dict[str, int], act: ActivationBytes, rows: list[dict])
           f"image; logits {act.logits_per_token / OPT_1_3B['vocab_size']:.1f} x vocabulary bytes per caption token; "
           f"per-head attention scores kept: {act.scores_per_square_position:.0f} bytes; layer input "
           f"{act.layer_input_bytes} bytes per element; bf16 weight copies {act.weight_copies / GIB:.2f} GiB")
-    print("| strategy | act. ckpt | layout | weights | grads | AdamW | buffers | activations | total GiB | fits 80 GB |")
+    print("| strategy | act. ckpt | layout | weights | grads | AdamW | buffers | activations | total GiB "
+          "| fits 80 GB |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['strategy']} | {'yes' if r['activation_checkpointing'] else 'no'} | {r['layout']} | "

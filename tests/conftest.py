@@ -19,7 +19,7 @@ from altogether.config import load_recipe
 from altogether.model import AltogetherModel, load_tokenizer
 from altogether.tiny import (COLOURS, SHAPES, HubWorld, tiny_model_overrides, write_hub_world, write_tiny_clip,
                              write_tokenizer)
-from altogether.tiny import draw_shape as draw  # noqa: F401  (tests import it from here)
+from altogether.tiny import draw_shape as draw  # tests import it from here
 
 WORDS = [f"a {c} {s} on a white background" for c in COLOURS for s in SHAPES] + [
     "photo of the product zorbit K-12 for sale", "IMG_2231.jpg shop price 12.99 cheap", "a photo of",
