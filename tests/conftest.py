@@ -1,28 +1,36 @@
-"""Shared fixtures: tiny models built from configs (random weights) and data the tests generate."""
+"""Shared fixtures: tiny models built from configs (random weights) and data the tests generate, and the
+Hub-shaped world (:func:`altogether.tiny.write_hub_world`) every loading path and the journey run on."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network: loaders fail at once offline
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
-from PIL import Image
 
 from altogether.config import load_recipe
 from altogether.model import AltogetherModel, load_tokenizer
-from altogether.tiny import tiny_model_overrides, write_tiny_clip, write_tokenizer
+from altogether.tiny import (COLOURS, SHAPES, HubWorld, tiny_model_overrides, write_hub_world, write_tiny_clip,
+                             write_tokenizer)
+from altogether.tiny import draw_shape as draw  # tests import it from here
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
-SHAPES = ("square", "circle")
 WORDS = [f"a {c} {s} on a white background" for c in COLOURS for s in SHAPES] + [
     "photo of the product zorbit K-12 for sale", "IMG_2231.jpg shop price 12.99 cheap", "a photo of",
 ]
+
+
+@pytest.fixture(scope="session")
+def hub_world(tmp_path_factory) -> HubWorld:
+    """Hub-shaped folders and corpora, made once per session: an OPT-1.3B-shaped decoder folder, an open_clip Hub
+    repo of a shrunk ViT-H-14-quickgelu, MetaCLIP-layout shards and Altogether-FT train/eval JSON files."""
+    return write_hub_world(tmp_path_factory.mktemp("hub"))
 
 
 @pytest.fixture(scope="session")
@@ -93,19 +101,6 @@ def save_tiny_export(directory: Path, parts, model_cfg, **generation) -> Path:
                        generation=GenerationSettings(**generation))
 
 
-def draw(colour: str, shape: str, size: int = 32, seed: int = 0) -> Image.Image:
-    """A coloured shape on white, slightly jittered."""
-    from PIL import ImageDraw
-
-    rng = random.Random(seed)
-    img = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(img)
-    o = rng.randint(2, 6)
-    box = (o, o, size - o, size - o)
-    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLOURS[colour])
-    return img
-
-
 @pytest.fixture
 def jsonl_data(tmp_path) -> Path:
     """A JSONL training file of 24 drawn images with alt-texts and round3 captions (paths relative)."""
@@ -124,8 +119,48 @@ def jsonl_data(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def opt_folder(tiny_dirs, tmp_path_factory) -> Path:
+def opt_folder(hub_world) -> Path:
     """A decoder folder shaped like ``facebook/opt-1.3b`` (fp16, dropout 0.1, 50272 rows > the tokenizer)."""
-    from .hub_opt import write_opt_folder
+    return hub_world.decoder
 
-    return write_opt_folder(tmp_path_factory.mktemp("hub") / "opt-1.3b", tiny_dirs[1])
+
+def files(folder: Path) -> list[str]:
+    """Every file under ``folder``, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Intercept HfApi: each upload is recorded with its arguments, file list and file contents."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append({"call": "create_repo", "repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        calls.append({"call": "upload_folder", "repo_id": repo_id, "files": files(root), **kwargs,
+                      "contents": {f: (root / f).read_bytes() for f in files(root)}})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def serve_from_hub_cache(upload: dict, cache: Path, monkeypatch) -> None:
+    """Lay an intercepted upload out in a Hugging Face cache at ``cache``, as a download would leave it, and
+    point the Hub client there: ``from_pretrained(repo_id)`` then reads it offline."""
+    repo = cache / ("models--" + upload["repo_id"].replace("/", "--"))
+    snapshot = repo / "snapshots" / ("1" * 40)
+    for name, data in upload["contents"].items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+def hub_rows(decoder_folder: Path) -> int:
+    """Embedding rows a Hub decoder folder declares (``vocab_size`` of its ``config.json``)."""
+    return json.loads((Path(decoder_folder) / "config.json").read_text())["vocab_size"]

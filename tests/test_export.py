@@ -13,6 +13,7 @@ from altogether.export import (
     save_export,
 )
 from altogether.layout import collate, tokenize_sample
+from .conftest import hub_rows
 
 BASE_FILES = ["altogether.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 ENCODER_FILES = ["encoder/open_clip_config.json", "encoder/open_clip_model.safetensors"]
@@ -141,10 +142,10 @@ def test_decoder_keeps_its_own_vocabulary_through_an_export(opt_folder, tiny_mod
     cfg = dataclasses.replace(tiny_model_cfg, decoder=DecoderConfig(name_or_path=str(opt_folder)))
     tokenizer = load_tokenizer(cfg.decoder)
     model, _ = AltogetherModel.from_config(cfg, tokenizer)
-    assert model.decoder.get_input_embeddings().num_embeddings == 50272 > len(tokenizer)
+    assert model.decoder.get_input_embeddings().num_embeddings == hub_rows(opt_folder) > len(tokenizer)
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
                       generation=GenerationSettings())
-    assert read_export_config(out)["decoder_hf_config"]["vocab_size"] == 50272
+    assert read_export_config(out)["decoder_hf_config"]["vocab_size"] == hub_rows(opt_folder)
     loaded, *_ = load_export(out)
     batch = batch_for(tokenizer)
     with torch.no_grad():

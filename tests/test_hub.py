@@ -3,10 +3,7 @@
 import json
 import logging
 import shutil
-from pathlib import Path
 
-import huggingface_hub
-import huggingface_hub.constants
 import pytest
 import yaml
 from PIL import Image
@@ -17,15 +14,13 @@ from altogether.export import read_export_config, save_export
 from altogether.model_card import base_models, render_card
 from altogether.model import WeightsUnavailableError
 
+from .conftest import files, serve_from_hub_cache
+
 TOKEN = "hf_test_secret_token_123"
 REPO = "someone/altogether-tiny"
 METRICS = {"w/ alt": {"CIDEr": 1.234567, "BLEU-1": 0.5}, "w/o alt": {"CIDEr": 0.25}, "per_image": [0.1, 0.2]}
 EXPORT_FILES = ["altogether.json", "encoder/open_clip_config.json", "encoder/open_clip_model.safetensors",
                 "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
-
-
-def files(folder):
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture
@@ -40,25 +35,6 @@ def run_dir(tiny_parts, make_recipe, tmp_path):
     save_export(run / "export", model, tokenizer, model_cfg=cfg.model, layout=cfg.layout, generation=cfg.generation,
                 recipe=to_container(cfg), extra={"training": {"steps": 96, "skipped": 2, "truncated_captions": 1}})
     return run
-
-
-@pytest.fixture
-def uploads(monkeypatch):
-    """Intercept HfApi: each upload is recorded with its arguments, file list and file contents."""
-    calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        calls.append({"call": "create_repo", "repo_id": repo_id, **kwargs})
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        root = Path(folder_path)
-        calls.append({"call": "upload_folder", "repo_id": repo_id, "files": files(root), **kwargs,
-                      "contents": {f: (root / f).read_bytes() for f in files(root)}})
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    return calls
 
 
 def front_matter(card: str) -> dict:
@@ -99,15 +75,7 @@ def test_push_to_hub_uploads_exact_files_and_card(run_dir, uploads, caplog):
 def test_hub_round_trip_gives_identical_captions(run_dir, uploads, tmp_path, monkeypatch):
     captioner = Recaptioner.from_pretrained(run_dir / "export")
     captioner.push_to_hub(REPO)
-    # Serve the uploaded files from a local Hugging Face cache, as a download would leave them.
-    repo = tmp_path / "hub" / "models--someone--altogether-tiny"
-    snapshot = repo / "snapshots" / ("1" * 40)
-    for name, data in uploads[1]["contents"].items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / name).write_bytes(data)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("1" * 40)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    serve_from_hub_cache(uploads[1], tmp_path / "hub", monkeypatch)
 
     downloaded = Recaptioner.from_pretrained(REPO)
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]

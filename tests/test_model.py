@@ -155,13 +155,13 @@ def test_full_size_parameter_counts_on_meta_device():
     import open_clip
 
     from altogether.training import set_decoder_trainable
-    from transformers import OPTForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
-    from .hub_opt import opt_config
+    from altogether.tiny import OPT_1_3B_CONFIG, architecture
 
     with torch.device("meta"):
         clip = open_clip.create_model("ViT-H-14-quickgelu", pretrained=None, device="meta")
-        opt = OPTForCausalLM(opt_config())  # facebook/opt-1.3b's config.json fields
+        opt = OPTForCausalLM(OPTConfig(**architecture(OPT_1_3B_CONFIG)))  # facebook/opt-1.3b's config.json
         mapper = Mapper(1024, 2048, MapperConfig())
     encoder = ImageEncoder(clip.visual, clip.visual.output_dim)
     model = set_decoder_trainable(AltogetherModel(encoder, mapper, opt, pad_id=1, eos_id=2), "full")
