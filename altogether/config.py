@@ -101,6 +101,10 @@ class DataConfig:
     ``format``: ``auto`` (from the file name), ``annotations`` (Altogether-FT ``{"data": [...]}`` JSON), ``jsonl``,
     ``parquet``, ``webdataset`` (tar shards, brace patterns allowed) or ``demo`` (the synthetic world).
     ``task``: ``pretrain`` (target = the longest alt-text) or ``finetune`` (target = ``target_key``).
+    ``alt_text_sources``: which ``[source, text]`` pairs of MetaCLIP's ``texts`` count as alt-texts (e.g.
+    ``[alt]``); ``null`` keeps them all. ``max_skipped_fraction``: the run stops with an error once more than this
+    fraction of the samples read so far could not be used (and whenever a whole optimizer step could not read
+    one): a wrong ``image_root`` or column name must not train on nothing.
     """
 
     format: str = "auto"
@@ -111,6 +115,8 @@ class DataConfig:
     alt_key: str = "alt"
     image_key: str = "img_path"
     image_root: Optional[str] = None
+    alt_text_sources: Optional[List[str]] = None
+    max_skipped_fraction: float = 0.5
     val_fraction: float = 0.0
     micro_batch_size: int = 8
     # Several samples per row (block-diagonal attention) instead of one padded row each; pack_tokens caps a row.
@@ -300,12 +306,22 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
             f"key 'optim.global_batch_size': {o.global_batch_size} is not a multiple of "
             f"data.micro_batch_size={d.micro_batch_size}"
         )
+    if not 0.0 <= d.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"key 'data.max_skipped_fraction': {d.max_skipped_fraction} is not in [0, 1]")
+    check_alt_text_sources(d.alt_text_sources, "data.alt_text_sources")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"key 'data.val_fraction': {d.val_fraction} is not in [0, 1)")
     if d.use_cache and not d.cache_dir:
         raise ConfigError("key 'data.cache_dir': data.use_cache=true needs the cache folder")
     if cfg.model.mapper.num_visual_tokens < 1:
         raise ConfigError("key 'model.mapper.num_visual_tokens' must be >= 1")
+
+
+def check_alt_text_sources(sources: Optional[List[str]], key: str) -> None:
+    """An ``alt_text_sources`` setting is ``None`` (all sources) or a non-empty list of source names."""
+    if sources is not None and (not sources or not all(sources)):
+        raise ConfigError(f"key {key!r}: give the source types that count as alt-text (e.g. [alt]) or null for all; "
+                          "an empty list or name would keep no alt-text")
 
 
 def accumulation_steps(cfg: RecipeConfig, world_size: int) -> int:

@@ -29,13 +29,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .conditions import CONDITIONS, build_conditions
-from .config import ConfigError, GenerationOverrides
+from .config import ConfigError, GenerationOverrides, check_alt_text_sources
 from .data.records import BadRecord, ImageRef, Record, load_image
 from .io import atomic_write_text
 
@@ -77,6 +77,7 @@ class EvalConfig(GenerationOverrides):
     format: str = "auto"  # auto | annotations | jsonl | parquet | webdataset
     target_key: str = "round3"
     alt_key: str = "alt"
+    alt_text_sources: Optional[List[str]] = None  # [source, text] pairs (MetaCLIP `texts`) kept; None = all
     image_key: str = "img_path"
     image_root: Optional[str] = None
     limit: Optional[int] = None  # evaluate the first N records read
@@ -158,6 +159,7 @@ def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Eval
         raise ConfigError(f"key 'limit': must be >= 1, got {cfg.limit}")
     if cfg.num_examples < 0:
         raise ConfigError(f"key 'num_examples': must be >= 0, got {cfg.num_examples}")
+    check_alt_text_sources(cfg.alt_text_sources, "alt_text_sources")
     return cfg
 
 
@@ -203,7 +205,8 @@ def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
     from .data.readers import Fields, TableSource, iter_webdataset
 
     fields = Fields(alt_key=cfg.alt_key, image_key=cfg.image_key, target_key=cfg.target_key,
-                    image_root=cfg.image_root)
+                    image_root=cfg.image_root,
+                    alt_sources=cfg.alt_text_sources)
     out = EvalSet(id=data, kind=fmt, records=[], read=0)
 
     def skip(key: str, reason: str) -> None:

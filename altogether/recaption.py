@@ -21,7 +21,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cli import run_cli
-from .config import ConfigError, GenerationOverrides, GenerationSettings
+from .config import ConfigError, GenerationOverrides, GenerationSettings, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields
 from .data.records import BadRecord, load_image
@@ -56,6 +56,7 @@ class RecaptionSettings(GenerationOverrides):
     # input
     input_format: str = "auto"  # auto | webdataset | parquet | jsonl | folder
     alt_key: str = "alt"  # manifest column (or webdataset JSON key, after `texts` and `caption`); "" = none
+    alt_text_sources: Optional[List[str]] = None  # [source, text] pairs (MetaCLIP `texts`) kept; None = all
     image_key: str = "img_path"  # manifest column: image path (relative to the manifest or image_root) or bytes
     image_root: Optional[str] = None
     shard_size: int = 1000  # images per shard when INPUT is a folder of images
@@ -120,6 +121,7 @@ def check_settings(s: RecaptionSettings, defaults: GenerationSettings) -> dict[s
                           "one caption per image)")
     if s.save_candidates and s.num_candidates == 1:
         raise ConfigError("save_candidates=true needs num_candidates > 1 (there are no other candidates)")
+    check_alt_text_sources(s.alt_text_sources, "alt_text_sources")
     if s.clip_pretrained and not s.clip_model:
         raise ConfigError("clip_pretrained needs clip_model (the scorer defaults to the captioner's own encoder)")
     return generation
@@ -408,6 +410,7 @@ class ShardWriter(Callback):
         self.output, self.settings, self.header = output, settings, header
         self.schema = output_schema(settings)
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.bad: dict[str, int] = {}  # bad samples of each shard in progress
         self.stats = RankStats()
         self.summary: dict[str, Any] = {}
 
@@ -420,6 +423,7 @@ class ShardWriter(Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch: ShardBatch, batch_idx, dataloader_idx=0):
         st = self.stats
         self.rows.setdefault(batch.shard, []).extend(outputs)
+        self.bad[batch.shard] = self.bad.get(batch.shard, 0) + len(batch.bad)
         st.images += len(outputs)
         st.images_with_repeated_captions += sum(row["repeated"] for row in outputs)
         st.bad += len(batch.bad)
@@ -429,8 +433,22 @@ class ShardWriter(Callback):
             st.shard_errors.append({"shard": batch.shard, "error": batch.error})
         if batch.last:
             rows = sorted(self.rows.pop(batch.shard), key=lambda row: row["index"])
+            bad = self.bad.pop(batch.shard)
+            if not rows and (bad or batch.error):
+                self.fail(batch.shard, bad)
+                return
             write_shard_output(output_path(self.output, batch.shard, self.settings.output_format), rows, self.schema)
             st.shards_written.append(batch.shard)
+
+    def fail(self, shard: str, bad: int) -> None:
+        """A shard of which nothing could be captioned gets no output (an empty file would mark it done, and a
+        rerun would skip it): it is listed in ``shard_errors`` and a rerun tries it again."""
+        note = f"nothing could be captioned ({bad} bad sample(s)); no output written, a rerun retries the shard"
+        listed = next((e for e in self.stats.shard_errors if e["shard"] == shard), None)
+        if listed is None:
+            self.stats.shard_errors.append({"shard": shard, "error": note})
+        else:
+            listed["error"] += f"; {note}"
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.stats.elapsed_s = time.perf_counter() - self.started
@@ -530,7 +548,8 @@ def recaption_shards(
         defaults = generation_from(read_export_config(model))
     generation = check_settings(s, defaults)
     shards = discover_shards(source, input_format=s.input_format, shard_size=s.shard_size)
-    fields = Fields(alt_key=s.alt_key, image_key=s.image_key, target_key=None, image_root=s.image_root)
+    fields = Fields(alt_key=s.alt_key, image_key=s.image_key, target_key=None, image_root=s.image_root,
+                    alt_sources=s.alt_text_sources)
     check_manifest_columns(shards[0], fields)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -551,12 +570,22 @@ def recaption_shards(
     return writer.summary
 
 
+def unwritten_shards(summary: dict[str, Any]) -> int:
+    """Shards of the run left without an output because nothing in them could be captioned."""
+    sh = summary["shards"]
+    return sh["total"] - sh["written"] - sh["skipped_existing"]
+
+
 def describe(summary: dict[str, Any]) -> str:
     """One line about a run, from its summary."""
     n, sh = summary["samples"], summary["shards"]
+    failed = unwritten_shards(summary)
     return (f"recaptioned {n['captioned']} images ({summary['images_per_s']} img/s) into {sh['written']} shard "
             f"file(s); {sh['skipped_existing']} shard(s) already done; {n['bad']} bad sample(s); "
-            f"{sh['with_read_errors']} shard(s) with read errors; summary: {Path(summary['output']) / SUMMARY_FILE}")
+            f"{sh['with_read_errors']} shard(s) with read errors"
+            + (f"; {failed} shard(s) not written: nothing in them could be captioned (see shard_errors)"
+               if failed else "")
+            + f"; summary: {Path(summary['output']) / SUMMARY_FILE}")
 
 
 def main(argv: list[str]) -> int:
@@ -570,7 +599,7 @@ def main(argv: list[str]) -> int:
     summary = recaption_shards(model, source, output, load_settings(overrides))
     if rank_zero_only.rank == 0:
         print(describe(summary))
-    return 0
+    return 1 if unwritten_shards(summary) else 0  # the run is not done: a rerun retries those shards
 
 
 if __name__ == "__main__":

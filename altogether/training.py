@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
-from .data.datamodule import CaptionDataModule, open_sources
+from .data.datamodule import MAX_SKIP_REASONS, CaptionDataModule, open_sources
+from .data.readers import IMAGE_EXTENSIONS, detect_format
 from .data.records import Record, load_image
 from .export import is_lora, load_export, merge_adapter, save_export
 from .layout import build_prompt, tokenize_sample
@@ -67,15 +68,30 @@ def set_decoder_trainable(model: AltogetherModel, mode: str, lora=None) -> Altog
     return model
 
 
+class TrainingDataError(ValueError):
+    """The run cannot train on its data: no sample of an optimizer step could be read, or more than
+    ``data.max_skipped_fraction`` of them were skipped. The message names the likely cause and the first reasons."""
+
+
 class CaptionerModule(L.LightningModule):
-    """Caption loss, AdamW + warm-up/cosine, and logging; the frozen encoder stays out of optimizer and checkpoints."""
+    """Caption loss, AdamW + warm-up/cosine, and logging; the frozen encoder stays out of optimizer and checkpoints.
+
+    The loss of an optimizer step is the mean cross-entropy over every caption + EOS token of its global batch
+    (all micro-batches of every rank), whatever the split: each micro-batch's summed token losses are divided by
+    the step's token count, which the collate function counted on the host (:func:`collate_group`) and one
+    all-reduce per step sums over ranks. Batches with skipped samples are counted over all ranks too; the run
+    stops with :class:`TrainingDataError` when the data cannot be read (checked on the first step and then every
+    ``trainer.log_every_n_steps`` steps, when the counts are read back from the device).
+    """
 
     def __init__(self, model: AltogetherModel, cfg: RecipeConfig):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.truncated_total = 0
-        self.skipped_total = 0
+        self.truncated_total = 0  # this rank's
+        self.data_counts = torch.zeros(2, dtype=torch.long)  # samples read and samples skipped, all ranks
+        self.skip_reasons: list[str] = []  # this rank's first few
+        self._checked_once = False
 
     def on_fit_start(self) -> None:
         # Lightning 2.6 leaves modules in the mode it finds them, and from_pretrained and load_export return eval
@@ -83,28 +99,70 @@ class CaptionerModule(L.LightningModule):
         # eval mode and back.
         self.model.train()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._count(batch)
-        if "labels" not in batch:  # every sample of this micro-batch was unreadable
-            return None
-        out = self.model(batch)
-        size = batch["labels"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log("train/caption_tokens", float(out.num_tokens), reduce_fx="sum", batch_size=size)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
-        return out.loss
+    @property
+    def skipped_total(self) -> int:
+        return int(self.data_counts[1])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if batch["micro_index"] == 0:
+            self._start_group(batch)
+        self.truncated_total += batch["num_truncated"]
+        if batch["num_tokens"]:
+            token_sum = self.model.token_losses(batch)[0].sum()
+        else:  # every sample was unreadable: a zero loss that still reaches every trainable weight, so that the
+            # gradient all-reduce of DDP runs on this rank as on the others
+            token_sum = sum(p.flatten()[0] for p in self.parameters() if p.requires_grad) * 0.0
+        share = token_sum / self._group_tokens.clamp(min=1)  # this micro-batch's part of the step's token mean
+        self._step_loss = share.detach() if batch["micro_index"] == 0 else self._step_loss + share.detach()
+        if batch["micro_index"] == batch["group_size"] - 1:
+            self._log_step()
+        # Lightning divides the returned loss by accumulate_grad_batches and DDP/FSDP average gradients over ranks;
+        # undoing both leaves the gradient of (sum of the step's token losses) / (the step's token count).
+        return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def _start_group(self, batch: dict[str, Any]) -> None:
+        """The step's totals over all ranks (one all-reduce, no host wait) and, when due, the data check."""
+        counts = torch.tensor([batch["group_tokens"], batch["group_samples"], batch["group_skipped"]])
+        if self.trainer.world_size > 1:
+            counts = counts.to(self.device)
+            torch.distributed.all_reduce(counts)
+        self._group_tokens = counts[0]
+        self.data_counts = self.data_counts.to(counts.device) + counts[1:]
+        self.skip_reasons = (self.skip_reasons + batch["skip_reasons"])[:MAX_SKIP_REASONS]
+        if not self._checked_once or self.trainer.global_step % self.cfg.trainer.log_every_n_steps == 0:
+            self._checked_once = True
+            self._check_data(*counts[1:].tolist())
+
+    def _log_step(self) -> None:
+        loss = self._step_loss
+        if self.trainer.world_size > 1:  # each rank holds its part of the global token mean
+            torch.distributed.all_reduce(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/caption_tokens", self._group_tokens.float(), batch_size=1)
+        self.log("data/skipped_total", self.data_counts[1].float(), batch_size=1)
+        self.log("data/truncated_captions_total", float(self.truncated_total), reduce_fx="max", batch_size=1)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=1)
+
+    def _check_data(self, step_samples: int, step_skipped: int) -> None:
+        """Raise :class:`TrainingDataError` when this step read nothing or too much was skipped so far."""
+        seen, skipped = self.data_counts.tolist()
+        limit = self.cfg.data.max_skipped_fraction
+        if step_skipped == step_samples:
+            what = f"none of the {step_samples} samples of optimizer step {self.trainer.global_step} could be read"
+        elif skipped > limit * seen:
+            what = (f"{skipped} of the {seen} training samples so far could not be used, more than "
+                    f"data.max_skipped_fraction={limit}")
+        else:
+            return
+        raise TrainingDataError(f"{what}; {_likely_cause(self.cfg)}; first reasons: "
+                                + " | ".join(" ".join(r.split()) for r in self.skip_reasons))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "labels" not in batch:
             return
         out = self.model(batch)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["labels"].shape[0])
-
-    def _count(self, batch: dict[str, Any]) -> None:
-        self.skipped_total += int(batch["num_skipped"])
-        self.truncated_total += int(batch["num_truncated"])
-        self.log("data/skipped_total", float(self.skipped_total), reduce_fx="max", batch_size=1)
-        self.log("data/truncated_captions_total", float(self.truncated_total), reduce_fx="max", batch_size=1)
+        # Weighted by tokens: the epoch's val/loss is the mean over every caption token, as train/loss is.
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["num_tokens"])
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -122,13 +180,28 @@ class CaptionerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen encoder is rebuilt from its reference; copying it into every checkpoint would cost GBs.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.encoder.")}
-        checkpoint["altogether_counts"] = {"skipped": self.skipped_total, "truncated": self.truncated_total}
+        seen, skipped = self.data_counts.tolist()
+        checkpoint["altogether_counts"] = {"seen": seen, "skipped": skipped, "truncated": self.truncated_total}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         encoder = {k: v for k, v in self.state_dict().items() if k.startswith("model.encoder.")}
         checkpoint["state_dict"].update(encoder)
         counts = checkpoint.get("altogether_counts", {})
-        self.skipped_total, self.truncated_total = counts.get("skipped", 0), counts.get("truncated", 0)
+        self.data_counts = torch.tensor([counts.get("seen", 0), counts.get("skipped", 0)])
+        self.truncated_total = counts.get("truncated", 0)
+
+
+def _likely_cause(cfg: RecipeConfig) -> str:
+    """Where to look when training data cannot be read, for the data source of ``cfg``."""
+    d = cfg.data
+    if d.format == "webdataset" or d.format == "auto" and d.train and detect_format(d.train) == "webdataset":
+        sources = None if d.alt_text_sources is None else list(d.alt_text_sources)
+        return (f"check the shards {d.train!r}: each sample needs an image member ({', '.join(IMAGE_EXTENSIONS)}) "
+                f"and alt-texts (JSON texts or caption, or a .txt member); data.alt_text_sources={sources}")
+    root = d.image_root or "the data file's folder"
+    target = f", data.target_key={d.target_key!r}" if d.task == "finetune" else ""
+    return (f"check data.image_root (relative image paths are joined to {root}) and the column names "
+            f"data.image_key={d.image_key!r}, data.alt_key={d.alt_key!r}{target}")
 
 
 class SampleCaptions(Callback):

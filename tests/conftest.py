@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network: loaders fail at once offline
@@ -101,21 +102,64 @@ def save_tiny_export(directory: Path, parts, model_cfg, **generation) -> Path:
                        generation=GenerationSettings(**generation))
 
 
+def write_drawn_jsonl(path: Path, images: str, count: int, fields) -> Path:
+    """A JSONL training file at ``path`` of ``count`` drawn images saved in ``path.parent / images``; row ``i``
+    holds ``key`` ``r000``..., its relative ``img_path`` and ``fields(i, colour, shape)``."""
+    (path.parent / images).mkdir()
+    rows = []
+    for i in range(count):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
+        draw(colour, shape, seed=i).save(path.parent / images / f"{i:03d}.png")
+        rows.append({"key": f"r{i:03d}", "img_path": f"{images}/{i:03d}.png", **fields(i, colour, shape)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture
 def jsonl_data(tmp_path) -> Path:
     """A JSONL training file of 24 drawn images with alt-texts and round3 captions (paths relative)."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(24):
+    return write_drawn_jsonl(tmp_path / "train.jsonl", "images", 24, lambda i, colour, shape: {
+        "alt": [f"zorbit K-{i} for sale", "IMG_2231.jpg"] if i % 3 == 0 else f"zorbit K-{i} for sale",
+        "round3": f"a photo of zorbit K-{i}: a {colour} {shape} on a white background"})
+
+
+def write_metaclip_shards(root: Path, texts: list[list[list[str]]], shard_size: int, seed: int = 0) -> dict[str, list]:
+    """Tar shards laid out as MetaCLIP's: ``<root>/<shard % 100>/<shard>.tar`` holding ``./<uuid>.json`` then
+    ``./<uuid>.jpeg`` per sample, the JSON's ``texts`` a list of ``[source, text]`` pairs (``texts[i]`` for
+    sample ``i``). Returns ``{uuid: texts}`` in write order."""
+    import io
+    import tarfile
+    import uuid
+
+    rng = random.Random(seed)
+    written: dict[str, list] = {}
+    for shard, start in enumerate(range(0, len(texts), shard_size)):
+        path = root / str(shard % 100) / f"{shard}.tar"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tar:
+            for i in range(start, min(start + shard_size, len(texts))):
+                key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+                image = io.BytesIO()
+                draw(list(COLOURS)[i % 4], SHAPES[(i // 4) % 2], seed=i).save(image, format="JPEG")
+                meta = json.dumps({"texts": texts[i], "face_bbox": []}).encode()
+                for name, data in ((f"./{key}.json", meta), (f"./{key}.jpeg", image.getvalue())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                written[key] = texts[i]
+    return written
+
+
+def metaclip_texts(n: int) -> list[list[list[str]]]:
+    """``[source, text]`` pairs as MetaCLIP shards hold them: an ``alt`` and, for some, a ``title``."""
+    out = []
+    for i in range(n):
         colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
-        draw(colour, shape, seed=i).save(images / f"{i:03d}.png")
-        rows.append({"key": f"r{i:03d}", "img_path": f"images/{i:03d}.png",
-                     "alt": [f"zorbit K-{i} for sale", "IMG_2231.jpg"] if i % 3 == 0 else f"zorbit K-{i} for sale",
-                     "round3": f"a photo of zorbit K-{i}: a {colour} {shape} on a white background"})
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+        pairs = [["alt", f"a {colour} {shape} on a white background"]]
+        if i % 2 == 0:
+            pairs.append(["title", f"zorbit K-{i} for sale"])
+        out.append(pairs)
+    return out
 
 
 @pytest.fixture(scope="session")

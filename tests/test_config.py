@@ -33,6 +33,8 @@ def test_shipped_recipes_carry_table_10_values():
     (["layout.prompt_dropout=1.5"], "layout.prompt_dropout"),
     (["data.micro_batch_size=48"], "optim.global_batch_size"),
     (["model.decoder.trainable=half"], "model.decoder.trainable"),
+    (["data.max_skipped_fraction=1.5"], "data.max_skipped_fraction"),
+    (["data.alt_text_sources=[]"], "data.alt_text_sources"),
 ])
 def test_bad_overrides_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

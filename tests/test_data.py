@@ -1,6 +1,7 @@
 import io
 import itertools
 import json
+import random
 import tarfile
 
 import pyarrow as pa
@@ -8,12 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from altogether.config import DecoderConfig, LayoutConfig
-from altogether.data.datamodule import (ResumableSampler, SampleBuilder, collate_training, open_sources)
-from altogether.data.readers import Fields, TableSource, detect_format, iter_webdataset
+from altogether.data.datamodule import (ResumableSampler, SampleBuilder, collate_training, data_fields,
+                                        open_sources)
+from altogether.data.readers import Fields, TableSource, alt_text_list, detect_format, iter_webdataset
 from altogether.data.records import BadRecord, Record, load_image
+from altogether.layout import training_pair
 from altogether.model import load_tokenizer
 
-from .conftest import draw
+from .conftest import draw, metaclip_texts, write_metaclip_shards
 
 
 def _png(colour="red"):
@@ -72,6 +75,43 @@ def test_webdataset_reader_understands_metaclip_img2dataset_and_txt(tmp_path):
     assert [k for k, _ in bad] == ["s3"] and "broken JSON" in bad[0][1]
 
 
+def test_metaclip_shards_give_alt_texts_with_their_sources(tmp_path):
+    """MetaCLIP's layout: <shard % 100>/<shard>.tar with ./<uuid>.json + ./<uuid>.jpeg, texts as [source, text]."""
+    truth = write_metaclip_shards(tmp_path / "metaclip", metaclip_texts(6), shard_size=3)
+    pattern = str(tmp_path / "metaclip" / "*" / "*.tar")
+    assert detect_format(pattern) == "webdataset"
+    bad = []
+    records = list(iter_webdataset(pattern, Fields(), on_bad=lambda k, r: bad.append((k, r))))
+    assert bad == [] and [r.key for r in records] == list(truth)  # the uuid, without tar's "./"
+    assert [[list(p) for p in zip(r.alt_sources, r.alt_texts)] for r in records] == list(truth.values())
+    assert records[0].alt_texts == ["a red square on a white background", "zorbit K-0 for sale"]
+    assert load_image(records[0].image).size == (32, 32)
+    prompt, target = training_pair(records[0].alt_texts, None, task="pretrain", prompt_dropout=0.0,
+                                   rng=random.Random(0))
+    assert (prompt, target) == ("zorbit K-0 for sale", "a red square on a white background")  # longest = target
+
+    only_alt = list(iter_webdataset(pattern, Fields(alt_sources=["alt"])))
+    assert [r.alt_texts for r in only_alt] == [[texts[0][1]] for texts in truth.values()]
+    assert all(r.alt_sources == ["alt"] for r in only_alt)
+
+
+def test_alt_text_fields_strings_lists_pairs_and_what_is_refused(make_recipe, tmp_path):
+    assert alt_text_list([["alt", "a"], ["title", "b"]], ("title",)) == (["b"], ["title"])
+    assert alt_text_list(["a", "b"], ("title",)) == (["a", "b"], [])  # plain strings name no source: all kept
+    for value in ([["alt"]], [["alt", "a"], "b"], [["alt", 3]], 7):
+        with pytest.raises(BadRecord, match="neither a string, a list of strings nor a list of \\[source, text\\]"):
+            alt_text_list(value)
+    (tmp_path / "a.png").write_bytes(_png())
+    path = tmp_path / "pairs.jsonl"  # a table column of pairs reads as the tar's JSON does
+    path.write_text(json.dumps({"key": "k", "img_path": "a.png", "alt": [["alt", "x"], ["title", "y"]],
+                                "round3": "c"}) + "\n")
+    cfg = make_recipe("finetune_round3", {"data.format": "jsonl", "data.train": str(path),
+                                          "data.alt_text_sources": ["title"], "data.val_fraction": 0.0})
+    assert data_fields(cfg).alt_sources == ("title",)
+    record = open_sources(cfg)[0][0]
+    assert (record.alt_texts, record.alt_sources, record.target) == (["y"], ["title"], "c")
+
+
 def test_unreadable_images_are_skipped_and_counted(tiny_dirs, tmp_path):
     tok = load_tokenizer(DecoderConfig(tokenizer=str(tiny_dirs[1])))
     (tmp_path / "bad.png").write_bytes(b"not an image")
@@ -82,6 +122,9 @@ def test_unreadable_images_are_skipped_and_counted(tiny_dirs, tmp_path):
     items = [builder.safe(r, i) for i, r in enumerate(records)]
     batch = collate_training(items, num_visual_tokens=2, pad_id=tok.pad_token_id)
     assert int(batch["num_skipped"]) == 2 and batch["pixel_values"].shape[0] == 1
+    assert batch["skip_reasons"][0].startswith("record 'bad': unreadable image")
+    assert batch["skip_reasons"][1].startswith("record 'gone': image file not found")
+    assert batch["num_tokens"] == len(tok("a red square", add_special_tokens=False)["input_ids"]) + 1
     with pytest.raises(BadRecord, match="record 'gone': image file not found"):
         builder(records[2], 2)
 

@@ -13,6 +13,7 @@ from altogether.export import (
     save_export,
 )
 from altogether.layout import collate, tokenize_sample
+
 from .conftest import hub_rows
 
 BASE_FILES = ["altogether.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]

@@ -25,7 +25,7 @@ from altogether.data.inputs import discover_shards
 from altogether.layout import build_prompt
 from altogether.model import causal_lm
 from altogether.recaption import choose_captions, length_sorted_batches, main, recaption_shards
-from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
+from tests.conftest import COLOURS, SHAPES, draw, metaclip_texts, save_tiny_export, write_metaclip_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = {"num_workers": 0, "batch_size": 2, "progress_bar": False}  # 5 samples a shard -> 3 batches
@@ -238,6 +238,40 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
 
     listed = recaption_shards(export, str(src), tmp_path / "capped", **RUN, max_listed_bad=1)
     assert len(listed["bad_samples"]) == 1 and listed["samples"]["bad_not_listed"] == 4
+
+
+def test_metaclip_shards_are_recaptioned_with_their_alt_texts(export, tmp_path):
+    """MetaCLIP's layout: <shard % 100>/<shard>.tar with ./<uuid>.json + ./<uuid>.jpeg, texts as [source, text]."""
+    root = tmp_path / "metaclip"
+    truth = write_metaclip_shards(root, metaclip_texts(6), shard_size=3)
+    summary = recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "all", **RUN)
+    assert summary["samples"] == {"captioned": 6, "bad": 0, "bad_not_listed": 0}
+    got = rows(tmp_path / "all" / "0.parquet") + rows(tmp_path / "all" / "1.parquet")
+    assert [r["key"] for r in got] == list(truth)
+    assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in pairs]) for pairs in truth.values()]
+    assert got[0]["alt_text"] == "a red square on a white background; zorbit K-0 for sale"
+
+    recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "alt", **RUN, alt_text_sources=["alt"])
+    got = rows(tmp_path / "alt" / "0.parquet") + rows(tmp_path / "alt" / "1.parquet")
+    assert [r["alt_text"] for r in got] == [pairs[0][1] for pairs in truth.values()]
+
+
+def test_a_shard_with_nothing_captioned_gets_no_output_and_is_retried(export, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tar(src / "good.tar", [(f"g{i}", {"png": png(i), "txt": b"alt"}) for i in range(2)])
+    write_tar(src / "allbad.tar", [(f"b{i}", {"jpg": b"not an image", "txt": b"alt"}) for i in range(3)])
+    out = tmp_path / "out"
+    args = [str(export), str(src), str(out), *(f"{k}={v}" for k, v in RUN.items())]
+    for run in range(2):
+        assert run_cli(main, args) == 1  # not done: a shard is left to retry
+        assert "1 shard(s) not written: nothing in them could be captioned" in capsys.readouterr().out
+        assert sorted(p.name for p in out.iterdir()) == ["good.parquet", "summary.json"]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["shards"] == {"total": 2, "written": 1 - run, "skipped_existing": run, "with_read_errors": 1}
+        assert summary["samples"]["bad"] == 3  # the rerun read the failed shard again
+        assert summary["shard_errors"] == [{"shard": "allbad", "error": "nothing could be captioned (3 bad "
+                                            "sample(s)); no output written, a rerun retries the shard"}]
 
 
 def test_manifests_and_image_folders(export, tmp_path):

@@ -1,3 +1,5 @@
+import csv
+import itertools
 import json
 import os
 import subprocess
@@ -10,10 +12,15 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from altogether import Recaptioner
+from altogether.cli import run_cli
+from altogether.data.datamodule import ResumableSampler, open_sources
 from altogether.model import AltogetherModel
-from altogether.training import fit, lr_factor
+from altogether.tiny import tiny_model_overrides
+from altogether.train import main as train_main
+from altogether.training import TrainingDataError, fit, lr_factor
 
-from .conftest import hub_rows
+from .conftest import hub_rows, metaclip_texts, write_drawn_jsonl, write_metaclip_shards
+from .ddp_run import SETTINGS, FirstStepGradients
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,15 +55,137 @@ def test_resume_from_a_checkpoint_continues_exactly(make_recipe, jsonl_data, tmp
     assert not any(k.startswith("model.encoder.") for k in ckpt["state_dict"])
 
 
-def test_ddp_on_two_cpu_processes(tiny_dirs, jsonl_data, tmp_path):
+@pytest.fixture
+def uneven_data(tmp_path) -> Path:
+    """32 drawn images whose round3 captions run from 4 to about 60 tokens, so micro-batches hold very
+    different numbers of caption tokens."""
+    return write_drawn_jsonl(tmp_path / "uneven.jsonl", "uneven", 32, lambda i, colour, shape: {
+        "alt": f"zorbit K-{i} for sale",
+        "round3": " and ".join([f"a {colour} {shape} on a white background"] * [1, 7, 1, 2, 9, 1, 3, 1][i % 8])})
+
+
+class MicroBatchTokens(FirstStepGradients):
+    """Also keeps the caption-token count of each micro-batch of the first optimizer step."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.gradients is None:
+            self.tokens.append(batch["num_tokens"])
+
+
+def logged(run: Path, name: str = "train/loss") -> list[float]:
+    """A metric's logged values, step by step, from the CSV logger."""
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("layout", [{"data.packing": False}, {"data.packing": True, "data.pack_tokens": 160}],
+                         ids=["padded", "packed"])
+def test_an_optimizer_steps_loss_is_the_token_mean_of_its_global_batch(make_recipe, uneven_data, tmp_path, layout):
+    """4 accumulated micro-batches of 8 give the gradients (and the logged loss) of one batch of 32."""
+    runs = {}
+    for micro in (8, 32):
+        out = tmp_path / f"micro{micro}"
+        probe = MicroBatchTokens()
+        fit(make_recipe("finetune_round3", {
+            "output_dir": str(out), "data.format": "jsonl", "data.train": str(uneven_data), "data.num_workers": 0,
+            "data.micro_batch_size": micro, "optim.global_batch_size": 32, "optim.max_steps": 1,
+            "optim.warmup_steps": 0, "trainer.progress_bar": False, "trainer.log_every_n_steps": 1, **layout}),
+            callbacks=[probe])
+        runs[micro] = probe, logged(out)
+    (split, split_loss), (whole, whole_loss) = runs[8], runs[32]
+    assert len(split.tokens) == 4 and sum(split.tokens) == whole.tokens[0]
+    assert max(split.tokens) > 1.3 * min(split.tokens)  # uneven: a mean of micro-batch means would differ
+    assert_same_gradients(split.gradients, whole.gradients)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5) and len(whole_loss) == 1
+
+
+def test_ddp_on_two_cpu_processes(make_recipe, tiny_dirs, uneven_data, tmp_path):
+    """2 ranks x 2 micro-batches of 2 give the gradients and the logged loss of 1 process x 4 micro-batches."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    grads = tmp_path / "ddp_gradients.safetensors"
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(tiny_dirs[0]), str(tiny_dirs[1]),
-                           str(jsonl_data), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=600)
+                           str(uneven_data), str(tmp_path / "ddp"), str(grads)], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(l.split("=", 1) for l in done.stdout.splitlines() if "=" in l)
     assert lines["world_size"] == "2" and lines["steps"] == "3"
     assert (tmp_path / "ddp" / "export" / "model.safetensors").is_file()
+
+    single = FirstStepGradients()
+    flat = {f"{group}.{key}": value for group, settings in SETTINGS.items() for key, value in settings.items()}
+    fit(make_recipe("finetune_round3", {**flat, "output_dir": str(tmp_path / "one"), "data.train": str(uneven_data),
+                                        "trainer.devices": 1}), callbacks=[single])
+    assert_same_gradients(load_file(grads), single.gradients)
+    assert logged(tmp_path / "ddp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+
+
+def _cli_args(tiny_dirs, settings: dict) -> list[str]:
+    """``key=value`` arguments of ``python -m altogether.train`` for the tiny model plus ``settings``."""
+    def flat(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "config":
+                yield from flat(f"{prefix}{key}.", value)
+            else:
+                yield f"{prefix}{key}={json.dumps(value)}"
+
+    return [*flat("", tiny_model_overrides(*tiny_dirs)), "init_from=null", "trainer.progress_bar=false",
+            "data.num_workers=0", *(f"{k}={v}" for k, v in settings.items())]
+
+
+def test_pretrain_trains_on_metaclip_shards(tiny_dirs, tmp_path):
+    """MetaCLIP's own layout (uuid.jpeg + uuid.json with [source, text] pairs, <shard % 100>/<shard>.tar)."""
+    write_metaclip_shards(tmp_path / "metaclip", metaclip_texts(12), shard_size=4)
+    out = tmp_path / "pretrain"
+    args = _cli_args(tiny_dirs, {"output_dir": out, "data.train": tmp_path / "metaclip" / "*" / "*.tar",
+                                 "data.micro_batch_size": 2, "data.shuffle_buffer": 4, "optim.global_batch_size": 4,
+                                 "optim.max_steps": 3, "optim.warmup_steps": 1, "trainer.log_every_n_steps": 1})
+    assert run_cli(train_main, ["recipe=pretrain", *args]) == 0
+    meta = json.loads((out / "export" / "altogether.json").read_text())
+    assert meta["training"] == {"steps": 3, "skipped": 0, "truncated_captions": 0}
+    # 3 logged steps, each over more caption tokens than its 4 EOS: the alt-texts were read and trained on
+    assert len(logged(out)) == 3 and all(n > 4 for n in logged(out, "train/caption_tokens"))
+
+
+def test_a_finetune_that_reads_no_image_fails_in_one_line_and_exports_nothing(tiny_dirs, jsonl_data, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "run"
+    args = _cli_args(tiny_dirs, {"output_dir": out, "data.format": "jsonl", "data.train": jsonl_data,
+                                 "data.image_root": tmp_path / "wrong", "data.micro_batch_size": 2,
+                                 "optim.global_batch_size": 4, "optim.max_steps": 4, "optim.warmup_steps": 1})
+    assert run_cli(train_main, ["recipe=finetune_round3", *args]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: none of the 4 samples of optimizer step 0 could be read; check data.image_root "
+                            f"(relative image paths are joined to {tmp_path / 'wrong'})")
+    assert "data.image_key='img_path'" in error and f"image file not found: {tmp_path / 'wrong'}" in error
+    assert not (out / "export").exists()
+
+
+def test_too_many_skipped_samples_stop_the_run_and_fewer_are_counted(make_recipe, jsonl_data, tmp_path):
+    settings = {"data.format": "jsonl", "data.train": str(jsonl_data), "data.micro_batch_size": 2,
+                "data.num_workers": 0, "optim.global_batch_size": 4, "optim.max_steps": 2, "optim.warmup_steps": 1,
+                "trainer.progress_bar": False}
+    train, _ = open_sources(make_recipe("finetune_round3", settings))
+    first = [train[i] for _, i in itertools.islice(ResumableSampler(len(train), seed=0), 8)]  # two steps' samples
+    for record in first[:3] + first[4:5]:  # 3 of step 0's 4 samples, 1 of step 1's
+        Path(record.image).unlink()
+    with pytest.raises(TrainingDataError, match=r"^3 of the 4 training samples so far could not be used, more "
+                                                r"than data\.max_skipped_fraction=0\.5; check data\.image_root"):
+        fit(make_recipe("finetune_round3", {**settings, "output_dir": str(tmp_path / "a")}))
+    assert not (tmp_path / "a" / "export").exists()
+    export = fit(make_recipe("finetune_round3", {**settings, "output_dir": str(tmp_path / "b"),
+                                                 "data.max_skipped_fraction": 0.8}))
+    assert json.loads((export / "altogether.json").read_text())["training"] == {
+        "steps": 2, "skipped": 4, "truncated_captions": 0}
 
 
 def test_compile_compiles_the_decoder_that_training_runs(make_recipe, jsonl_data, tmp_path, monkeypatch):

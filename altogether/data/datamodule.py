@@ -3,13 +3,20 @@
 Map-style sources are read through :class:`ResumableSampler`, an endless, seeded stream of record indices
 (a fresh permutation every pass) that each rank strides through. A sample's prompt dropout is drawn from its
 position in that stream, so a resumed run sees exactly the samples and prompts it would have seen.
-Unreadable records are skipped inside the worker and counted in the batch (``num_skipped``).
+Unreadable records are skipped inside the worker and counted in the batch (``num_skipped``, with the first
+reasons in ``skip_reasons``).
+
+Training batches come one optimizer step at a time: the loader collates a rank's whole accumulation group
+(``micro_batch_size * accumulate`` samples) into its micro-batches, and each micro-batch carries the group's
+totals (``group_tokens``: caption + EOS tokens, ``group_samples``, ``group_skipped``), known on the host before
+the step's first forward, so that the loss can be the mean over every caption token of the step.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
@@ -86,16 +93,18 @@ class SampleBuilder:
             item["pixel_values"] = self.transform(load_image(record.image, key=record.key))
         return item
 
-    def safe(self, record_or_error: Record | Exception, sample_number: int) -> dict[str, Any] | None:
-        """Like ``__call__`` but a bad record becomes ``None`` (skipped and counted by the collator)."""
+    def safe(self, record_or_error: Record | Exception, sample_number: int) -> dict[str, Any]:
+        """Like ``__call__`` but a bad record becomes ``{"skip_reason": ...}`` (skipped and counted by the collator)."""
         if isinstance(record_or_error, Exception):
-            log.debug("skipping bad record: %s", record_or_error)
-            return None
-        try:
-            return self(record_or_error, sample_number)
-        except (BadRecord, ValueError) as err:
-            log.debug("skipping bad record %s: %s", record_or_error.key, err)
-            return None
+            reason = str(record_or_error)
+        else:
+            try:
+                return self(record_or_error, sample_number)
+            except (BadRecord, ValueError) as err:
+                key = record_or_error.key
+                reason = str(err) if repr(key) in str(err) else f"record {key!r}: {err}"
+        log.debug("skipping bad record: %s", reason)
+        return {"skip_reason": reason}
 
 
 class MapTrainingDataset(Dataset):
@@ -107,7 +116,7 @@ class MapTrainingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any] | None:
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, Any]:
         sample_number, record_index = index
         try:
             record: Record | Exception = self.source[record_index]
@@ -125,7 +134,7 @@ class FixedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             record: Record | Exception = self.source[index]
         except BadRecord as err:
@@ -143,7 +152,7 @@ class WebdatasetTrainingStream(IterableDataset):
         self.fields, self.builder = fields, builder
         self.rank, self.world, self.seed, self.buffer = rank, world_size, seed, buffer
 
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * workers + worker, self.world * workers
@@ -170,11 +179,17 @@ class WebdatasetTrainingStream(IterableDataset):
             epoch += 1
 
 
-def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_tokens: int, pad_id: int,
+MAX_SKIP_REASONS = 3  # reasons a batch keeps for the error that stops a run reading nothing
+
+
+def collate_training(items: Sequence[dict[str, Any]], *, num_visual_tokens: int, pad_id: int,
                      pack_tokens: int | None = None) -> dict[str, Any]:
-    """Drop skipped samples, lay out the rest (right padding, or packed rows when ``pack_tokens`` is set) and
-    stack images or cached embeddings in the order the layout placed the samples."""
-    kept = [it for it in items if it is not None]
+    """Drop skipped samples (``{"skip_reason": ...}``), lay out the rest (right padding, or packed rows when
+    ``pack_tokens`` is set) and stack images or cached embeddings in the order the layout placed the samples.
+
+    ``num_tokens`` is the number of caption + EOS tokens the loss runs over (0 when every sample was skipped).
+    """
+    kept = [it for it in items if "tokens" in it]
     tokens: list[SampleTokens] = [it["tokens"] for it in kept]
     batch: dict[str, Any] = {}
     if kept and pack_tokens:
@@ -191,8 +206,35 @@ def collate_training(items: Sequence[dict[str, Any] | None], *, num_visual_token
     # Plain ints (the counts, max_seq_len) stay on the host when Lightning moves the batch: reading them costs
     # no device sync.
     batch["num_skipped"] = len(items) - len(kept)
+    batch["skip_reasons"] = [it["skip_reason"] for it in items if "skip_reason" in it][:MAX_SKIP_REASONS]
     batch["num_truncated"] = count_truncated(tokens)
+    batch["num_tokens"] = len(batch["predict_index"]) if kept else 0
     return batch
+
+
+def collate_group(items: Sequence[dict[str, Any]], *, micro_batch_size: int, **layout) -> list[dict[str, Any]]:
+    """One optimizer step's samples on one rank as its micro-batches (:func:`collate_training`), in order.
+
+    Each micro-batch also carries ``micro_index``, ``group_size`` and the group's totals ``group_tokens``,
+    ``group_samples`` and ``group_skipped`` (plain ints: they stay on the host).
+    """
+    micro = [collate_training(items[i : i + micro_batch_size], **layout)
+             for i in range(0, len(items), micro_batch_size)]
+    totals = {"group_size": len(micro), "group_tokens": sum(b["num_tokens"] for b in micro),
+              "group_samples": len(items), "group_skipped": sum(b["num_skipped"] for b in micro)}
+    return [{**batch, **totals, "micro_index": i} for i, batch in enumerate(micro)]
+
+
+class MicroBatches:
+    """The micro-batches of a loader of accumulation groups (:func:`collate_group`), one at a time, which is how
+    Lightning's gradient accumulation consumes them."""
+
+    def __init__(self, groups: DataLoader):
+        self.groups = groups
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for group in self.groups:
+            yield from group
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -212,14 +254,16 @@ class CaptionDataModule(L.LightningDataModule):
         return SampleBuilder(self.tokenizer, self.transform, task=self.cfg.data.task, layout=self.cfg.layout,
                              seed=self.cfg.trainer.seed + (0 if train else 1))
 
-    def _loader(self, dataset, **kwargs) -> DataLoader:
+    def _loader(self, dataset, *, group: bool, **kwargs) -> DataLoader:
+        """Micro-batches, or (``group``) whole accumulation groups split into their micro-batches."""
         d = self.cfg.data
         collate_fn = _Collator(self.cfg.model.mapper.num_visual_tokens, self.tokenizer.pad_token_id,
-                               d.pack_tokens if d.packing else None)
-        return DataLoader(dataset, batch_size=d.micro_batch_size, num_workers=d.num_workers, collate_fn=collate_fn,
+                               d.pack_tokens if d.packing else None, d.micro_batch_size if group else None)
+        size = d.micro_batch_size * (self.accumulate if group else 1)
+        return DataLoader(dataset, batch_size=size, num_workers=d.num_workers, collate_fn=collate_fn,
                           persistent_workers=d.num_workers > 0, **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> MicroBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         step = trainer.global_step if trainer else 0
@@ -228,33 +272,36 @@ class CaptionDataModule(L.LightningDataModule):
             fields = data_fields(self.cfg)
             stream = WebdatasetTrainingStream(self.cfg.data.train, fields, builder, rank=rank, world_size=world,
                                               seed=self.cfg.trainer.seed, buffer=self.cfg.data.shuffle_buffer)
-            return self._loader(stream)
+            return MicroBatches(self._loader(stream, group=True))
         start = step * self.accumulate * self.cfg.data.micro_batch_size
         sampler = ResumableSampler(len(self.train_source), seed=self.cfg.trainer.seed, rank=rank, world_size=world,
                                    start=start)
-        return self._loader(MapTrainingDataset(self.train_source, builder), sampler=sampler)
+        return MicroBatches(self._loader(MapTrainingDataset(self.train_source, builder), group=True, sampler=sampler))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_source:
             return []
-        return self._loader(FixedDataset(self.val_source, self._builder(train=False)))
+        return self._loader(FixedDataset(self.val_source, self._builder(train=False)), group=False)
 
 
 class _Collator:
-    """Picklable collate function for worker processes."""
+    """Picklable collate function for worker processes: a micro-batch, or a group of them (``micro_batch_size``)."""
 
-    def __init__(self, num_visual_tokens: int, pad_id: int, pack_tokens: int | None):
-        self.num_visual_tokens, self.pad_id, self.pack_tokens = num_visual_tokens, pad_id, pack_tokens
+    def __init__(self, num_visual_tokens: int, pad_id: int, pack_tokens: int | None, micro_batch_size: int | None):
+        self.layout = {"num_visual_tokens": num_visual_tokens, "pad_id": pad_id, "pack_tokens": pack_tokens}
+        self.micro_batch_size = micro_batch_size
 
     def __call__(self, items):
-        return collate_training(items, num_visual_tokens=self.num_visual_tokens, pad_id=self.pad_id,
-                                pack_tokens=self.pack_tokens)
+        if self.micro_batch_size is None:
+            return collate_training(items, **self.layout)
+        return collate_group(items, micro_batch_size=self.micro_batch_size, **self.layout)
 
 
 def data_fields(cfg) -> Fields:
     d = cfg.data
     return Fields(alt_key=d.alt_key, image_key=d.image_key, image_root=d.image_root,
-                  target_key=d.target_key if d.task == "finetune" else None)
+                  target_key=d.target_key if d.task == "finetune" else None,
+                  alt_sources=d.alt_text_sources)
 
 
 class Subset(Sequence):
@@ -284,6 +331,13 @@ def open_sources(cfg, demo_records: Callable[[str], Sequence[Record]] | None = N
         raise ValueError("data.train is not set: give the training data path, e.g. data.train=annotations.json")
     fields = data_fields(cfg)
     fmt = d.format if d.format != "auto" else detect_format(d.train)
+    if fmt == "webdataset":
+        shards = expand_shards(d.train)
+        missing = [p for p in shards if not Path(p).is_file()]
+        if missing or not shards:
+            raise FileNotFoundError(f"data.train={d.train!r}: " + (
+                f"{len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}" if missing
+                else "no shard matches"))
     train = None if fmt == "webdataset" else TableSource(d.train, fmt, fields)
     val = None
     if d.val:

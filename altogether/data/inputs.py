@@ -8,7 +8,6 @@ to its end (a truncated tar) keeps the samples before the damage and says what w
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +83,7 @@ def discover_shards(source: str, *, input_format: str = "auto", shard_size: int 
     else:
         if input_format == "folder":
             raise ValueError(f"input_format=folder but {source!r} is not a folder")
-        paths = _expand(source)
+        paths = expand_shards(source)
         kind = input_format if input_format != "auto" else detect_format(paths[0] if paths else source)
         if kind == "annotations":
             raise ValueError(f"{source!r}: annotation JSON is not a recaptioning input; convert it to JSONL "
@@ -99,13 +98,6 @@ def discover_shards(source: str, *, input_format: str = "auto", shard_size: int 
         raise FileNotFoundError(f"no input shards found at {source!r}")
     _check_unique_names(shards, source)
     return shards
-
-
-def _expand(source: str) -> list[str]:
-    paths: list[str] = []
-    for pattern in expand_shards(source):
-        paths.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
-    return paths
 
 
 def _file_shard(path: str, kind: str) -> Shard:

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Sequence
 
 from .records import BadRecord, Record
 
@@ -24,12 +24,21 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 @dataclass(frozen=True)
 class Fields:
-    """Which columns hold what. ``target_key=None`` reads records without a target (inference)."""
+    """Which columns hold what. ``target_key=None`` reads records without a target (inference).
+
+    ``alt_sources``: which ``[source, text]`` pairs count as alt-texts (MetaCLIP's ``alt``, ``title``, ...);
+    ``None`` keeps every pair. Alt-texts given as plain strings name no source and are always kept.
+    """
 
     alt_key: str = "alt"
     image_key: str = "img_path"
     target_key: str | None = None
     image_root: str | None = None
+    alt_sources: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.alt_sources is not None:  # a plain tuple: hashable, picklable, fast to search
+            object.__setattr__(self, "alt_sources", tuple(self.alt_sources))
 
 
 def detect_format(source: str) -> str:
@@ -49,15 +58,27 @@ def detect_format(source: str) -> str:
     )
 
 
-def alt_text_list(value: Any) -> list[str]:
-    """An alt-text field as a list: a string, a list of strings (MetaCLIP ``texts``) or missing."""
+def alt_text_list(value: Any, sources: Collection[str] | None = None) -> tuple[list[str], list[str]]:
+    """An alt-text field as ``(texts, their sources)``.
+
+    The field is missing (``None``), a string, a list of strings, or MetaCLIP's list of ``[source, text]`` pairs
+    (``"texts": [["alt", "..."], ["title", "..."]]``). Pairs keep their source, and only pairs whose source is in
+    ``sources`` are kept (``None``: all); plain strings name no source (the returned sources list is then empty).
+    Anything else raises :class:`BadRecord`.
+    """
     if value is None:
-        return []
+        return [], []
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise BadRecord(f"alt-text field is neither a string nor a list of strings: {value!r}")
+        return [value], []
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return list(value), []
+        if all(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, str) for x in v) for v in value):
+            kept = [(source, text) for source, text in value if sources is None or source in sources]
+            return [text for _, text in kept], [source for source, _ in kept]
+    shown = repr(value)
+    raise BadRecord("alt-text field is neither a string, a list of strings nor a list of [source, text] pairs: "
+                    + (shown if len(shown) <= 200 else shown[:200] + "..."))
 
 
 class TableSource:
@@ -106,25 +127,33 @@ def row_to_record(row: dict[str, Any], index: int, fields: Fields, image_root: P
     if f.target_key and (not isinstance(target, str) or not target.strip()):
         raise BadRecord(f"record {key!r} in {source}: empty or missing target {f.target_key!r}")
     try:
-        alt = alt_text_list(row.get(f.alt_key))
+        alt, alt_sources = alt_text_list(row.get(f.alt_key), f.alt_sources)
     except BadRecord as err:
         raise BadRecord(f"record {key!r} in {source}: {err}") from None
     extra = {k: v for k, v in row.items() if k not in (f.image_key, f.alt_key, f.target_key)}
-    return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra)
+    return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra, alt_sources=alt_sources)
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Brace patterns like ``data/{00000..00009}.tar`` to a list of paths (webdataset's own expansion)."""
+    """Shard paths of a pattern: braces first (webdataset's ``data/{00000..00009}.tar``), then globs, each sorted
+    (MetaCLIP's ``<root>/<shard % 100>/<shard>.tar`` folders: ``root/*/*.tar``). A path without glob characters
+    is kept as given, whether it exists or not: callers name the missing ones."""
+    import glob
+
     import braceexpand
 
-    return list(braceexpand.braceexpand(pattern))
+    paths: list[str] = []
+    for path in braceexpand.braceexpand(pattern):
+        paths.extend(sorted(glob.glob(path)) if glob.has_magic(path) else [path])
+    return paths
 
 
 def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Record:
     """A webdataset sample dict (``__key__`` plus extensions) to a record.
 
-    The JSON's ``texts`` (MetaCLIP) or ``caption`` (img2dataset) give the alt-texts, a ``.txt`` member is the
-    fallback; a ``target_key`` in the JSON gives the target.
+    The JSON's ``texts`` (MetaCLIP: ``[source, text]`` pairs, see :func:`alt_text_list`) or ``caption``
+    (img2dataset) give the alt-texts, a ``.txt`` member is the fallback; a ``target_key`` in the JSON gives the
+    target.
     """
     key = sample.get("__key__", "?")
     image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -138,16 +167,17 @@ def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Recor
             raise BadRecord(f"sample {key!r}: broken JSON: {err}") from None
         if not isinstance(meta, dict):
             raise BadRecord(f"sample {key!r}: JSON is not an object")
-    if "texts" in meta:
-        alt = alt_text_list(meta["texts"])
-    elif "caption" in meta:
-        alt = alt_text_list(meta["caption"])
-    elif "txt" in sample:
-        alt = [sample["txt"].decode("utf-8", errors="replace")]
-    else:
-        alt = alt_text_list(meta.get(fields.alt_key))
+    field = next((name for name in ("texts", "caption") if name in meta), None)
+    try:
+        if field is None and "txt" in sample:
+            alt, alt_sources = [sample["txt"].decode("utf-8", errors="replace")], []
+        else:
+            alt, alt_sources = alt_text_list(meta.get(field or fields.alt_key), fields.alt_sources)
+    except BadRecord as err:
+        raise BadRecord(f"sample {key!r}: {err}") from None
     target = meta.get(fields.target_key) if fields.target_key else None
-    return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": sample.get("__url__")})
+    return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": sample.get("__url__")},
+                  alt_sources=alt_sources)
 
 
 class DamagedShard(ValueError):
@@ -182,6 +212,7 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
                 key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
                 if key is None or _TAR_META.match(info.name):
                     continue
+                key = key.removeprefix("./")  # `tar -C dir .` names members ./<uuid>.jpeg: the key is the uuid
                 if group is not None and group["__key__"] != key:
                     yield group
                     count += 1

@@ -22,7 +22,9 @@ class Record:
 
     ``target_without_alt`` is the caption to learn when the prompt is dropped, for data whose captions depend
     on what the alt-text told (the demo world writes the name only when the alt-text has it).
-    ``extra`` keeps the source's other fields (annotation rounds, url, ...).
+    ``extra`` keeps the source's other fields (annotation rounds, url, ...). ``alt_sources`` names where each
+    alt-text came from when the data says so (MetaCLIP's ``texts`` pairs: ``alt``, ``title``, ...): one entry per
+    alt-text, or empty when the data names no sources.
     """
 
     key: str
@@ -31,6 +33,7 @@ class Record:
     target: str | None = None
     target_without_alt: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    alt_sources: list[str] = field(default_factory=list)
 
 
 def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
