@@ -6,6 +6,7 @@ checkpoints, sample captions, and the export folder that :class:`altogether.Reca
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import MAX_SKIP_REASONS, CaptionDataModule, open_sources
 from .data.readers import IMAGE_EXTENSIONS, detect_format
 from .data.records import Record, load_image
-from .export import is_lora, load_export, merge_adapter, save_export
+from .export import export_model_config, is_lora, load_export, merge_adapter, read_export_config, save_export
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, causal_lm, load_tokenizer
 
@@ -318,6 +319,23 @@ def _resume_path(cfg: RecipeConfig, run_dir: Path) -> str | None:
     return str(cfg.resume)
 
 
+def model_of_init(cfg: RecipeConfig) -> tuple[RecipeConfig, dict[str, Any] | None]:
+    """The recipe with the model its ``init_from`` export holds, and that export's encoder source.
+
+    A run that starts from an export trains that export's model (encoder, mapper, decoder architecture), whatever
+    the recipe's ``model`` block says; only how the decoder trains (``decoder.trainable``, ``decoder.lora``) comes
+    from the recipe. Without ``init_from``: the recipe as it is and no encoder source (the encoder's own).
+    """
+    if not cfg.init_from:
+        return cfg, None
+    meta = read_export_config(cfg.init_from)
+    model = export_model_config(cfg.init_from, meta)
+    model.decoder.trainable, model.decoder.lora = cfg.model.decoder.trainable, cfg.model.decoder.lora
+    cfg = copy.deepcopy(cfg)
+    cfg.model = model
+    return cfg, meta.get("encoder_source")
+
+
 def fit(
     cfg: RecipeConfig,
     *,
@@ -330,6 +348,7 @@ def fit(
     ``sources`` overrides the records named by ``cfg.data`` (notebooks, the demo); ``model_parts`` supplies a
     ready (model, tokenizer, transform).
     """
+    cfg, encoder_source = model_of_init(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -392,7 +411,7 @@ def fit(
                  cfg.recipe, trainer.global_step, module.skipped_total, module.truncated_total,
                  cfg.layout.max_caption_tokens)
         save_export(export, module.model, tokenizer, model_cfg=cfg.model, layout=cfg.layout,
-                    generation=cfg.generation, recipe=to_container(cfg),
+                    generation=cfg.generation, recipe=to_container(cfg), encoder_source=encoder_source,
                     extra={"training": {"steps": trainer.global_step, "skipped": module.skipped_total,
                                         "truncated_captions": module.truncated_total}})
     if trainer.world_size > 1:
