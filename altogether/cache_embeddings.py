@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.records import BadRecord, Record, load_image
+from .data.images import load_image
+from .data.records import BadRecord, Record
 from .io import atomic_write_text, replacing_dir
 
 log = logging.getLogger(__name__)

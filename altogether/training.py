@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 
 from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import CaptionDataModule, open_sources
-from .data.records import Record, load_image
+from .data.images import load_image
+from .data.records import Record
 from .export import is_lora, load_export, merge_adapter, save_export
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, causal_lm, load_tokenizer

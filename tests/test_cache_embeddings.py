@@ -5,7 +5,8 @@ import torch
 
 from altogether.cache_embeddings import CachedSource, EmbeddingCache, main, write_cache
 from altogether.data.datamodule import open_sources
-from altogether.data.records import BadRecord, load_image
+from altogether.data.images import load_image
+from altogether.data.records import BadRecord
 from altogether.training import build_model
 
 

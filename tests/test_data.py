@@ -10,7 +10,8 @@ import pytest
 from altogether.config import DecoderConfig, LayoutConfig
 from altogether.data.datamodule import (ResumableSampler, SampleBuilder, collate_training, open_sources)
 from altogether.data.readers import Fields, TableSource, detect_format, iter_webdataset
-from altogether.data.records import BadRecord, Record, load_image
+from altogether.data.images import load_image
+from altogether.data.records import BadRecord, Record
 from altogether.model import load_tokenizer
 
 from .conftest import draw
