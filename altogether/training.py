@@ -181,7 +181,9 @@ def build_model(cfg: RecipeConfig, device: str = "cpu"):
     """
     with_encoder = not cfg.data.use_cache
     if cfg.init_from:
-        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device, with_encoder=with_encoder)
+        # The recipe's resize policy, not the export's: it is the one this run's export will record.
+        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device, with_encoder=with_encoder,
+                                                     resize_mode=cfg.model.encoder.resize_mode)
     else:
         tokenizer = load_tokenizer(cfg.model.decoder)
         model, transform = AltogetherModel.from_config(cfg.model, tokenizer, device=device, with_encoder=with_encoder)

@@ -1,18 +1,22 @@
-"""The one image decoder: as a viewer shows it, with a bounded cost. Images are built here in the formats and
-modes the web serves, then read as files or bytes."""
+"""The one image decoder (as a viewer shows it, with a bounded cost) and the one resize policy on the way to the
+encoder. Images are built here in the formats and modes the web serves, then read as files or bytes."""
 
 import io
 import os
 import struct
+import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from altogether.config import EncoderConfig
 from altogether.data.images import MAX_ASPECT_RATIO, load_image
 from altogether.data.records import BadRecord
+from altogether.model import ImageEncoder
 
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 
@@ -269,3 +273,109 @@ def test_non_images_truncated_and_missing_files_are_bad_records(tmp_path):
             load_image(data, key=key)
     with pytest.raises(BadRecord, match="image file not found"):
         load_image(tmp_path / "gone.png", key="gone")
+
+
+# --------------------------------------------------------------------- thin images in a recaption run
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last :func:`reset_peak_rss` (Linux ``VmHWM``)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def reset_peak_rss() -> float:
+    """Reset the peak to the current resident memory (``clear_refs`` 5) and return that, in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return peak_rss_mb()
+
+
+def write_tar(path: Path, samples: dict[str, bytes]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for key, image in samples.items():
+            for name, data in ((f"{key}.png", image), (f"{key}.txt", b"an alt-text")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="peak memory is read from Linux /proc")
+def test_thin_images_in_a_recaption_run_are_listed_and_memory_stays_flat(tiny_dirs, tmp_path):
+    """The reports' shapes through `recaption` with ViT-H/14's 224-pixel input and the crop policy (where the
+    short side is resized first: 1x20,000 would become 224 x 4.5 M pixels, 3 GB)."""
+    from altogether.config import DecoderConfig, MapperConfig, ModelConfig
+    from altogether.model import AltogetherModel, load_tokenizer
+    from altogether.recaption import recaption_shards
+    from altogether.tiny import TINY_CLIP, tiny_opt_config, write_tiny_clip
+    from tests.conftest import save_tiny_export
+
+    clip = write_tiny_clip(tmp_path / "clip224", model_cfg={
+        **TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "image_size": 224, "patch_size": 32}})
+    cfg = ModelConfig(encoder=EncoderConfig(name=f"local-dir:{clip}", pretrained=None, resize_mode="crop"),
+                      mapper=MapperConfig(num_visual_tokens=4, num_layers=1, num_heads=2),
+                      decoder=DecoderConfig(config=tiny_opt_config(), tokenizer=str(tiny_dirs[1])))
+    tokenizer = load_tokenizer(cfg.decoder)
+    model, _ = AltogetherModel.from_config(cfg, tokenizer)
+    export = save_tiny_export(tmp_path / "export", (model, tokenizer, None), cfg, max_new_tokens=3, do_sample=False)
+    good = encoded(Image.new("RGB", (300, 200), RED), "PNG")
+    for name, samples in {"warm": {"a": good, "b": good, "c": good},
+                          "thin": {"a": good, "tall": thin_png(1, 20_000), "taller": thin_png(1, 2_000_000)}}.items():
+        (tmp_path / name).mkdir()
+        write_tar(tmp_path / name / f"{name}.tar", samples)
+    run = {"num_workers": 0, "batch_size": 2, "progress_bar": False}
+    recaption_shards(export, str(tmp_path / "warm"), tmp_path / "out-warm", **run)  # imports and first-use caches
+
+    before = reset_peak_rss()
+    summary = recaption_shards(export, str(tmp_path / "thin"), tmp_path / "out-thin", **run)
+    growth = peak_rss_mb() - before
+    assert summary["samples"] == {"captioned": 1, "bad": 2, "bad_not_listed": 0}
+    reasons = {b["key"]: b["reason"] for b in summary["bad_samples"]}
+    assert "1x20000 pixels: aspect ratio 20000:1" in reasons["tall"]
+    assert "1x2000000 pixels: aspect ratio 2000000:1" in reasons["taller"]
+    assert growth < 100, growth  # the report: +5.6 GB, then MemoryError
+
+
+# ------------------------------------------------------------------------------ the resize policy
+
+
+def wide_photo_with_an_object_at_the_edge() -> Image.Image:
+    """16:9, grey, with a red square touching the right edge: what a centre crop cuts away."""
+    img = Image.new("RGB", (160, 90), (128, 128, 128))
+    img.paste(RED, (145, 38, 160, 53))
+    return img
+
+
+def encoder_input(transform, image) -> torch.Tensor:
+    """The transform's output mapped back to 0..1 RGB (the tiny CLIP normalises with mean = std = 0.5)."""
+    return transform(image) * 0.5 + 0.5
+
+
+def red_pixels(x: torch.Tensor) -> int:
+    return int(((x[0] > 0.7) & (x[1] < 0.3) & (x[2] < 0.3)).sum())
+
+
+def seen_policy(transform) -> str:
+    """Which resize policy a transform applies, told apart from its output on the wide photo."""
+    x = encoder_input(transform, wide_photo_with_an_object_at_the_edge())
+    if not red_pixels(x):
+        return "crop"
+    return "pad" if bool((x[:, 0, :] > 0.95).all()) else "squash"  # pad: white rows above the photo
+
+
+def test_an_object_at_the_edge_reaches_the_encoder_under_the_default_policy(tiny_dirs):
+    name = f"local-dir:{tiny_dirs[0]}"
+    photo = load_image(encoded(wide_photo_with_an_object_at_the_edge(), "JPEG", quality=95))
+    seen = {}
+    for mode in (None, "squash", "pad", "crop"):
+        cfg = EncoderConfig(name=name, pretrained=None) if mode is None else EncoderConfig(name=name, pretrained=None, resize_mode=mode)
+        _, transform = ImageEncoder.from_config(cfg)
+        seen[mode] = x = encoder_input(transform, photo)
+        assert x.shape == (3, 32, 32)
+    assert EncoderConfig().resize_mode == "squash"
+    assert torch.equal(seen[None], seen["squash"]) and red_pixels(seen[None]) >= 4
+    assert red_pixels(seen[None][:, :, -3:]) >= 4  # still at the right edge, in the last columns
+    assert red_pixels(seen["pad"]) >= 2
+    assert red_pixels(seen["crop"]) == 0  # the centre crop keeps 90 of 160 columns
+    # pad: the photo fills rows 7..24 of 32 (90/160 of the height), white above and below
+    rows = seen["pad"].mean(dim=(0, 2))
+    assert bool((rows[:6] > 0.95).all()) and bool((rows[26:] > 0.95).all()) and bool((rows[10:22] < 0.6).all())
