@@ -461,9 +461,11 @@ def resolve_image(record: dict, image_root: str | os.PathLike | None) -> Path | 
 def clip_score_files(scorer: Any, images: Sequence[Path], texts: Sequence[str], batch_size: int = 64) -> list[float]:
     """CLIPScore (0-100, see :mod:`altogether.clip_score`) of ``texts[i]`` against the image file ``images[i]``.
 
-    Images are opened a batch at a time so memory stays flat on large files.
+    Images are decoded as every path decodes them (:func:`altogether.data.images.load_image`), a batch at a time
+    so memory stays flat on large files.
     """
-    from PIL import Image
+    from .data.images import load_image
+    from .data.records import BadRecord
 
     scores: list[float] = []
     for start in range(0, len(images), batch_size):
@@ -471,10 +473,9 @@ def clip_score_files(scorer: Any, images: Sequence[Path], texts: Sequence[str], 
         for path in images[start : start + batch_size]:
             if path not in opened:
                 try:
-                    with Image.open(path) as image:
-                        opened[path] = image.convert("RGB")
-                except OSError as err:
-                    raise AnnotationError(f"{path}: cannot read image ({err})") from None
+                    opened[path] = load_image(path)
+                except BadRecord as err:
+                    raise AnnotationError(str(err)) from None  # names the file and what is wrong
         batch = [opened[path] for path in images[start : start + batch_size]]
         scores.extend(scorer.score(batch, list(texts[start : start + batch_size])).clip_score.tolist())
     return scores

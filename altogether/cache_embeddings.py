@@ -5,11 +5,13 @@ training from the vectors skips JPEG decoding and the encoder (Synth², training
 folder holds
 
 ```
-cache.json                      encoder spec, data source, embedding size, number of shards and records
+cache.json                      encoder spec (resize policy included), data source, embedding size, number of
+                                shards and records
 embeddings-00000.safetensors    "embeddings": (n, d) float16 and "keys": the samples' keys as UTF-8 bytes
 ```
 ``python -m altogether.cache_embeddings recipe=NAME data.train=... cache_dir=PATH`` writes it;
-``data.cache_dir=PATH`` makes training read it (keys must match the records' keys).
+``data.cache_dir=PATH`` makes training read it (keys must match the records' keys, and the recipe's encoder and
+``model.encoder.resize_mode`` the cache's: a cache without a resize policy was made with ``crop``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.records import BadRecord, Record, load_image
+from .config import LEGACY_RESIZE_MODE
+from .data.images import load_image
+from .data.records import BadRecord, Record
 from .io import atomic_write_text, replacing_dir
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,11 @@ class EmbeddingCache:
         if expect_encoder is not None and _spec(self.meta["encoder"]) != _spec(expect_encoder):
             raise ValueError(f"embedding cache {directory} was made with encoder {self.meta['encoder']}, "
                              f"but the recipe's encoder is {expect_encoder}")
+        made = _resize_mode(self.meta["encoder"])
+        if expect_encoder is not None and made != _resize_mode(expect_encoder):
+            raise ValueError(f"embedding cache {directory} was made with model.encoder.resize_mode={made}, but the "
+                             f"recipe has {_resize_mode(expect_encoder)}: rebuild the cache, or train with "
+                             f"model.encoder.resize_mode={made}")
         vectors, self.index = [], {}
         for i in range(self.meta["shards"]):
             shard = load_file(str(directory / f"embeddings-{i:05d}.safetensors"))
@@ -133,6 +142,10 @@ class EmbeddingCache:
 
 def _spec(encoder: dict) -> tuple:
     return encoder.get("name"), encoder.get("pretrained")
+
+
+def _resize_mode(encoder: dict) -> str:
+    return encoder.get("resize_mode", LEGACY_RESIZE_MODE)
 
 
 class CachedSource(Sequence):

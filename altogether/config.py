@@ -31,10 +31,21 @@ class EncoderConfig:
     ``name`` is an open_clip model name (``ViT-H-14-quickgelu``) or ``local-dir:/path`` (open_clip's own folder
     format: ``open_clip_config.json`` + weights). ``pretrained`` is an open_clip tag (``metaclip_fullcc``) or a
     local checkpoint file; ``None`` means random weights (tests, benchmarks).
+
+    ``resize_mode``: how an image becomes the encoder's square input, the same for training, inference and the
+    embedding cache, and stored in exports and caches. ``squash`` resizes both sides (the whole image, its aspect
+    changed; the default: captions describe the whole image, see docs/recipes.md), ``pad`` fits the long side
+    and pads to square with white, ``crop`` fits the short side and centre-crops (open_clip's evaluation
+    transform). Exports and caches written before the setting existed were made with ``crop``
+    (:data:`LEGACY_RESIZE_MODE`) and load with it.
     """
 
     name: str = "ViT-H-14-quickgelu"
     pretrained: Optional[str] = "metaclip_fullcc"
+    resize_mode: str = "squash"  # squash | pad | crop
+
+
+LEGACY_RESIZE_MODE = "crop"  # open_clip's evaluation transform, which every encoder used before resize_mode
 
 
 @dataclass
@@ -272,6 +283,7 @@ def _describe(err: OmegaConfBaseException, path: Path) -> str:
 
 
 _CHOICES = {
+    "model.encoder.resize_mode": ("squash", "pad", "crop"),
     "model.decoder.trainable": ("full", "lora", "frozen"),
     "model.decoder.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.format": ("auto", "annotations", "jsonl", "parquet", "webdataset", "demo"),

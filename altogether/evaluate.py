@@ -36,7 +36,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .conditions import CONDITIONS, build_conditions
 from .config import ConfigError, GenerationOverrides, check_alt_text_sources
-from .data.records import BadRecord, ImageRef, Record, load_image
+from .data.images import load_image
+from .data.records import BadRecord, ImageRef, Record
 from .io import atomic_write_text
 
 log = logging.getLogger(__name__)

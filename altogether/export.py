@@ -15,6 +15,8 @@ Encoder: referenced by its open_clip name + pretrained tag (or ``hf-hub:`` name)
 ``include_encoder=True`` or the reference would not load on another machine (a ``local-dir:`` folder, a
 local checkpoint file, random weights); then ``encoder/`` holds it and ``model.encoder`` says
 ``local-dir:encoder``. ``encoder_source`` always records where the encoder originally came from.
+``model.encoder.resize_mode`` is the resize policy the model was trained with; loading uses it (an export
+without it was made before the setting existed, with ``crop``: :data:`~altogether.config.LEGACY_RESIZE_MODE`).
 
 LoRA: the adapter is stored in ``adapter/``. The base decoder under it is referenced (``lora.base_decoder``
 names the Hugging Face Hub id) when its weights are exactly the pretrained ones loaded from that id;
@@ -37,7 +39,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
-from .config import EncoderConfig, GenerationSettings, LayoutConfig, ModelConfig
+from .config import LEGACY_RESIZE_MODE, EncoderConfig, GenerationSettings, LayoutConfig, ModelConfig
 from .io import replacing_dir
 from .model import AltogetherModel, causal_lm
 
@@ -139,12 +141,14 @@ def save_export(
     with replacing_dir(directory) as tmp:
         model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
         loadable = dict(model_dict["encoder"])
+        resize_mode = loadable.pop("resize_mode")
         source = dict(encoder_source or loadable)
         if include_encoder or not encoder_is_portable(source):
             _save_encoder(loadable, tmp / ENCODER_DIR)
             model_dict["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
         else:
-            model_dict["encoder"] = source
+            model_dict["encoder"] = dict(source)
+        model_dict["encoder"]["resize_mode"] = resize_mode
         hf_config = causal_lm(model.decoder).config
         lora = None
         if is_lora(model.decoder):
@@ -213,7 +217,7 @@ def copy_export(source: str | Path, target: str | Path, *, include_encoder: bool
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         if include_encoder and not (tmp / ENCODER_DIR).is_dir():
             _save_encoder(meta["encoder_source"], tmp / ENCODER_DIR)
-            meta["model"]["encoder"] = {"name": f"local-dir:{ENCODER_DIR}", "pretrained": None}
+            meta["model"]["encoder"].update(name=f"local-dir:{ENCODER_DIR}", pretrained=None)
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return target
 
@@ -245,6 +249,8 @@ def export_model_config(directory: str | Path, meta: dict[str, Any], *, base_dec
     referenced: that base loads from the Hub id, or from ``base_decoder`` (e.g. a local copy) when given.
     """
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"])
+    if "resize_mode" not in meta["model"]["encoder"]:
+        cfg.encoder.resize_mode = LEGACY_RESIZE_MODE
     if cfg.encoder.name == f"local-dir:{ENCODER_DIR}":
         cfg.encoder.name = f"local-dir:{Path(directory).resolve() / ENCODER_DIR}"
     reference = (meta.get("lora") or {}).get("base_decoder")
@@ -270,13 +276,15 @@ def load_export(
     base_decoder: str | None = None,
     attn_implementation: str | None = None,
     dtype: torch.dtype = torch.float32,
+    resize_mode: str | None = None,
 ) -> tuple[AltogetherModel, Any, Callable | None, dict[str, Any]]:
     """(model, tokenizer, image transform, export config) from an export folder, strictly.
 
     ``merge_lora`` merges a LoRA adapter into the decoder weights (faster inference, no peft wrapper);
     ``base_decoder`` overrides where a referenced LoRA base decoder loads from; ``attn_implementation``
-    overrides the one the export was trained with (``auto`` picks what this machine has). ``dtype``: the mapper's
-    and decoder's (float32, as training needs, unless asked).
+    overrides the one the export was trained with (``auto`` picks what this machine has); ``resize_mode``
+    overrides the export's resize policy (training that starts from an export uses its recipe's). ``dtype``: the
+    mapper's and decoder's (float32, as training needs, unless asked).
     """
     from .model import load_tokenizer
 
@@ -288,6 +296,8 @@ def load_export(
     cfg = export_model_config(directory, meta, base_decoder=base_decoder)
     if attn_implementation is not None:
         cfg.decoder.attn_implementation = attn_implementation
+    if resize_mode is not None:
+        cfg.encoder.resize_mode = resize_mode
     tokenizer = load_tokenizer(cfg.decoder)
     model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder,
                                                     dtype=dtype)

@@ -35,12 +35,23 @@ class WeightsUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 
 
+# model.encoder.resize_mode in open_clip's PreprocessCfg vocabulary.
+OPEN_CLIP_RESIZE_MODES = {"squash": "squash", "pad": "longest", "crop": "shortest"}
+PAD_FILL = 255  # pad with white: transparency is matted onto white too, and img2dataset's border mode pads white
+
+
 def create_open_clip(cfg: EncoderConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable]:
-    """The whole open_clip model (both towers) and its evaluation transform, with a clear error offline."""
+    """The whole open_clip model (both towers) and its evaluation transform, with a clear error offline.
+
+    The transform is open_clip's own (``image_transform_v2``, as ``create_model_and_transforms`` builds it) with
+    the model's size, mean, std and interpolation and ``cfg.resize_mode``'s resize: PIL RGB image -> (3, S, S)
+    float tensor. The model's own ``preprocess_cfg`` is left as open_clip configured it.
+    """
     import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=cfg.pretrained, device=device)
+        model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device)
     except (RuntimeError, OSError, ValueError) as err:
         source = f"open_clip model {cfg.name!r} with pretrained={cfg.pretrained!r}"
         raise WeightsUnavailableError(
@@ -49,6 +60,8 @@ def create_open_clip(cfg: EncoderConfig, device: str | torch.device = "cpu") -> 
             "architecture name), or model.encoder.name=local-dir:/folder holding open_clip_config.json and the "
             "weights, or set HF_HOME to a cache that already holds them."
         ) from err
+    resize = {"resize_mode": OPEN_CLIP_RESIZE_MODES[cfg.resize_mode], "fill_color": PAD_FILL}
+    preprocess = image_transform_v2(PreprocessCfg(**{**model.visual.preprocess_cfg, **resize}), is_train=False)
     return model, preprocess
 
 

@@ -34,7 +34,8 @@ from .cli import run_cli
 from .config import ConfigError, GenerationOverrides, GenerationSettings, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields
-from .data.records import BadRecord, load_image
+from .data.images import load_image
+from .data.records import BadRecord
 from .export import export_model_config, generation_from, read_export_config
 from .io import atomic_write_bytes, atomic_write_text
 from .layout import build_prompt, tokenize_sample

@@ -25,7 +25,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .config import ModelConfig
-from .data.records import ImageRef, load_image
+from .data.images import load_image
+from .data.records import ImageRef
 from .export import ExportError, export_model_config, generation_from, layout_from, load_export, save_export
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel

@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 
 from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import MAX_SKIP_REASONS, CaptionDataModule, open_sources
+from .data.images import load_image
 from .data.readers import IMAGE_EXTENSIONS, detect_format
-from .data.records import Record, load_image
+from .data.records import Record
 from .export import export_model_config, is_lora, load_export, merge_adapter, read_export_config, save_export
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, causal_lm, load_tokenizer
@@ -260,7 +261,9 @@ def build_model(cfg: RecipeConfig, device: str = "cpu"):
     """
     with_encoder = not cfg.data.use_cache
     if cfg.init_from:
-        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device, with_encoder=with_encoder)
+        # The recipe's resize policy, not the export's: it is the one this run's export will record.
+        model, tokenizer, transform, _ = load_export(cfg.init_from, device=device, with_encoder=with_encoder,
+                                                     resize_mode=cfg.model.encoder.resize_mode)
     else:
         tokenizer = load_tokenizer(cfg.model.decoder)
         model, transform = AltogetherModel.from_config(cfg.model, tokenizer, device=device, with_encoder=with_encoder)
@@ -323,14 +326,15 @@ def model_of_init(cfg: RecipeConfig) -> tuple[RecipeConfig, dict[str, Any] | Non
     """The recipe with the model its ``init_from`` export holds, and that export's encoder source.
 
     A run that starts from an export trains that export's model (encoder, mapper, decoder architecture), whatever
-    the recipe's ``model`` block says; only how the decoder trains (``decoder.trainable``, ``decoder.lora``) comes
-    from the recipe. Without ``init_from``: the recipe as it is and no encoder source (the encoder's own).
+    the recipe's ``model`` block says; how this run trains comes from the recipe: ``decoder.trainable``,
+    ``decoder.lora`` and the images' ``encoder.resize_mode`` (which its export then records). Without ``init_from``: the recipe as it is and no encoder source (the encoder's own).
     """
     if not cfg.init_from:
         return cfg, None
     meta = read_export_config(cfg.init_from)
     model = export_model_config(cfg.init_from, meta)
     model.decoder.trainable, model.decoder.lora = cfg.model.decoder.trainable, cfg.model.decoder.lora
+    model.encoder.resize_mode = cfg.model.encoder.resize_mode
     cfg = copy.deepcopy(cfg)
     cfg.model = model
     return cfg, meta.get("encoder_source")

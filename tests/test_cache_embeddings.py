@@ -5,7 +5,8 @@ import torch
 
 from altogether.cache_embeddings import CachedSource, EmbeddingCache, main, write_cache
 from altogether.data.datamodule import open_sources
-from altogether.data.records import BadRecord, load_image
+from altogether.data.images import load_image
+from altogether.data.records import BadRecord
 from altogether.training import build_model
 
 
@@ -20,7 +21,8 @@ def test_cache_round_trip_and_same_loss_as_the_image_path(make_recipe, jsonl_dat
     torch.manual_seed(0)
     model, tok, transform = build_model(cfg)
     train, _ = open_sources(cfg)
-    cache = EmbeddingCache(cache_dir, expect_encoder={"name": cfg.model.encoder.name, "pretrained": None})
+    cache = EmbeddingCache(cache_dir, expect_encoder={"name": cfg.model.encoder.name, "pretrained": None,
+                                                      "resize_mode": "squash"})
     cached = CachedSource(train, cache)
     record = train[3]
     direct = model.embed_images(transform(load_image(record.image))[None])
@@ -58,6 +60,40 @@ def test_mismatched_encoder_and_missing_keys_are_errors(tmp_path, tiny_parts):
     assert cached[0].extra["image_embeds"].shape == (32,)
     with pytest.raises(BadRecord, match="no cached embedding"):
         cached[1]
+
+
+def test_a_cache_made_with_another_resize_policy_is_refused(tmp_path, tiny_parts, make_recipe, jsonl_data):
+    model, _, transform = tiny_parts
+    from altogether.data.records import Record
+    from altogether.training import fit
+    from tests.conftest import draw
+
+    spec = {"name": "x", "pretrained": None}
+    write_cache(tmp_path / "crop", [Record("a", draw("red", "square"), [])], model.encoder, transform,
+                encoder_spec={**spec, "resize_mode": "crop"}, source="test")
+    assert len(EmbeddingCache(tmp_path / "crop", expect_encoder={**spec, "resize_mode": "crop"})) == 1
+    with pytest.raises(ValueError, match=r"made with model.encoder.resize_mode=crop, but the recipe has squash"):
+        EmbeddingCache(tmp_path / "crop", expect_encoder={**spec, "resize_mode": "squash"})
+    # A cache from before the setting (no resize_mode) was made with open_clip's evaluation transform: crop.
+    old = json.loads((tmp_path / "crop" / "cache.json").read_text())
+    del old["encoder"]["resize_mode"]
+    (tmp_path / "crop" / "cache.json").write_text(json.dumps(old))
+    assert len(EmbeddingCache(tmp_path / "crop", expect_encoder={**spec, "resize_mode": "crop"})) == 1
+    with pytest.raises(ValueError, match="resize_mode=crop, but the recipe has pad"):
+        EmbeddingCache(tmp_path / "crop", expect_encoder={**spec, "resize_mode": "pad"})
+
+    # Through training: a cache built by the command with the default policy, a run asking for crop.
+    cfg = make_recipe("finetune_round3", {"data.format": "jsonl", "data.train": str(jsonl_data)})
+    cache_dir = tmp_path / "cache"
+    assert main(["recipe=finetune_round3", f"cache_dir={cache_dir}", *[f"{k}={v}" for k, v in _flat(cfg).items()]]) == 0
+    assert json.loads((cache_dir / "cache.json").read_text())["encoder"]["resize_mode"] == "squash"
+    run = make_recipe("finetune_round3", {**_flat(cfg), "data.use_cache": True, "data.cache_dir": str(cache_dir),
+                                          "model.encoder.pretrained": None, "init_from": None,
+                                          "model.encoder.resize_mode": "crop"})
+    with pytest.raises(ValueError) as refused:
+        fit(run)
+    assert str(refused.value) == (f"embedding cache {cache_dir} was made with model.encoder.resize_mode=squash, but "
+                                  "the recipe has crop: rebuild the cache, or train with model.encoder.resize_mode=squash")
 
 
 def _flat(cfg):

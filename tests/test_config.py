@@ -17,6 +17,7 @@ def test_shipped_recipes_carry_table_10_values():
         g = cfg.generation
         assert (g.temperature, g.top_p, g.top_k, g.do_sample) == (0.2, 0.7, 0, True)
         assert cfg.model.encoder.name == "ViT-H-14-quickgelu" and cfg.model.encoder.pretrained == "metaclip_fullcc"
+        assert cfg.model.encoder.resize_mode == "squash"  # the whole image, in training and inference alike
         assert cfg.model.decoder.name_or_path == "facebook/opt-1.3b"
     pre = load_recipe("pretrain")
     assert (pre.optim.max_steps, pre.optim.warmup_steps, pre.data.task) == (44000, 2000, "pretrain")
@@ -35,6 +36,7 @@ def test_shipped_recipes_carry_table_10_values():
     (["model.decoder.trainable=half"], "model.decoder.trainable"),
     (["data.max_skipped_fraction=1.5"], "data.max_skipped_fraction"),
     (["data.alt_text_sources=[]"], "data.alt_text_sources"),
+    (["model.encoder.resize_mode=shortest"], "model.encoder.resize_mode"),
 ])
 def test_bad_overrides_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

@@ -11,8 +11,9 @@ import pytest
 from altogether.config import DecoderConfig, LayoutConfig
 from altogether.data.datamodule import (ResumableSampler, SampleBuilder, collate_training, data_fields,
                                         open_sources)
+from altogether.data.images import load_image
 from altogether.data.readers import Fields, TableSource, alt_text_list, detect_format, iter_webdataset
-from altogether.data.records import BadRecord, Record, load_image
+from altogether.data.records import BadRecord, Record
 from altogether.layout import training_pair
 from altogether.model import load_tokenizer
 

@@ -48,7 +48,7 @@ def test_export_layout_and_config(export, tiny_dirs):
     # A local-dir encoder has no portable reference, so it is copied; the source is still recorded.
     assert files(export) == sorted(BASE_FILES + ENCODER_FILES)
     meta = read_export_config(export)
-    assert meta["model"]["encoder"] == {"name": "local-dir:encoder", "pretrained": None}
+    assert meta["model"]["encoder"] == {"name": "local-dir:encoder", "pretrained": None, "resize_mode": "squash"}
     assert meta["encoder_source"]["name"] == f"local-dir:{tiny_dirs[0]}"
     assert meta["lora"] is None and meta["training"] == {"steps": 3}
     assert meta["generation"]["temperature"] == 0.2 and meta["generation"]["top_p"] == 0.7
@@ -114,7 +114,7 @@ def test_referenced_encoder_is_not_copied(tiny_parts, model_cfg, tmp_path):
                       generation=GenerationSettings(), encoder_source=source)
     assert files(out) == BASE_FILES
     meta = read_export_config(out)
-    assert meta["model"]["encoder"] == source == meta["encoder_source"]
+    assert meta["model"]["encoder"] == {**source, "resize_mode": "squash"} and meta["encoder_source"] == source
     # include_encoder copies it from where it loads now, keeping the reference as its source.
     full = save_export(tmp_path / "full", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
                        generation=GenerationSettings(), encoder_source=source, include_encoder=True)
@@ -171,3 +171,36 @@ def test_a_tokenizer_larger_than_the_decoder_grows_the_embeddings_and_says_so(ti
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
                       generation=GenerationSettings())
     assert load_export(out)[0].decoder.get_input_embeddings().num_embeddings == tokens
+
+
+def test_the_resize_policy_is_stored_and_old_exports_load_with_crop(tiny_parts, model_cfg, make_recipe, tmp_path):
+    """An export keeps its policy through load, save_pretrained and copy_export; one written before the setting
+    existed (no ``resize_mode``) was trained with open_clip's evaluation transform and loads with ``crop``."""
+    from omegaconf import OmegaConf
+
+    from altogether import Recaptioner
+    from tests.test_images import seen_policy
+
+    model, tokenizer, _ = tiny_parts
+    padded = OmegaConf.merge(OmegaConf.structured(model_cfg), {"encoder": {"resize_mode": "pad"}})
+    export = save_export(tmp_path / "pad", model, tokenizer, model_cfg=padded, layout=LayoutConfig(),
+                         generation=GenerationSettings())
+    assert read_export_config(export)["model"]["encoder"]["resize_mode"] == "pad"
+    assert seen_policy(load_export(export)[2]) == "pad"
+    resaved = Recaptioner.from_pretrained(export).save_pretrained(tmp_path / "resaved")
+    assert seen_policy(Recaptioner.from_pretrained(resaved).transform) == "pad"
+    # Training that starts from it uses the recipe's policy, the one its own export will record.
+    from altogether.training import build_model
+
+    assert seen_policy(build_model(make_recipe("finetune_round3", {"init_from": str(export)}))[2]) == "squash"
+
+    old = tmp_path / "old"
+    shutil.copytree(export, old)
+    meta = read_export_config(old)
+    del meta["model"]["encoder"]["resize_mode"]
+    (old / CONFIG_FILE).write_text(json.dumps(meta))
+    assert seen_policy(load_export(old)[2]) == "crop"
+    assert seen_policy(load_export(old, resize_mode="squash")[2]) == "squash"  # a recipe starting from it
+    resaved = Recaptioner.from_pretrained(old).save_pretrained(tmp_path / "old-resaved")
+    assert read_export_config(resaved)["model"]["encoder"]["resize_mode"] == "crop"
+    assert "resize_mode" not in read_export_config(copy_export(old, tmp_path / "old-copy"))["model"]["encoder"]

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from altogether import Recaptioner, evaluate, hub, recaption, train
 from altogether.cli import run_cli
 from altogether.config import EncoderConfig
-from altogether.data.records import load_image
+from altogether.data.images import load_image
 from altogether.model import ImageEncoder
 from altogether.tiny import OPT_1_3B_CONFIG, TINY_OPT_SHAPE, TINY_OPT_TOKENIZER_SIZE
 

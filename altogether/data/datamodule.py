@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from ..layout import (SampleTokens, collate, collate_packed, count_truncated, sequence_runs, tokenize_sample,
                       training_pair)
+from .images import load_image
 from .readers import (DamagedShard, Fields, TableSource, detect_format, expand_shards, iter_tar_samples,
                       webdataset_sample_to_record)
-from .records import BadRecord, Record, load_image
+from .records import BadRecord, Record
 
 log = logging.getLogger(__name__)
 

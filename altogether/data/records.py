@@ -1,13 +1,12 @@
-"""The record every reader produces, and turning its image field into a PIL image."""
+"""The record every reader produces (its image field is decoded by :mod:`altogether.data.images`)."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 ImageRef = Union[str, Path, bytes, Image.Image]
 
@@ -35,20 +34,3 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     alt_sources: list[str] = field(default_factory=list)
 
-
-def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
-    """Decode a path, encoded bytes or PIL image into an RGB PIL image; :class:`BadRecord` if it cannot."""
-    where = f"record {key!r}: " if key else ""
-    try:
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        if isinstance(image, (bytes, bytearray)):
-            with Image.open(io.BytesIO(image)) as img:
-                return img.convert("RGB")
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise BadRecord(f"{where}image file not found: {image}") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        shown = image if isinstance(image, (str, Path)) else f"<{len(image)} bytes>" if isinstance(image, bytes) else "image"
-        raise BadRecord(f"{where}unreadable image {shown}: {err}") from None

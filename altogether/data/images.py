@@ -1,0 +1,114 @@
+"""The one image decoder: a path, encoded bytes or a PIL image in, the RGB image a viewer shows out.
+
+Every path that looks at an image (training samples, the embedding cache, :class:`~altogether.Recaptioner`,
+``recaption``, ``evaluate``, annotation CLIP scores) decodes it with :func:`load_image`, so each rule below is
+decided once:
+
+* **Cost, before decoding.** The header's size is checked first. More than :data:`MAX_IMAGE_AREA` pixels
+  (Pillow's decompression-bomb threshold) or a long side more than :data:`MAX_ASPECT_RATIO` times the short
+  side is refused. The ratio bounds what every resize policy (``model.encoder.resize_mode``) costs for an
+  encoder input of S x S pixels: ``crop`` resizes the short side to S, so at most S x 50 S pixels (2.5 M at
+  ViT-H/14's 224, 7.5 MB) instead of the 224 x 4.5 M (3 GB) a 1x20,000 image would cost; ``pad`` fits the long
+  side, so the short side keeps at least S / 50 pixels (open_clip refuses a side rounded to 0); ``squash`` is
+  always S x S. Web banners (728x90 is 8:1, 970x90 is 11:1) are well inside the ratio.
+* **Animated images** (GIF, WebP, APNG): the first frame, what a viewer shows before playing (Pillow opens a
+  file on it; the other frames are never decoded). A PIL image passed in keeps the frame it is on.
+* **Orientation**: the EXIF Orientation tag is applied (:func:`PIL.ImageOps.exif_transpose`), so a phone photo
+  stored sideways comes out upright, as annotators saw it.
+* **Transparency** (an alpha channel: ``RGBA``, ``LA``, ``PA``; a palette with alpha; a ``tRNS`` colour key on
+  ``P``, ``L`` or ``RGB``) is matted onto white, as img2dataset does before it re-encodes
+  (``out = round(a / 255 * c + 255 - a)`` per channel, for the alpha ``a`` and colour ``c`` in 0..255).
+* **Bit depth.** 16-bit greyscale (``I;16``, ``I;16B``, ...) and ``I`` (Pillow's mode for 16-bit PGM and older
+  16-bit PNG) are scaled from 0..65535 to 0..255 (``round(v / 257)``, values outside clipped), not clipped to
+  white as Pillow's own ``convert`` does. Floating point (``F``) is read as 0..1 (``round(v * 255)``,
+  clipped), the display range of float image formats. 16-bit colour PNGs come from Pillow as 8-bit ``RGB`` or
+  ``RGBA`` holding each sample's high byte (``v >> 8``, at most one level below ``round(v / 257)``).
+* **Other modes** use Pillow's conversion: ``L`` and ``1`` repeat the grey value, ``P`` looks up its palette,
+  ``CMYK`` is ``R = (255 - C) (255 - K) / 255`` (likewise G from M and B from Y). Embedded ICC profiles are not
+  applied: values are taken as sRGB.
+
+Anything that cannot be decoded (not an image, a truncated file, a missing file, a refused size) raises
+:class:`~altogether.data.records.BadRecord` naming the record, so callers skip it, count it and list the reason.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .records import BadRecord, ImageRef
+
+MAX_IMAGE_AREA = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS default: about 0.25 GB at 24 bits per pixel
+MAX_ASPECT_RATIO = 50  # long side / short side; see the module docstring for what it bounds
+WHITE = (255, 255, 255)
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class _Refused(ValueError):
+    """An image whose size alone makes it too costly to decode or resize."""
+
+
+def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
+    """Decode a path, encoded bytes or PIL image into the RGB PIL image a viewer shows (module docstring).
+
+    Raises :class:`BadRecord` (message names ``key`` and the image) when the file is missing, unreadable,
+    truncated, or refused for its size. A PIL image passed in is never modified.
+    """
+    where = f"record {key!r}: " if key else ""
+    try:
+        if isinstance(image, Image.Image):
+            return _as_viewed(image, opened=False)
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+        with Image.open(source) as img:
+            return _as_viewed(img, opened=True)
+    except FileNotFoundError:
+        raise BadRecord(f"{where}image file not found: {image}") from None
+    except _Refused as err:
+        raise BadRecord(f"{where}image {_shown(image)} refused: {err}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+        raise BadRecord(f"{where}unreadable image {_shown(image)}: {err}") from None
+
+
+def _shown(image: ImageRef) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return f"<{len(image)} bytes>" if isinstance(image, (bytes, bytearray)) else "image"
+
+
+def _as_viewed(img: Image.Image, *, opened: bool) -> Image.Image:
+    width, height = img.size
+    if width * height > MAX_IMAGE_AREA:
+        raise _Refused(f"{width}x{height} is {width * height} pixels, more than {MAX_IMAGE_AREA}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        ratio = max(width, height) / max(min(width, height), 1)
+        raise _Refused(f"{width}x{height} pixels: aspect ratio {ratio:.0f}:1 is more than {MAX_ASPECT_RATIO}:1")
+    img.load()  # decode now: a truncated file fails here, inside the caller's error handling
+    if opened:
+        ImageOps.exif_transpose(img, in_place=True)
+    else:
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16") or img.mode == "I":
+        return _to_8bit(img, 1 / 257).convert("RGB")
+    if img.mode == "F":
+        return _to_8bit(img, 255).convert("RGB")
+    transparent = img.mode in _ALPHA_MODES or "transparency" in img.info
+    if img.mode == "P" and img.palette is not None and img.palette.mode.endswith("A"):
+        transparent = True
+    if not transparent:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    matted = Image.new("RGB", rgba.size, WHITE)
+    matted.paste(rgba, mask=rgba.getchannel("A"))  # rounds (c * a + 255 * (255 - a)) / 255, img2dataset's formula
+    return matted
+
+
+def _to_8bit(img: Image.Image, scale: float) -> Image.Image:
+    """``round(v * scale)`` clipped to 0..255 as an ``L`` image (Pillow's F -> L clips, then truncates)."""
+    return img.convert("F").point(lambda v: v * scale + 0.5).convert("L")
