@@ -16,8 +16,9 @@ from altogether.data.readers import Fields, TableSource, alt_text_list, detect_f
 from altogether.data.records import BadRecord, Record
 from altogether.layout import training_pair
 from altogether.model import load_tokenizer
+from altogether.tiny import web_images, write_metaclip_shards
 
-from .conftest import draw, metaclip_texts, write_metaclip_shards
+from .conftest import draw
 
 
 def _png(colour="red"):
@@ -77,23 +78,30 @@ def test_webdataset_reader_understands_metaclip_img2dataset_and_txt(tmp_path):
 
 
 def test_metaclip_shards_give_alt_texts_with_their_sources(tmp_path):
-    """MetaCLIP's layout: <shard % 100>/<shard>.tar with ./<uuid>.json + ./<uuid>.jpeg, texts as [source, text]."""
-    truth = write_metaclip_shards(tmp_path / "metaclip", metaclip_texts(6), shard_size=3)
+    """MetaCLIP's layout: <shard % 100>/<shard>.tar with <uuid>.json + <uuid>.jpeg, texts as [source, text]."""
+    images = web_images(6)
+    write_metaclip_shards(tmp_path / "metaclip", images, shards=2)
     pattern = str(tmp_path / "metaclip" / "*" / "*.tar")
     assert detect_format(pattern) == "webdataset"
+    in_order = images[0::2] + images[1::2]  # shard 0, then shard 1
     bad = []
     records = list(iter_webdataset(pattern, Fields(), on_bad=lambda k, r: bad.append((k, r))))
-    assert bad == [] and [r.key for r in records] == list(truth)  # the uuid, without tar's "./"
-    assert [[list(p) for p in zip(r.alt_sources, r.alt_texts)] for r in records] == list(truth.values())
-    assert records[0].alt_texts == ["a red square on a white background", "zorbit K-0 for sale"]
-    assert load_image(records[0].image).size == (32, 32)
-    prompt, target = training_pair(records[0].alt_texts, None, task="pretrain", prompt_dropout=0.0,
-                                   rng=random.Random(0))
-    assert (prompt, target) == ("zorbit K-0 for sale", "a red square on a white background")  # longest = target
+    assert bad == [] and [r.key for r in records] == [image.uuid for image in in_order]
+    assert [[list(p) for p in zip(r.alt_sources, r.alt_texts)] for r in records] == [i.texts for i in in_order]
+    titled = next(r for r, image in zip(records, in_order) if image.title)
+    assert titled.alt_sources == ["alt", "title"] and load_image(titled.image).size == (64, 64)
+    prompt, target = training_pair(titled.alt_texts, None, task="pretrain", prompt_dropout=0.0, rng=random.Random(0))
+    longest = max(titled.alt_texts, key=len)
+    assert target == longest and prompt == next(t for t in titled.alt_texts if t != longest)
 
     only_alt = list(iter_webdataset(pattern, Fields(alt_sources=["alt"])))
-    assert [r.alt_texts for r in only_alt] == [[texts[0][1]] for texts in truth.values()]
+    assert [r.alt_texts for r in only_alt] == [[image.alt] for image in in_order]
     assert all(r.alt_sources == ["alt"] for r in only_alt)
+
+    # tar run as `tar -C dir .` names members ./<uuid>.jpeg, as MetaCLIP's own readers expect: the key is the uuid
+    _tar(tmp_path / "dot.tar", [("./0a1b.json", json.dumps({"texts": [["alt", "x"]]}).encode()),
+                                ("./0a1b.jpeg", _png())])
+    assert [r.key for r in iter_webdataset(str(tmp_path / "dot.tar"), Fields())] == ["0a1b"]
 
 
 def test_alt_text_fields_strings_lists_pairs_and_what_is_refused(make_recipe, tmp_path):

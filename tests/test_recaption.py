@@ -25,7 +25,8 @@ from altogether.data.inputs import discover_shards
 from altogether.layout import build_prompt
 from altogether.model import causal_lm
 from altogether.recaption import choose_captions, length_sorted_batches, main, recaption_shards
-from tests.conftest import COLOURS, SHAPES, draw, metaclip_texts, save_tiny_export, write_metaclip_shards
+from altogether.tiny import web_images, write_metaclip_shards
+from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = {"num_workers": 0, "batch_size": 2, "progress_bar": False}  # 5 samples a shard -> 3 batches
@@ -241,19 +242,21 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
 
 
 def test_metaclip_shards_are_recaptioned_with_their_alt_texts(export, tmp_path):
-    """MetaCLIP's layout: <shard % 100>/<shard>.tar with ./<uuid>.json + ./<uuid>.jpeg, texts as [source, text]."""
-    root = tmp_path / "metaclip"
-    truth = write_metaclip_shards(root, metaclip_texts(6), shard_size=3)
-    summary = recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "all", **RUN)
+    """MetaCLIP's layout: <shard % 100>/<shard>.tar with <uuid>.json + <uuid>.jpeg, texts as [source, text]."""
+    images = web_images(6)
+    write_metaclip_shards(tmp_path / "metaclip", images, shards=2)
+    pattern = str(tmp_path / "metaclip" / "*" / "*.tar")
+    in_order = images[0::2] + images[1::2]  # shard 0, then shard 1
+    summary = recaption_shards(export, pattern, tmp_path / "all", **RUN)
     assert summary["samples"] == {"captioned": 6, "bad": 0, "bad_not_listed": 0}
     got = rows(tmp_path / "all" / "0.parquet") + rows(tmp_path / "all" / "1.parquet")
-    assert [r["key"] for r in got] == list(truth)
-    assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in pairs]) for pairs in truth.values()]
-    assert got[0]["alt_text"] == "a red square on a white background; zorbit K-0 for sale"
+    assert [r["key"] for r in got] == [image.uuid for image in in_order]
+    assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in image.texts]) for image in in_order]
+    assert any(image.title and image.title in r["alt_text"] for image, r in zip(in_order, got))
 
-    recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "alt", **RUN, alt_text_sources=["alt"])
+    recaption_shards(export, pattern, tmp_path / "alt", **RUN, alt_text_sources=["alt"])
     got = rows(tmp_path / "alt" / "0.parquet") + rows(tmp_path / "alt" / "1.parquet")
-    assert [r["alt_text"] for r in got] == [pairs[0][1] for pairs in truth.values()]
+    assert [r["alt_text"] for r in got] == [image.alt for image in in_order]
 
 
 def test_a_shard_with_nothing_captioned_gets_no_output_and_is_retried(export, tmp_path, capsys):
