@@ -27,6 +27,7 @@ import importlib.util
 import tempfile
 import unicodedata
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -116,8 +117,8 @@ class Prepare:
 
 
 def _stream_key(tensor: torch.Tensor, prompt: Prompt) -> int:
-    data = tensor.detach().float().cpu().contiguous().numpy()
-    return zlib.crc32(torch.tensor(prompt.ids, dtype=torch.int64).numpy().tobytes(), zlib.crc32(data))
+    pixels = zlib.crc32(tensor.detach().float().cpu().contiguous().numpy())
+    return zlib.crc32(array("q", prompt.ids).tobytes(), pixels)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
