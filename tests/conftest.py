@@ -93,12 +93,13 @@ def tiny_parts(tiny_model_cfg):
 
 def save_tiny_export(directory: Path, parts, model_cfg, **generation) -> Path:
     """Export the tiny captioner (untrained weights) with the given generation defaults."""
-    from altogether.config import GenerationSettings, LayoutConfig
+    from altogether.config import LayoutConfig
+    from altogether.generation import GenerationConfig
     from altogether.export import save_export
 
     model, tokenizer, _ = parts
     return save_export(directory, model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
-                       generation=GenerationSettings(**generation))
+                       generation=GenerationConfig(**generation))
 
 
 def write_drawn_jsonl(path: Path, images: str, count: int, fields) -> Path:

@@ -349,6 +349,10 @@ def test_input_discovery_errors(tmp_path):
     (["num_captions=2"], "need sampling"),
     (["num_candidates=2", "num_captions=3", "do_sample=true"], "num_candidates=2 < num_captions=3"),
     (["save_candidates=true"], "needs num_candidates > 1"),
+    (["num_candidates=3"], "num_candidates=3: 3 captions per image need sampling"),
+    (["temperature=0", "do_sample=true"], "temperature must be > 0"),
+    (["num_beams=2", "repetition_penalty=1.2"], "with num_beams=2"),
+    (["max_new_tokens=400"], "max_position_embeddings=512; set max_new_tokens <= 380"),  # from the export's config
 ])
 def test_cli_settings_errors_are_one_line(export, shards, tmp_path, capsys, args, message):
     assert run_cli(main, [str(export), shards[0], str(tmp_path / "o"), *args]) == 2
