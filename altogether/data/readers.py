@@ -283,7 +283,7 @@ class _TarBytes(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read1(n)  # what is there: a whole read() of a cut gzip raises and drops what it had
         self.size += len(data)
-        self.tail = (self.tail + data)[-2 * _TAR_BLOCK :]
+        self.tail = data[-2 * _TAR_BLOCK :] if len(data) >= 2 * _TAR_BLOCK else (self.tail + data)[-2 * _TAR_BLOCK :]
         return data
 
     def close(self) -> None:
