@@ -173,3 +173,78 @@ def test_truncated_tar_yields_complete_samples_then_names_the_damaged_one(tmp_pa
             keys.append(sample["__key__"])
     assert keys == ["s0", "s1"] and err.value.partial_key == "s2"
     assert [s["__key__"] for s in iter_tar_samples(str(tmp_path / "t.tar"))] == ["s0", "s1", "s2"]
+
+
+def test_a_member_stored_twice_is_reported_never_merged(tmp_path):
+    """`tar rf` appends a second s0.png + s0.json; a writer that repeats s2.png inside one sample: every sample
+    keeps its own image and alt-text, the repeats are skipped with a reason (webdataset refuses the shard)."""
+    import shutil
+    import subprocess
+
+    _tar(tmp_path / "t.tar", [("s0.png", _png("red")), ("s0.json", json.dumps({"caption": "red one"}).encode()),
+                              ("s1.png", _png()), ("s1.txt", b"s1 alt"),
+                              ("s2.png", _png("green")), ("s2.txt", b"s2 alt"), ("s2.png", _png("blue"))])
+    appended = tmp_path / "again"
+    appended.mkdir()
+    (appended / "s0.png").write_bytes(_png("blue"))
+    (appended / "s0.json").write_text(json.dumps({"caption": "blue impostor"}))
+    assert shutil.which("tar")
+    subprocess.run(["tar", "rf", str(tmp_path / "t.tar"), "-C", str(appended), "s0.png", "s0.json"], check=True)
+    assert [m.name for m in tarfile.open(tmp_path / "t.tar")].count("s0.png") == 2
+
+    bad = []
+    records = list(iter_webdataset(str(tmp_path / "t.tar"), Fields(), on_bad=lambda k, r: bad.append((k, r))))
+    assert [(r.key, r.alt_texts) for r in records] == [("s0", ["red one"]), ("s1", ["s1 alt"]), ("s2", ["s2 alt"])]
+    assert load_image(records[0].image).getpixel((0, 0)) == load_image(_png("red")).getpixel((0, 0))
+    assert load_image(records[2].image).getpixel((16, 16)) == load_image(_png("green")).getpixel((16, 16))
+    assert [k for k, _ in bad] == ["s2", "s0"] and all("appears again" in r for _, r in bad)
+    assert "'s0.png'" in bad[1][1]
+
+
+def test_compressed_tar_shards_keep_their_last_sample(tmp_path):
+    members = [(f"s{i}.png", _png()) for i in range(3)] + [("s2.txt", b"last alt")]
+    for mode, name in (("w:gz", "d.tar.gz"), ("w:gz", "e.tgz"), ("w:xz", "f.tar")):  # xz: named plainly
+        with tarfile.open(tmp_path / name, mode) as tar:
+            for member, data in members:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert detect_format(str(tmp_path / "d.tar.gz")) == detect_format(str(tmp_path / "e.tgz")) == "webdataset"
+    for name in ("d.tar.gz", "e.tgz", "f.tar"):
+        records = list(iter_webdataset(str(tmp_path / name), Fields()))
+        assert [r.key for r in records] == ["s0", "s1", "s2"] and records[2].alt_texts == ["last alt"]
+
+    from altogether.data.readers import DamagedShard
+
+    data = (tmp_path / "d.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) - 40])  # a download cut short
+    keys = []
+    with pytest.raises(DamagedShard, match="cut.tar.gz"):
+        for record in iter_webdataset(str(tmp_path / "cut.tar.gz"), Fields()):
+            keys.append(record.key)
+    assert keys == ["s0", "s1"]
+
+
+def test_table_rows_without_a_usable_local_image_say_why(tmp_path):
+    """Altogether-FT rows with only a url, a number as img_path, an img2dataset row whose download failed."""
+    (tmp_path / "a.jpg").write_bytes(_png())
+    rows = [{"alt": "ok", "url": "http://x/a.jpg", "img_path": "a.jpg", "round2": "r"},
+            {"alt": "no file", "url": "https://shop.example.com/b.jpg", "img_path": None, "round2": "r"},
+            {"alt": "url as path", "url": "https://shop.example.com/c.jpg",
+             "img_path": "https://shop.example.com/c.jpg", "round2": "r"}]
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps({"data": rows}))
+    source = TableSource(str(path), "annotations", Fields(target_key="round2", image_root=str(tmp_path)))
+    assert source[0].image == str(tmp_path / "a.jpg")
+    for i in (1, 2):
+        with pytest.raises(BadRecord, match=r"shop.example.com/[bc].jpg.*no local image; download it first"):
+            source[i]
+
+    from altogether.data.readers import row_to_record
+
+    with pytest.raises(BadRecord, match="record 'k' in m.jsonl: column 'img_path' holds a int \\(7\\)"):
+        row_to_record({"key": "k", "img_path": 7}, 0, Fields(), tmp_path, "m.jsonl")
+    failed = {"key": "000000001", "jpg": None, "txt": None, "url": "http://127.0.0.1:1/x.jpg", "caption": "a cat",
+              "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"}
+    with pytest.raises(BadRecord, match="failed download \\(status 'failed_to_download': HTTP Error 404"):
+        row_to_record(failed, 1, Fields(image_key="jpg", alt_key="caption"), tmp_path, "00000.parquet")
