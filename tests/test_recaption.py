@@ -452,7 +452,7 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
         "reason"]}] and "failed download (status 'failed_to_download': timeout)" in summary["bad_samples"][0]["reason"]
 
     metaclip = tmp_path / "metaclip"
-    write_metaclip_shards(metaclip, metaclip_texts(4), shard_size=2)
+    write_metaclip_shards(metaclip, web_images(4), shards=2)
     assert [s.name for s in discover_shards(str(metaclip))] == ["0", "1"]  # root/{id % 100}/{id}.tar
     flat = tmp_path / "flat"
     flat.mkdir()
