@@ -19,7 +19,7 @@ CLI::
     python -m altogether.mix RECAPTIONS [...] --out train.parquet|OUT_DIR [--target clip|t2i] [--p P]
         [--both-columns] [--originals FILE ... [--alt-column NAME]] [--alt-threshold T | --alt-top F]
         [--caption-threshold T | --caption-top F] [--clip-model NAME --clip-pretrained TAG]
-        [--image-root DIR [--allow-outside-root]] [--with-images] [--shard-size N] [--seed N]
+        [--image-root DIR [--allow-outside-root]] [--with-images | --images-from SHARDS] [--shard-size N] [--seed N]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import Any
 
 from altogether.annotate import AnnotationError, atomic_write_text, clip_score_files, load_clip_scorer
 from altogether.data.images import load_image
+from altogether.data.inputs import discover_shards
+from altogether.data.readers import IMAGE_EXTENSIONS, DamagedShard, iter_tar_samples
 from altogether.data.records import BadRecord
 from altogether.io import jsonl_lines
 from altogether.recaption import recaption_output_problem
@@ -100,8 +102,11 @@ def _first_non_utf8_line(path: Path) -> str:
     return "1: not UTF-8 text"
 
 
-def read_rows(paths: Sequence[str | os.PathLike], *, require: str | None = None) -> list[dict]:
-    """Rows of one or more Parquet (``.parquet``) or JSONL files, keys as strings.
+def read_rows(
+    paths: Sequence[str | os.PathLike], *, require: str | None = None, origins: dict[str, Path] | None = None
+) -> list[dict]:
+    """Rows of one or more Parquet (``.parquet``) or JSONL files, keys as strings; ``origins`` (if given) gets
+    each key's file.
 
     Raises :class:`MixError` naming the file (and row) for a duplicate key, a non-string ``url`` or
     ``img_path``, or a file without the ``require`` column (in no row of a JSONL file).
@@ -121,16 +126,26 @@ def read_rows(paths: Sequence[str | os.PathLike], *, require: str | None = None)
                     raise MixError(f"{path}: row {key!r}: {name} must be a string, got {type(row[name]).__name__}")
             origin[key] = path
             rows.append({**row, "key": key})
+    if origins is not None:
+        origins.update(origin)
     return rows
 
 
-def read_recaptions(paths: Sequence[str | os.PathLike]) -> list[dict]:
+def read_recaptions(paths: Sequence[str | os.PathLike], origins: dict[str, Path] | None = None) -> list[dict]:
     """:func:`read_rows` of recaption outputs; a file that is not one is a :class:`MixError` saying why."""
     for path in map(Path, paths):
         if path.exists() and (problem := recaption_output_problem(path)):
             raise MixError(f"{path}: not a recaption output ({problem}); mix reads what altogether.recaption writes, "
                            "and takes original alt-texts with --originals")
-    return read_rows(paths)
+    return read_rows(paths, origins=origins)
+
+
+def output_shard(path: Path) -> str:
+    """The input shard a recaption output is for: ``00000`` for ``00000.recaption.parquet``."""
+    for suffix in (".recaption.parquet", ".recaption.jsonl"):
+        if path.name.endswith(suffix):
+            return path.name.removesuffix(suffix)
+    return path.stem
 
 
 def join_originals(
@@ -407,24 +422,72 @@ def _check_key(key: str) -> None:
                        "'/', '\\' or control characters")
 
 
-def _tar_image(image: Path, key: str) -> tuple[str, bytes]:
-    """``(extension, bytes)`` of an image as open_clip's loader reads it: other formats re-encoded as PNG."""
-    extension = image.suffix.lstrip(".").lower()
+ImageSource = Callable[[dict], tuple[str, bytes]]  # sample -> (tar member extension, image bytes)
+
+
+def _open_clip_image(data: bytes, extension: str, key: str) -> tuple[str, bytes]:
+    """``(extension, bytes)`` as open_clip's loader reads them: its formats as they are, others re-encoded as PNG."""
+    if extension in OPEN_CLIP_IMAGE_EXTENSIONS:
+        return extension, data
     try:
-        if extension in OPEN_CLIP_IMAGE_EXTENSIONS:
-            return extension, image.read_bytes()
-        buffer = io.BytesIO()
-        load_image(image, key=key).save(buffer, "PNG")
-        return "png", buffer.getvalue()
-    except OSError as err:
-        raise MixError(f"row {key!r}: cannot read image {image} ({err.strerror})") from None
+        image = load_image(data, key=key)
     except BadRecord as err:
         raise MixError(str(err)) from None
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "png", buffer.getvalue()
 
 
-def _tar_sample(
-    sample: dict, *, with_images: bool, image_root: str | os.PathLike | None, allow_outside_root: bool = False
-) -> dict:
+def image_files(image_root: str | os.PathLike | None, *, allow_outside_root: bool = False) -> ImageSource:
+    """Images from the files rows name in ``img_path``, inside ``image_root`` (:func:`image_file`)."""
+
+    def image(sample: dict) -> tuple[str, bytes]:
+        key = sample["key"]
+        if not sample.get("img_path"):
+            raise MixError(f"row {key!r}: --with-images needs an img_path")
+        path = image_file(sample, image_root, allow_outside_root=allow_outside_root)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise MixError(f"row {key!r}: cannot read image {path} ({err.strerror})") from None
+        return _open_clip_image(data, path.suffix.lstrip(".").lower(), key)
+
+    return image
+
+
+class TarImages:
+    """Images from the original webdataset shards, by the recaption output's shard and the row's key.
+
+    ``shards``: shard name -> tar path; ``key_shard``: row key -> shard name. Samples arrive shard after shard
+    (in input order), so one shard's images are held at a time.
+    """
+
+    def __init__(self, shards: dict[str, str], key_shard: dict[str, str]):
+        self.shards, self.key_shard = shards, key_shard
+        self.current: str | None = None
+        self.members: dict[str, dict[str, bytes]] = {}
+
+    def __call__(self, sample: dict) -> tuple[str, bytes]:
+        key, shard = sample["key"], self.key_shard[sample["key"]]
+        if shard != self.current:
+            if shard not in self.shards:
+                raise MixError(f"row {key!r}: its recaption output is for shard {shard!r}, which --images-from "
+                               f"does not have (it has {len(self.shards)} shard(s))")
+            try:
+                self.members = {s["__key__"]: {e: s[e] for e in IMAGE_EXTENSIONS if e in s}
+                                for s in iter_tar_samples(self.shards[shard])}
+            except DamagedShard as err:
+                raise MixError(str(err)) from None
+            self.current = shard
+        members = self.members.get(key)
+        if not members:
+            raise MixError(f"row {key!r}: no image ({', '.join(IMAGE_EXTENSIONS)}) under that key in "
+                           f"{self.shards[shard]}")
+        extension = next(iter(members))
+        return _open_clip_image(members[extension], extension, key)
+
+
+def _tar_sample(sample: dict, images: ImageSource | None) -> dict:
     key = sample["key"]
     _check_key(key)
     meta = {name: value for name, value in sample.items() if value is not None}
@@ -434,10 +497,8 @@ def _tar_sample(
     for name in ("alt_text", "caption"):
         if sample.get(name) is not None:
             out[f"{name}.txt"] = sample[name]
-    if with_images:
-        if not sample.get("img_path"):
-            raise MixError(f"row {key!r}: --with-images needs an img_path")
-        extension, data = _tar_image(image_file(sample, image_root, allow_outside_root=allow_outside_root), key)
+    if images is not None:
+        extension, data = images(sample)
         out[extension] = data
     return out
 
@@ -448,17 +509,14 @@ def write_webdataset(
     summary: dict,
     *,
     shard_size: int = 10000,
-    with_images: bool = False,
-    image_root: str | os.PathLike | None = None,
-    allow_outside_root: bool = False,
+    images: ImageSource | None = None,
 ) -> list[str]:
     """Write ``shard-000000.tar, ...`` and ``summary.json`` into ``out_dir``, all or nothing; returns the shard names.
 
     Each sample has ``txt`` (mixed) or ``alt_text.txt`` / ``caption.txt`` (both columns), ``json`` with
-    its columns, and with ``with_images`` the image file's bytes under its extension (``jpg``, ``png``,
-    ``jpeg``, ``webp``: what open_clip's loader reads; other formats are re-encoded as ``png``). Image paths
-    stay inside ``image_root`` unless ``allow_outside_root`` (:func:`image_file`); keys are checked to be
-    plain names, never paths.
+    its columns, and with ``images`` (:func:`image_files`, :class:`TarImages`) the image under its extension
+    (``jpg``, ``png``, ``jpeg``, ``webp``: what open_clip's loader reads; other formats are re-encoded as
+    ``png``). Keys are checked to be plain names, never paths.
     ``out_dir`` must not exist or be empty; everything is written to a temporary folder beside it first.
     """
     from webdataset import ShardWriter
@@ -474,8 +532,7 @@ def write_webdataset(
     try:
         with ShardWriter(str(staging / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
             for sample in samples:
-                writer.write(_tar_sample(sample, with_images=with_images, image_root=image_root,
-                                         allow_outside_root=allow_outside_root))
+                writer.write(_tar_sample(sample, images))
         shards = sorted(path.name for path in staging.glob("shard-*.tar"))
         summary_text = json.dumps({**summary, "shards": shards}, indent=2) + "\n"
         (staging / "summary.json").write_text(summary_text, encoding="utf-8")
@@ -509,7 +566,11 @@ def run(args: argparse.Namespace, load_scorer: Callable[..., Any] = load_clip_sc
         )
     if args.alt_column != DEFAULT_ALT_COLUMN and not args.originals:
         raise MixError("--alt-column names the alt-text column of --originals; add --originals")
-    rows = read_recaptions(args.inputs)
+    if args.images_from and (args.with_images or str(args.out).endswith(".parquet")):
+        raise MixError("--images-from writes images into webdataset shards: give a folder as --out, "
+                       "without --with-images")
+    origins: dict[str, Path] = {}
+    rows = read_recaptions(args.inputs, origins)
     missing = 0
     if args.originals:
         originals = read_rows(args.originals, require=args.alt_column)
@@ -536,9 +597,17 @@ def run(args: argparse.Namespace, load_scorer: Callable[..., Any] = load_clip_sc
         write_parquet(samples, args.out, both_columns=args.both_columns)
         atomic_write_text(Path(args.out).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     else:
-        options = {"shard_size": args.shard_size, "with_images": args.with_images, "image_root": args.image_root,
-                   "allow_outside_root": args.allow_outside_root}
-        summary["shards"] = write_webdataset(samples, args.out, summary, **options)
+        images = None
+        if args.with_images:
+            images = image_files(args.image_root, allow_outside_root=args.allow_outside_root)
+        elif args.images_from:
+            try:
+                found = discover_shards(args.images_from, input_format="webdataset")
+                shards = {shard.name: shard.path for shard in found}
+            except (OSError, ValueError) as err:
+                raise MixError(f"--images-from {args.images_from}: {err}") from None
+            images = TarImages(shards, {key: output_shard(path) for key, path in origins.items()})
+        summary["shards"] = write_webdataset(samples, args.out, summary, shard_size=args.shard_size, images=images)
     return summary
 
 
@@ -567,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="let img_path name files outside --image-root (absolute paths, '..')")
     parser.add_argument("--with-images", action="store_true", help="copy each image file into the webdataset shards")
+    parser.add_argument("--images-from", help="the recaptioned tar shards (as given to recaption): copy each image "
+                        "from its shard, found by the output's shard name and the key")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per webdataset shard (default 10000)")
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -493,3 +494,40 @@ def test_non_utf8_input_and_non_string_paths_are_one_line_errors(tmp_path, capsy
         assert mix.main([str(source), "--out", str(out)]) == 2  # was: a pyarrow traceback
         assert f"{source}: row 'k2': {column} must be a string, got {got}" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, capsys):
+    """img2dataset folder -> recaption into the same folder -> mix --images-from the tars: no img_path needed."""
+    import tarfile
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    colours = {"000000000": ((200, 0, 0), "jpg"), "000000001": ((0, 200, 0), "bmp"), "000000002": ((0, 0, 200), "png")}
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key, (colour, ext) in colours.items():
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), colour).save(buffer, {"jpg": "JPEG", "bmp": "BMP", "png": "PNG"}[ext], quality=100)
+            for name, data in ((f"{key}.{ext}", buffer.getvalue()), (f"{key}.txt", f"web alt {key}".encode()),
+                               (f"{key}.json", json.dumps({"key": key, "caption": f"web alt {key}"}).encode())):
+                info = tarfile.TarInfo(f"./{name}")  # as `tar -C dir .` names them
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    _img2dataset_metadata(folder / "00000.parquet", list(colours))
+    source = _recaption_output(folder / "00000.recaption.parquet", [
+        {"key": key, "alt_text": f"web alt {key}", "caption": f"synthetic {key}"} for key in colours])
+    out = tmp_path / "clip_train"
+    argv = [str(source), "--out", str(out), "--p", "1", "--images-from", str(folder)]
+    assert mix.main(argv) == 0
+    got = _open_clip_samples(out / "shard-000000.tar")
+    assert [(key, text) for key, _, text in got] == [(key, f"synthetic {key}") for key in colours]
+    for (key, pixel, _), (colour, ext) in zip(got, colours.values()):
+        assert max(abs(a - b) for a, b in zip(pixel, colour)) <= (4 if ext == "jpg" else 0), key
+    members = _read_tar(out / "shard-000000.tar")
+    assert [sorted(m) for m in members.values()] == [["jpg", "json", "txt"], ["json", "png", "txt"],
+                                                     ["json", "png", "txt"]]
+    # A key the tar does not hold, or a shard --images-from lacks, is one line naming it.
+    other = _recaption_output(tmp_path / "00001.recaption.parquet", [{"key": "k", "alt_text": "a", "caption": "c"}])
+    assert mix.main([str(other), "--out", str(tmp_path / "x"), "--images-from", str(folder)]) == 2
+    err = _error_line(capsys)
+    assert "row 'k': its recaption output is for shard '00001', which --images-from does not have" in err
+    assert not (tmp_path / "x").exists()
