@@ -4,9 +4,12 @@ CLIP training (paper §5.3, Appendix D) keeps each image's alt-text and swaps in
 with probability p = 0.15; text-to-image training (§5.4) uses p close to 1.0. Either kind of text can
 first be filtered by CLIP score, by threshold or by keeping a top fraction (DataComp's filtering).
 
-Input rows (Parquet or JSONL) have ``key``, ``alt_text`` and ``caption`` (a string, or a list of strings
-when several captions were kept), optionally ``alt_clip_score`` / ``caption_clip_score`` (a number, or a
-list matching a caption list), ``img_path`` and ``url``.
+Inputs are recaption outputs (``<shard>.recaption.parquet|.jsonl``, see :mod:`altogether.recaption`; any other
+file is refused, so a downloader's metadata Parquet is never taken for captions). Rows have ``key``,
+``alt_text`` and ``caption`` (a string, or a list of strings when several captions were kept), optionally
+``alt_clip_score`` / ``caption_clip_score`` (a number, or a list matching a caption list), ``img_path`` and
+``url`` (strings). ``--originals`` takes the alt-texts from the original data instead (img2dataset's
+metadata Parquet, a manifest), from the column ``--alt-column`` names.
 
 Every random choice is drawn from a hash of ``(seed, key)``, so a row's outcome depends only on the seed
 and its key: not on row order, sharding or the other rows.
@@ -14,15 +17,16 @@ and its key: not on row order, sharding or the other rows.
 CLI::
 
     python -m altogether.mix RECAPTIONS [...] --out train.parquet|OUT_DIR [--target clip|t2i] [--p P]
-        [--both-columns] [--originals FILE ...] [--alt-threshold T | --alt-top F]
+        [--both-columns] [--originals FILE ... [--alt-column NAME]] [--alt-threshold T | --alt-top F]
         [--caption-threshold T | --caption-top F] [--clip-model NAME --clip-pretrained TAG]
-        [--image-root DIR] [--with-images] [--shard-size N] [--seed N]
+        [--image-root DIR [--allow-outside-root]] [--with-images | --images-from SHARDS] [--shard-size N] [--seed N]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,13 +39,22 @@ from pathlib import Path
 from typing import Any
 
 from altogether.annotate import AnnotationError, atomic_write_text, clip_score_files, load_clip_scorer
+from altogether.data.images import load_image
+from altogether.data.inputs import discover_shards
+from altogether.data.readers import IMAGE_EXTENSIONS, DamagedShard, iter_tar_samples
+from altogether.data.records import BadRecord
 from altogether.io import jsonl_lines
+from altogether.recaption import recaption_output_problem
 
 TARGET_P = {"clip": 0.15, "t2i": 1.0}
 ALT, CAPTION = "alt", "caption"
 TEXT_COLUMN = {ALT: "alt_text", CAPTION: "caption"}
 SCORE_COLUMN = {ALT: "alt_clip_score", CAPTION: "caption_clip_score"}
 PASSTHROUGH = ("url", "img_path")
+DEFAULT_ALT_COLUMN = "alt_text"
+# open_clip's webdataset loader reads images under these extensions only (open_clip_train/data.py); others
+# are re-encoded as PNG rather than silently lost.
+OPEN_CLIP_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
 
 
 class MixError(ValueError):
@@ -72,25 +85,75 @@ def _read_one(path: Path) -> list[dict]:
             rows.append(row)
     except OSError as err:
         raise MixError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise MixError(f"{path}:{_first_non_utf8_line(path)}") from None
     return rows
 
 
-def read_rows(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """Rows of one or more Parquet (``.parquet``) or JSONL files, keys as strings; duplicate keys are errors."""
+def _first_non_utf8_line(path: Path) -> str:
+    """``"<line>: not UTF-8 text (...)"`` for the first line that does not decode (text reads decode in chunks,
+    so the error itself does not know its line)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line)"
+    return "1: not UTF-8 text"
+
+
+def read_rows(
+    paths: Sequence[str | os.PathLike], *, require: str | None = None, origins: dict[str, Path] | None = None
+) -> list[dict]:
+    """Rows of one or more Parquet (``.parquet``) or JSONL files, keys as strings; ``origins`` (if given) gets
+    each key's file.
+
+    Raises :class:`MixError` naming the file (and row) for a duplicate key, a non-string ``url`` or
+    ``img_path``, or a file without the ``require`` column (in no row of a JSONL file).
+    """
     rows, origin = [], {}
     for path in map(Path, paths):
-        for row in _read_one(path):
+        file_rows = _read_one(path)
+        columns = dict.fromkeys(name for row in file_rows for name in row)
+        if require is not None and require not in columns:
+            raise MixError(f"{path}: no column {require!r} (columns: {', '.join(map(str, columns)) or 'none'})")
+        for row in file_rows:
             key = str(row["key"])
             if key in origin:
                 raise MixError(f"{path}: key {key!r} appears again (first in {origin[key]})")
+            for name in PASSTHROUGH:
+                if row.get(name) is not None and not isinstance(row[name], str):
+                    raise MixError(f"{path}: row {key!r}: {name} must be a string, got {type(row[name]).__name__}")
             origin[key] = path
             rows.append({**row, "key": key})
+    if origins is not None:
+        origins.update(origin)
     return rows
 
 
-def join_originals(rows: Sequence[dict], originals: Sequence[dict]) -> tuple[list[dict], int]:
-    """Take ``alt_text`` (and url, img_path, alt_clip_score where given) from the original data, by key.
+def read_recaptions(paths: Sequence[str | os.PathLike], origins: dict[str, Path] | None = None) -> list[dict]:
+    """:func:`read_rows` of recaption outputs; a file that is not one is a :class:`MixError` saying why."""
+    for path in map(Path, paths):
+        if path.exists() and (problem := recaption_output_problem(path)):
+            raise MixError(f"{path}: not a recaption output ({problem}); mix reads what altogether.recaption writes, "
+                           "and takes original alt-texts with --originals")
+    return read_rows(paths, origins=origins)
 
+
+def output_shard(path: Path) -> str:
+    """The input shard a recaption output is for: ``00000`` for ``00000.recaption.parquet``."""
+    for suffix in (".recaption.parquet", ".recaption.jsonl"):
+        if path.name.endswith(suffix):
+            return path.name.removesuffix(suffix)
+    return path.stem
+
+
+def join_originals(
+    rows: Sequence[dict], originals: Sequence[dict], alt_column: str = DEFAULT_ALT_COLUMN
+) -> tuple[list[dict], int]:
+    """Take ``alt_text`` from the originals' ``alt_column`` (and url, img_path, alt_clip_score where given), by key.
+
+    ``alt_column``: ``alt_text`` (recaption's own), ``caption`` (img2dataset's metadata), ``alt`` (a manifest).
     Returns the joined rows and how many recaption rows had no original (they are dropped).
     """
     by_key = {row["key"]: row for row in originals}
@@ -101,7 +164,7 @@ def join_originals(rows: Sequence[dict], originals: Sequence[dict]) -> tuple[lis
             missing += 1
             continue
         carried = {name: original[name] for name in (*PASSTHROUGH, SCORE_COLUMN[ALT]) if original.get(name) is not None}
-        joined.append({**row, **carried, "alt_text": original.get("alt_text")})
+        joined.append({**row, **carried, "alt_text": original.get(alt_column)})
     return joined, missing
 
 
@@ -268,17 +331,36 @@ def mix_captions(
 # ---------------------------------------------------------------------------------------------- scores
 
 
+def image_file(row: dict, image_root: str | os.PathLike | None, *, allow_outside_root: bool = False) -> Path:
+    """The file a row's ``img_path`` names, relative to ``image_root`` (default: the current folder).
+
+    Raises :class:`MixError` when the path (after ``..`` and symbolic links) leaves ``image_root``, unless
+    ``allow_outside_root``: a row must not be able to copy ``/etc/passwd`` into a training set.
+    """
+    root = Path(image_root or ".").resolve()
+    path = (root / row["img_path"]).resolve()
+    if not allow_outside_root and not path.is_relative_to(root):
+        raise MixError(f"row {row['key']!r}: img_path {row['img_path']!r} is outside the image root {root} "
+                       "(pass --allow-outside-root to allow)")
+    return path
+
+
 def add_clip_scores(
-    rows: Sequence[dict], scorer: Any, image_root: str | os.PathLike | None, kinds: Sequence[str]
+    rows: Sequence[dict],
+    scorer: Any,
+    image_root: str | os.PathLike | None,
+    kinds: Sequence[str],
+    *,
+    allow_outside_root: bool = False,
 ) -> int:
     """Fill missing ``alt_clip_score`` / ``caption_clip_score`` (CLIPScore, 0-100) from local images, in place.
 
-    Only rows with an ``img_path`` that exists under ``image_root`` are scored; a text list gets a list
-    of scores. Returns how many rows got new scores.
+    Only rows with an ``img_path`` that exists under ``image_root`` are scored (one outside it is an error,
+    see :func:`image_file`); a text list gets a list of scores. Returns how many rows got new scores.
     """
     jobs, images, texts = [], [], []
     for index, row in enumerate(rows):
-        path = Path(image_root or ".") / row["img_path"] if row.get("img_path") else None
+        path = image_file(row, image_root, allow_outside_root=allow_outside_root) if row.get("img_path") else None
         if path is None or not path.is_file():
             continue
         for kind in kinds:
@@ -331,10 +413,83 @@ def write_parquet(samples: Sequence[dict], path: str | os.PathLike, *, both_colu
         raise
 
 
-def _tar_sample(sample: dict, *, with_images: bool, image_root: str | os.PathLike | None) -> dict:
-    key = sample["key"]
+def _check_key(key: str) -> None:
+    """A webdataset key becomes the stem of tar member names, so it must be one plain name component."""
     if "." in key:
         raise MixError(f"row {key!r}: webdataset keys cannot contain '.' (it separates key and extension)")
+    if not key or "/" in key or "\\" in key or not key.isprintable():
+        raise MixError(f"row {key!r}: a webdataset key names tar members, so it must be a non-empty name without "
+                       "'/', '\\' or control characters")
+
+
+ImageSource = Callable[[dict], tuple[str, bytes]]  # sample -> (tar member extension, image bytes)
+
+
+def _open_clip_image(data: bytes, extension: str, key: str) -> tuple[str, bytes]:
+    """``(extension, bytes)`` as open_clip's loader reads them: its formats as they are, others re-encoded as PNG."""
+    if extension in OPEN_CLIP_IMAGE_EXTENSIONS:
+        return extension, data
+    try:
+        image = load_image(data, key=key)
+    except BadRecord as err:
+        raise MixError(str(err)) from None
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "png", buffer.getvalue()
+
+
+def image_files(image_root: str | os.PathLike | None, *, allow_outside_root: bool = False) -> ImageSource:
+    """Images from the files rows name in ``img_path``, inside ``image_root`` (:func:`image_file`)."""
+
+    def image(sample: dict) -> tuple[str, bytes]:
+        key = sample["key"]
+        if not sample.get("img_path"):
+            raise MixError(f"row {key!r}: --with-images needs an img_path")
+        path = image_file(sample, image_root, allow_outside_root=allow_outside_root)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise MixError(f"row {key!r}: cannot read image {path} ({err.strerror})") from None
+        return _open_clip_image(data, path.suffix.lstrip(".").lower(), key)
+
+    return image
+
+
+class TarImages:
+    """Images from the original webdataset shards, by the recaption output's shard and the row's key.
+
+    ``shards``: shard name -> tar path; ``key_shard``: row key -> shard name. Samples arrive shard after shard
+    (in input order), so one shard's images are held at a time.
+    """
+
+    def __init__(self, shards: dict[str, str], key_shard: dict[str, str]):
+        self.shards, self.key_shard = shards, key_shard
+        self.current: str | None = None
+        self.members: dict[str, dict[str, bytes]] = {}
+
+    def __call__(self, sample: dict) -> tuple[str, bytes]:
+        key, shard = sample["key"], self.key_shard[sample["key"]]
+        if shard != self.current:
+            if shard not in self.shards:
+                raise MixError(f"row {key!r}: its recaption output is for shard {shard!r}, which --images-from "
+                               f"does not have (it has {len(self.shards)} shard(s))")
+            try:
+                self.members = {s["__key__"]: {e: s[e] for e in IMAGE_EXTENSIONS if e in s}
+                                for s in iter_tar_samples(self.shards[shard])}
+            except DamagedShard as err:
+                raise MixError(str(err)) from None
+            self.current = shard
+        members = self.members.get(key)
+        if not members:
+            raise MixError(f"row {key!r}: no image ({', '.join(IMAGE_EXTENSIONS)}) under that key in "
+                           f"{self.shards[shard]}")
+        extension = next(iter(members))
+        return _open_clip_image(members[extension], extension, key)
+
+
+def _tar_sample(sample: dict, images: ImageSource | None) -> dict:
+    key = sample["key"]
+    _check_key(key)
     meta = {name: value for name, value in sample.items() if value is not None}
     out: dict[str, Any] = {"__key__": key, "json": meta}
     if "text" in sample:
@@ -342,14 +497,9 @@ def _tar_sample(sample: dict, *, with_images: bool, image_root: str | os.PathLik
     for name in ("alt_text", "caption"):
         if sample.get(name) is not None:
             out[f"{name}.txt"] = sample[name]
-    if with_images:
-        if not sample.get("img_path"):
-            raise MixError(f"row {key!r}: --with-images needs an img_path")
-        image = Path(image_root or ".") / sample["img_path"]
-        try:
-            out[image.suffix.lstrip(".").lower() or "img"] = image.read_bytes()
-        except OSError as err:
-            raise MixError(f"row {key!r}: cannot read image {image} ({err.strerror})") from None
+    if images is not None:
+        extension, data = images(sample)
+        out[extension] = data
     return out
 
 
@@ -359,13 +509,14 @@ def write_webdataset(
     summary: dict,
     *,
     shard_size: int = 10000,
-    with_images: bool = False,
-    image_root: str | os.PathLike | None = None,
+    images: ImageSource | None = None,
 ) -> list[str]:
     """Write ``shard-000000.tar, ...`` and ``summary.json`` into ``out_dir``, all or nothing; returns the shard names.
 
     Each sample has ``txt`` (mixed) or ``alt_text.txt`` / ``caption.txt`` (both columns), ``json`` with
-    its columns, and with ``with_images`` the image file's bytes under its extension (``jpg``, ``png``).
+    its columns, and with ``images`` (:func:`image_files`, :class:`TarImages`) the image under its extension
+    (``jpg``, ``png``, ``jpeg``, ``webp``: what open_clip's loader reads; other formats are re-encoded as
+    ``png``). Keys are checked to be plain names, never paths.
     ``out_dir`` must not exist or be empty; everything is written to a temporary folder beside it first.
     """
     from webdataset import ShardWriter
@@ -381,7 +532,7 @@ def write_webdataset(
     try:
         with ShardWriter(str(staging / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
             for sample in samples:
-                writer.write(_tar_sample(sample, with_images=with_images, image_root=image_root))
+                writer.write(_tar_sample(sample, images))
         shards = sorted(path.name for path in staging.glob("shard-*.tar"))
         summary_text = json.dumps({**summary, "shards": shards}, indent=2) + "\n"
         (staging / "summary.json").write_text(summary_text, encoding="utf-8")
@@ -413,15 +564,22 @@ def run(args: argparse.Namespace, load_scorer: Callable[..., Any] = load_clip_sc
             "--clip-model only computes scores for filtering; "
             "add --alt-threshold/--alt-top or --caption-threshold/--caption-top"
         )
-    rows = read_rows(args.inputs)
+    if args.alt_column != DEFAULT_ALT_COLUMN and not args.originals:
+        raise MixError("--alt-column names the alt-text column of --originals; add --originals")
+    if args.images_from and (args.with_images or str(args.out).endswith(".parquet")):
+        raise MixError("--images-from writes images into webdataset shards: give a folder as --out, "
+                       "without --with-images")
+    origins: dict[str, Path] = {}
+    rows = read_recaptions(args.inputs, origins)
     missing = 0
     if args.originals:
-        rows, missing = join_originals(rows, read_rows(args.originals))
+        originals = read_rows(args.originals, require=args.alt_column)
+        rows, missing = join_originals(rows, originals, args.alt_column)
     scored = 0
     if args.clip_model:
         kinds = [kind for kind, score_filter in ((ALT, alt_filter), (CAPTION, caption_filter)) if score_filter]
         scorer = load_scorer(args.clip_model, args.clip_pretrained, args.device)
-        scored = add_clip_scores(rows, scorer, args.image_root, kinds)
+        scored = add_clip_scores(rows, scorer, args.image_root, kinds, allow_outside_root=args.allow_outside_root)
     samples, mix_summary = mix_captions(
         rows, p, args.seed, both_columns=args.both_columns, alt_filter=alt_filter, caption_filter=caption_filter
     )
@@ -439,8 +597,17 @@ def run(args: argparse.Namespace, load_scorer: Callable[..., Any] = load_clip_sc
         write_parquet(samples, args.out, both_columns=args.both_columns)
         atomic_write_text(Path(args.out).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
     else:
-        options = {"shard_size": args.shard_size, "with_images": args.with_images, "image_root": args.image_root}
-        summary["shards"] = write_webdataset(samples, args.out, summary, **options)
+        images = None
+        if args.with_images:
+            images = image_files(args.image_root, allow_outside_root=args.allow_outside_root)
+        elif args.images_from:
+            try:
+                found = discover_shards(args.images_from, input_format="webdataset")
+                shards = {shard.name: shard.path for shard in found}
+            except (OSError, ValueError) as err:
+                raise MixError(f"--images-from {args.images_from}: {err}") from None
+            images = TarImages(shards, {key: output_shard(path) for key, path in origins.items()})
+        summary["shards"] = write_webdataset(samples, args.out, summary, shard_size=args.shard_size, images=images)
     return summary
 
 
@@ -449,13 +616,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m altogether.mix", description="Mix alt-texts and synthetic captions into a training set."
     )
-    parser.add_argument("inputs", nargs="+", help="recaption outputs: .parquet or JSONL with key, alt_text, caption")
+    parser.add_argument("inputs", nargs="+", help="recaption outputs: <shard>.recaption.parquet or .jsonl")
     parser.add_argument("--out", required=True, help="OUT.parquet: one Parquet file; else a new webdataset folder")
     parser.add_argument("--target", choices=sorted(TARGET_P), default="clip", help="clip (p=0.15) or t2i (p=1.0)")
     parser.add_argument("--p", type=float, help="probability of using the synthetic caption (default: by --target)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--both-columns", action="store_true", help="emit alt_text and caption, not one drawn text")
-    parser.add_argument("--originals", nargs="+", help="original data (.parquet / JSONL: key, alt_text) for alt-texts")
+    parser.add_argument("--originals", nargs="+", help="original data (.parquet / JSONL with key) for alt-texts")
+    parser.add_argument("--alt-column", default=DEFAULT_ALT_COLUMN,
+                        help="alt-text column of --originals (img2dataset: caption; manifests: alt; default alt_text)")
     for kind in (ALT, CAPTION):
         column = SCORE_COLUMN[kind]
         parser.add_argument(f"--{kind}-threshold", type=float, help=f"keep {kind} texts with {column} >= this")
@@ -464,7 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-pretrained", help="open_clip pretrained tag or checkpoint file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="let img_path name files outside --image-root (absolute paths, '..')")
     parser.add_argument("--with-images", action="store_true", help="copy each image file into the webdataset shards")
+    parser.add_argument("--images-from", help="the recaptioned tar shards (as given to recaption): copy each image "
+                        "from its shard, found by the output's shard name and the key")
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per webdataset shard (default 10000)")
     return parser
 
@@ -480,6 +653,9 @@ def main(argv: Sequence[str] | None = None, *, load_scorer: Callable[..., Any] =
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary["missing_original"]:
+        print(f"warning: {summary['missing_original']} recaption row(s) had no row in --originals and were dropped",
+              file=sys.stderr)
     return 0
 
 

@@ -4,7 +4,7 @@
 guide: ``docs/recaption.md``). The run is Lightning's predict loop: every rank takes the shards whose index
 in the input list is congruent to its global rank (so each shard is processed exactly once, whatever has
 been done before), reads a shard whole, caption batches sorted by prompt length, and writes
-``OUTPUT/<shard>.parquet|.jsonl`` atomically once the shard is complete. A shard whose output exists is
+``OUTPUT/<shard>.recaption.parquet|.jsonl`` atomically once the shard is complete. A shard whose output exists is
 skipped, so rerunning the same command resumes. Captions go through :class:`Recaptioner`'s one inference path:
 data-loader workers run its prepare step (the training prompt rule, image decoding and the encoder's own
 transform, once per image), the rank's main process its caption step. Best-of-N reranks sampled candidates by CLIP
@@ -194,8 +194,43 @@ class ShardBatches(IterableDataset):
 # ---------------------------------------------------------------------------------------------- shard plan
 
 
+OUTPUT_SUFFIX = ".recaption"  # `<shard>.recaption.parquet`: a name no downloader or dataset tool writes
+OUTPUT_MARKER = b"altogether.recaption"  # Parquet schema metadata key; its value is JSON {"version", "shard"}
+OUTPUT_VERSION = 1
+
+
 def output_path(output: Path, shard: str, output_format: str) -> Path:
-    return output / f"{shard}.{output_format}"
+    """``OUTPUT/<shard>.recaption.<format>``: the suffix keeps outputs apart from inputs that share a folder or a
+    shard name (img2dataset writes ``00000.parquet`` beside ``00000.tar``)."""
+    return output / f"{shard}{OUTPUT_SUFFIX}.{output_format}"
+
+
+def recaption_output_problem(path: Path) -> str | None:
+    """Why ``path`` is not a recaption output, or ``None`` if it is one.
+
+    An output is named ``*.recaption.parquet`` / ``*.recaption.jsonl``; a Parquet output also carries the
+    ``altogether.recaption`` schema metadata (written by :func:`write_shard_output`), which a Parquet file of
+    any name is accepted by.
+    """
+    path = Path(path)
+    named = path.name.endswith((f"{OUTPUT_SUFFIX}.parquet", f"{OUTPUT_SUFFIX}.jsonl"))
+    if path.suffix != ".parquet":
+        return None if named else f"not named *{OUTPUT_SUFFIX}.jsonl or *{OUTPUT_SUFFIX}.parquet"
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        return f"cannot read its Parquet schema ({err})"
+    if OUTPUT_MARKER not in metadata:
+        return f"no '{OUTPUT_MARKER.decode()}' schema metadata (is it a downloader's metadata file?)"
+    try:
+        version = json.loads(metadata[OUTPUT_MARKER])["version"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable '{OUTPUT_MARKER.decode()}' schema metadata"
+    if not isinstance(version, int) or version > OUTPUT_VERSION:
+        return f"written by a newer altogether (output version {version!r}, this one reads <= {OUTPUT_VERSION})"
+    return None
 
 
 @dataclass
@@ -217,7 +252,14 @@ def plan_rank(shards: Sequence[Shard], rank: int, world_size: int, output: Path,
         final = output_path(output, shard.name, output_format)
         for stale in glob.glob(str(output / f".{glob.escape(final.name)}.*.tmp")):
             Path(stale).unlink(missing_ok=True)
-    pending = [s for s in assigned if not output_path(output, s.name, output_format).exists()]
+    pending = []
+    for shard in assigned:
+        final = output_path(output, shard.name, output_format)
+        if not final.exists():
+            pending.append(shard)
+        elif problem := recaption_output_problem(final):
+            raise ValueError(f"{final} exists but is not a recaption output ({problem}); move it or choose another "
+                             "OUTPUT")
     return RankPlan(assigned, pending)
 
 
@@ -346,6 +388,8 @@ def write_shard_output(path: Path, rows: Sequence[dict[str, Any]], schema) -> Pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    marker = json.dumps({"version": OUTPUT_VERSION, "shard": path.name.removesuffix(f"{OUTPUT_SUFFIX}.parquet")})
+    schema = schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARKER: marker.encode()})
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     return atomic_write_bytes(path, buffer.getvalue())

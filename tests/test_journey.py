@@ -134,7 +134,7 @@ def test_journey_pretrain_finetune_recaption_evaluate_push(hub_world, tmp_path, 
     assert summary["samples"] == {"captioned": len(w.pretrain_images), "bad": 0, "bad_not_listed": 0}
     rows = {}
     for shard in w.shards:
-        lines = (out / f"{shard.stem}.jsonl").read_text().splitlines()
+        lines = (out / f"{shard.stem}.recaption.jsonl").read_text().splitlines()
         rows.update((r["key"], r) for r in map(json.loads, lines))
     by_uuid = {image.uuid: image for image in w.pretrain_images}
     assert set(rows) == set(by_uuid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from PIL import Image
 
 from altogether import mix
 from altogether.mix import MixError, ScoreFilter
+from altogether.recaption import write_shard_output
 
 
 def _rows(count: int, seed: int = 0) -> list[dict]:
@@ -208,8 +210,8 @@ def test_cli_parquet_output_reads_back(tmp_path, capsys):
     rows = _rows(300)
     for i, row in enumerate(rows):
         row["img_path"] = f"{i}.jpg"
-    source = tmp_path / "recaptions.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), source)
+    source = tmp_path / "recaptions.recaption.parquet"  # as recaption writes it, with score columns added
+    write_shard_output(source, rows, pa.Table.from_pylist(rows).schema)
     out = tmp_path / "train.parquet"
     assert mix.main([str(source), "--out", str(out), "--seed", "4", "--caption-top", "0.5"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -233,7 +235,7 @@ def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 
 def test_cli_webdataset_output_reads_back(tmp_path):
     rows = _rows(25)
-    source = _write_jsonl(tmp_path / "recaptions.jsonl", rows)
+    source = _write_jsonl(tmp_path / "recaptions.recaption.jsonl", rows)
     out = tmp_path / "shards"
     assert mix.main([str(source), "--out", str(out), "--target", "t2i", "--shard-size", "10"]) == 0
     shards = sorted(out.glob("shard-*.tar"))
@@ -259,7 +261,7 @@ def test_webdataset_both_columns_with_images_and_webdataset_reader(tmp_path):
         Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
         row["img_path"] = f"{i}.png"
     rows[1]["caption"] = None
-    source = _write_jsonl(tmp_path / "r.jsonl", rows)
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
     out = tmp_path / "wds"
     assert mix.main([str(source), "--out", str(out), "--both-columns", "--with-images", "--image-root", str(tmp_path)]) == 0
     read = _read_tar(out / "shard-000000.tar")
@@ -292,7 +294,7 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
         alt = "short" if i % 2 else "a longer alt text"
         rows.append({"key": str(i), "alt_text": alt, "caption": ["one two", "one two three four"], "img_path": f"{i}.png"})
     rows[3]["alt_clip_score"] = 99.0  # given scores are kept
-    source = _write_jsonl(tmp_path / "r.jsonl", rows)
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
     out = tmp_path / "o.parquet"
     argv = [str(source), "--out", str(out), "--p", "0", "--alt-threshold", "30", "--caption-threshold", "35"]
     argv += ["--clip-model", "m", "--image-root", str(tmp_path)]
@@ -319,7 +321,7 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
     ],
 )
 def test_cli_option_errors_are_one_line(tmp_path, capsys, extra, expected):
-    source = _write_jsonl(tmp_path / "r.jsonl", _rows(3))
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", _rows(3))
     out = tmp_path / "o.parquet"
     assert mix.main([str(source), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
@@ -328,14 +330,204 @@ def test_cli_option_errors_are_one_line(tmp_path, capsys, extra, expected):
 
 
 def test_webdataset_rejects_keys_with_dots_and_leaves_nothing(tmp_path, capsys):
-    source = _write_jsonl(tmp_path / "r.jsonl", [{"key": "a.b", "alt_text": "x", "caption": "y"}])
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", [{"key": "a.b", "alt_text": "x", "caption": "y"}])
     assert mix.main([str(source), "--out", str(tmp_path / "wds")]) == 2
     assert "row 'a.b': webdataset keys cannot contain '.'" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.recaption.jsonl"]
 
 
 def test_cli_output_is_deterministic(tmp_path):
-    source = _write_jsonl(tmp_path / "r.jsonl", _rows(100))
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", _rows(100))
     for name in ("a.parquet", "b.parquet"):
         assert mix.main([str(source), "--out", str(tmp_path / name), "--seed", "9"]) == 0
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+
+# ------------------------------------------------------------------------------------------ the joints with real tools
+
+
+def _recaption_output(path: Path, rows: list[dict]) -> Path:
+    """A shard output as `altogether.recaption` writes it (its own writer and schema)."""
+    from altogether.recaption import load_settings, output_schema
+
+    return write_shard_output(path, rows, output_schema(load_settings({})))
+
+
+def _img2dataset_metadata(path: Path, keys: list[str]) -> Path:
+    """img2dataset's per-shard metadata Parquet: key, url, caption (the alt-text), status, ... beside the tar."""
+    pq.write_table(pa.table({
+        "url": [f"http://127.0.0.1:8000/{k}.jpg" for k in keys], "caption": [f"web alt {k}" for k in keys],
+        "key": keys, "status": ["success"] * len(keys), "error_message": [None] * len(keys),
+        "width": [64] * len(keys), "height": [64] * len(keys),
+    }), path)
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_mix_refuses_files_that_are_not_recaption_outputs(tmp_path, capsys):
+    keys = [f"00000000{i}" for i in range(3)]
+    metadata = _img2dataset_metadata(tmp_path / "00000.parquet", keys)
+    out = tmp_path / "train.parquet"
+    assert mix.main([str(metadata), "--out", str(out)]) == 2  # was: 3/3 rows "source: caption", the alt-texts
+    assert "00000.parquet: not a recaption output (no 'altogether.recaption' schema metadata" in _error_line(capsys)
+    manifest = _write_jsonl(tmp_path / "manifest.jsonl", [{"key": k, "caption": "x"} for k in keys])
+    assert mix.main([str(manifest), "--out", str(out)]) == 2
+    assert "manifest.jsonl: not a recaption output (not named *.recaption.jsonl" in _error_line(capsys)
+    assert not out.exists()
+    # The real output is accepted, under its own name or renamed (the Parquet metadata travels with it).
+    source = _recaption_output(tmp_path / "00000.recaption.parquet", [
+        {"key": k, "alt_text": f"web alt {k}", "caption": f"synthetic {k}"} for k in keys])
+    renamed = tmp_path / "renamed.parquet"
+    renamed.write_bytes(source.read_bytes())
+    for path in (source, renamed):
+        assert mix.main([str(path), "--out", str(out), "--p", "1"]) == 0
+        assert [r["text"] for r in pq.read_table(out).to_pylist()] == [f"synthetic {k}" for k in keys]
+
+
+@pytest.mark.parametrize("kind", ["img2dataset", "manifest"])
+def test_originals_alt_text_column_is_a_setting_and_a_missing_one_is_an_error(tmp_path, capsys, kind):
+    keys = [f"00000000{i}" for i in range(4)]
+    source = _recaption_output(tmp_path / "00000.recaption.parquet", [
+        {"key": k, "alt_text": "prompt", "caption": f"synthetic {k}"} for k in keys])
+    if kind == "img2dataset":
+        originals, column = _img2dataset_metadata(tmp_path / "00000.parquet", keys[:3]), "caption"
+        columns = "url, caption, key, status, error_message, width, height"
+    else:
+        manifest = [{"key": k, "alt": f"web alt {k}"} for k in keys[:3]]  # the manifest recaption read
+        originals, column = _write_jsonl(tmp_path / "m.jsonl", manifest), "alt"
+        columns = "key, alt"
+    out = tmp_path / "train.parquet"
+    # Without the column named: was exit 0, 100 % synthetic; now one line naming the file and its columns.
+    assert mix.main([str(source), "--out", str(out), "--originals", str(originals)]) == 2
+    assert f"{originals}: no column 'alt_text' (columns: {columns})" in _error_line(capsys)
+    assert not out.exists()
+    argv = [str(source), "--out", str(out), "--originals", str(originals), "--alt-column", column, "--p", "0"]
+    assert mix.main(argv) == 0
+    assert [(r["key"], r["text"], r["source"]) for r in pq.read_table(out).to_pylist()] == [
+        (k, f"web alt {k}", "alt") for k in keys[:3]]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["missing_original"] == 1
+    assert "warning: 1 recaption row(s) had no row in --originals and were dropped" in captured.err
+    assert mix.main([str(source), "--out", str(tmp_path / "x.parquet"), "--alt-column", "alt"]) == 2
+    assert "--alt-column names the alt-text column of --originals" in _error_line(capsys)
+
+
+def _open_clip_samples(shard: Path) -> list[tuple[str, tuple[int, int], str]]:
+    """Read a shard the way open_clip_train's webdataset loader does (src/open_clip_train/data.py): samples
+    without `txt` or a jpg/png/jpeg/webp image are skipped, then decode("pilrgb") and rename."""
+    import webdataset as wds
+
+    def has_caption_and_image(sample):
+        return "txt" in sample and any(ext in sample for ext in ("png", "jpg", "jpeg", "webp"))
+
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples(), wds.select(has_caption_and_image),
+        wds.decode("pilrgb"), wds.rename(key="__key__", image="jpg;png;jpeg;webp", text="txt"),
+        wds.to_tuple("key", "image", "text"))
+    return [(key, image.getpixel((0, 0)), text) for key, image, text in dataset]
+
+
+def test_with_images_reads_only_inside_the_image_root(tmp_path, capsys):
+    root, outside = tmp_path / "images", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(root / "ok.png")
+    secret = outside / "secret.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(secret)
+    (root / "link.png").symlink_to(secret)
+    for name, img_path in [("absolute", str(secret)), ("dotdot", "../private/secret.png"), ("symlink", "link.png")]:
+        source = _write_jsonl(tmp_path / f"{name}.recaption.jsonl", [
+            {"key": "good", "alt_text": "a", "caption": "c", "img_path": "ok.png"},
+            {"key": "evil", "alt_text": "a", "caption": "c", "img_path": img_path}])
+        out = tmp_path / f"wds-{name}"
+        argv = [str(source), "--out", str(out), "--with-images", "--image-root", str(root)]
+        assert mix.main(argv) == 2  # was: the outside file copied into the training shard
+        assert f"row 'evil': img_path {img_path!r} is outside the image root {root.resolve()}" in _error_line(capsys)
+        assert not out.exists()
+        assert mix.main([*argv, "--allow-outside-root"]) == 0  # the user's explicit choice
+        assert [s[:2] for s in _open_clip_samples(out / "shard-000000.tar")] == [("good", (10, 20, 30)),
+                                                                                ("evil", (1, 2, 3))]
+
+
+@pytest.mark.parametrize("key", ["/abs/evil", "dir/evil", "a\\b", "", "tab\there"])
+def test_keys_never_become_paths_in_the_tar(tmp_path, capsys, key):
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", [{"key": key, "alt_text": "a", "caption": "c"}])
+    assert mix.main([str(source), "--out", str(tmp_path / "wds")]) == 2  # was: member "/abs/evil.txt"
+    err = _error_line(capsys)
+    assert f"row {key!r}:" in err and ("cannot contain '.'" in err or "must be a non-empty name without '/'" in err)
+    assert not (tmp_path / "wds").exists()
+
+
+def test_bmp_images_are_converted_so_open_clip_reads_them(tmp_path):
+    colours = {"p": ((200, 0, 0), "png"), "b": ((0, 200, 0), "bmp"), "t": ((0, 0, 200), "tiff")}
+    rows = []
+    for key, (colour, ext) in colours.items():
+        Image.new("RGB", (4, 4), colour).save(tmp_path / f"{key}.{ext}")
+        rows.append({"key": key, "alt_text": f"alt {key}", "caption": f"cap {key}", "img_path": f"{key}.{ext}"})
+    source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
+    out = tmp_path / "wds"
+    assert mix.main([str(source), "--out", str(out), "--with-images", "--image-root", str(tmp_path), "--p", "1"]) == 0
+    members = _read_tar(out / "shard-000000.tar")
+    assert {key: sorted(m) for key, m in members.items()} == {key: ["json", "png", "txt"] for key in colours}
+    assert members["p"]["png"] == (tmp_path / "p.png").read_bytes()  # formats open_clip reads are copied as they are
+    # was: "bmp"/"tiff" members that open_clip's loader skips, leaving 1 of 3 samples
+    assert _open_clip_samples(out / "shard-000000.tar") == [
+        (key, colour, f"cap {key}") for key, (colour, _) in colours.items()]
+
+
+def test_non_utf8_input_and_non_string_paths_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "latin1.recaption.jsonl"
+    bad.write_bytes(b'{"key": "1", "alt_text": "a", "caption": "c"}\n'
+                    b'{"key": "2", "alt_text": "caf\xe9", "caption": "c"}\n')  # Latin-1
+    out = tmp_path / "o.parquet"
+    assert mix.main([str(bad), "--out", str(out)]) == 2  # was: UnicodeDecodeError traceback naming no file
+    assert f"{bad}:2: not UTF-8 text" in _error_line(capsys)
+    for column, value, got in [("img_path", 7, "int"), ("url", ["http://x"], "list")]:
+        source = _write_jsonl(tmp_path / f"{column}.recaption.jsonl", [
+            {"key": "k1", "alt_text": "a", "caption": "c"},
+            {"key": "k2", "alt_text": "a", "caption": "c", column: value}])
+        assert mix.main([str(source), "--out", str(out)]) == 2  # was: a pyarrow traceback
+        assert f"{source}: row 'k2': {column} must be a string, got {got}" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, capsys):
+    """img2dataset folder -> recaption into the same folder -> mix --images-from the tars: no img_path needed."""
+    import tarfile
+
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    colours = {"000000000": ((200, 0, 0), "jpg"), "000000001": ((0, 200, 0), "bmp"), "000000002": ((0, 0, 200), "png")}
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key, (colour, ext) in colours.items():
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), colour).save(buffer, {"jpg": "JPEG", "bmp": "BMP", "png": "PNG"}[ext], quality=100)
+            for name, data in ((f"{key}.{ext}", buffer.getvalue()), (f"{key}.txt", f"web alt {key}".encode()),
+                               (f"{key}.json", json.dumps({"key": key, "caption": f"web alt {key}"}).encode())):
+                info = tarfile.TarInfo(f"./{name}")  # as `tar -C dir .` names them
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    _img2dataset_metadata(folder / "00000.parquet", list(colours))
+    source = _recaption_output(folder / "00000.recaption.parquet", [
+        {"key": key, "alt_text": f"web alt {key}", "caption": f"synthetic {key}"} for key in colours])
+    out = tmp_path / "clip_train"
+    argv = [str(source), "--out", str(out), "--p", "1", "--images-from", str(folder)]
+    assert mix.main(argv) == 0
+    got = _open_clip_samples(out / "shard-000000.tar")
+    assert [(key, text) for key, _, text in got] == [(key, f"synthetic {key}") for key in colours]
+    for (key, pixel, _), (colour, ext) in zip(got, colours.values()):
+        assert max(abs(a - b) for a, b in zip(pixel, colour)) <= (4 if ext == "jpg" else 0), key
+    members = _read_tar(out / "shard-000000.tar")
+    assert [sorted(m) for m in members.values()] == [["jpg", "json", "txt"], ["json", "png", "txt"],
+                                                     ["json", "png", "txt"]]
+    # A key the tar does not hold, or a shard --images-from lacks, is one line naming it.
+    other = _recaption_output(tmp_path / "00001.recaption.parquet", [{"key": "k", "alt_text": "a", "caption": "c"}])
+    assert mix.main([str(other), "--out", str(tmp_path / "x"), "--images-from", str(folder)]) == 2
+    err = _error_line(capsys)
+    assert "row 'k': its recaption output is for shard '00001', which --images-from does not have" in err
+    assert not (tmp_path / "x").exists()

@@ -115,23 +115,23 @@ def outputs(folder: Path) -> dict[str, bytes]:
 def test_end_to_end_one_output_per_shard_equal_to_the_recaptioner(export, shards, reference):
     pattern, truth, order = shards
     out, summary = reference
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [f"0000{i}.recaption.parquet" for i in range(3)] + [
+        "summary.json"]
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["shards"] == {"total": 3, "written": 3, "skipped_existing": 0, "with_read_errors": 0}
     assert summary["samples"] == {"captioned": 15, "bad": 0, "bad_not_listed": 0}
     assert summary["images_per_s"] > 0 and summary["bad_samples"] == [] and summary["world_size"] == 1
     captioner = Recaptioner.from_pretrained(export, device="cpu")
     for shard, keys in order.items():
-        got = rows(out / f"{shard}.parquet")
+        got = rows(out / f"{shard}.recaption.parquet")
         assert [r["key"] for r in got] == keys  # input order, although batches were sorted by prompt length
         assert list(got[0]) == ["key", "alt_text", "caption"]
         assert [r["alt_text"] for r in got] == [build_prompt(truth[k][1]) for k in keys]
         images = [Image.open(io.BytesIO(truth[k][0])) for k in keys]
         expected = captioner.recaption(images, [truth[k][1] for k in keys], batch_size=2)
         assert [r["caption"] for r in got] == expected
-    assert "zorbit K-0 for sale; IMG_2231.jpg" in {r["alt_text"] for r in rows(out / "00000.parquet")}
-    assert len({r["caption"] for s in order for r in rows(out / f"{s}.parquet")}) > 1
+    assert "zorbit K-0 for sale; IMG_2231.jpg" in {r["alt_text"] for r in rows(out / "00000.recaption.parquet")}
+    assert len({r["caption"] for s in order for r in rows(out / f"{s}.recaption.parquet")}) > 1
 
 
 def test_resume_after_sigkill_mid_shard_matches_an_uninterrupted_run(export, shards, reference, tmp_path):
@@ -149,8 +149,8 @@ def test_resume_after_sigkill_mid_shard_matches_an_uninterrupted_run(export, sha
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert "in memory: ['00001']" in marker.read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet"]  # the half-done shard left nothing
-    (out / ".00001.parquet.abc123.tmp").write_bytes(b"half")  # as if killed while renaming
+    assert sorted(p.name for p in out.iterdir()) == ["00000.recaption.parquet"]  # the half-done shard left nothing
+    (out / ".00001.recaption.parquet.abc123.tmp").write_bytes(b"half")  # as if killed while renaming
 
     summary = recaption_shards(export, shards[0], out, **RUN)
     assert summary["shards"]["skipped_existing"] == 1 and summary["shards"]["written"] == 2
@@ -183,7 +183,7 @@ def test_best_of_n_keeps_the_highest_clip_score(export, shards, tmp_path):
                                do_sample=True, temperature=1.5, save_candidates=True, output_format="jsonl")
     assert summary["samples"]["captioned"] == 5
     scorer = ClipScorer.from_open_clip(f"local-dir:{export / 'encoder'}")  # the captioner's own encoder
-    got = rows(out / "00001.jsonl")
+    got = rows(out / "00001.recaption.jsonl")
     assert [r["key"] for r in got] == order["00001"]
     for r in got:
         assert len(r["candidates"]) == 3
@@ -201,7 +201,7 @@ def test_several_captions_per_image_are_a_list_reproducible_by_seed(export, shar
     settings = {**RUN, "num_captions": 2, "do_sample": True, "temperature": 1.5, "output_format": "jsonl"}
     recaption_shards(export, pattern, tmp_path / "a", **settings)
     recaption_shards(export, pattern, tmp_path / "b", **settings)
-    got = rows(tmp_path / "a" / "00000.jsonl")
+    got = rows(tmp_path / "a" / "00000.recaption.jsonl")
     assert all(isinstance(r["caption"], list) and len(r["caption"]) == 2 for r in got)
     assert any(r["caption"][0] != r["caption"][1] for r in got)
     assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
@@ -233,9 +233,9 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
     errors = {e["shard"]: e["error"] for e in summary["shard_errors"]}
     assert "'k2.png'" in errors["cut_in_data"] and "unexpected end of data" in errors["cut_in_data"]
     assert "end-of-archive" in errors["cut_at_header"]
-    assert [r["key"] for r in rows(out / "mixed.parquet")] == ["ok", "ok2"]
-    assert [r["key"] for r in rows(out / "cut_in_data.parquet")] == ["k0", "k1"]  # readable part kept
-    assert [r["key"] for r in rows(out / "cut_at_header.parquet")] == ["k0"]
+    assert [r["key"] for r in rows(out / "mixed.recaption.parquet")] == ["ok", "ok2"]
+    assert [r["key"] for r in rows(out / "cut_in_data.recaption.parquet")] == ["k0", "k1"]  # readable part kept
+    assert [r["key"] for r in rows(out / "cut_at_header.recaption.parquet")] == ["k0"]
 
     listed = recaption_shards(export, str(src), tmp_path / "capped", **RUN, max_listed_bad=1)
     assert len(listed["bad_samples"]) == 1 and listed["samples"]["bad_not_listed"] == 4
@@ -249,13 +249,13 @@ def test_metaclip_shards_are_recaptioned_with_their_alt_texts(export, tmp_path):
     in_order = images[0::2] + images[1::2]  # shard 0, then shard 1
     summary = recaption_shards(export, pattern, tmp_path / "all", **RUN)
     assert summary["samples"] == {"captioned": 6, "bad": 0, "bad_not_listed": 0}
-    got = rows(tmp_path / "all" / "0.parquet") + rows(tmp_path / "all" / "1.parquet")
+    got = rows(tmp_path / "all" / "0.recaption.parquet") + rows(tmp_path / "all" / "1.recaption.parquet")
     assert [r["key"] for r in got] == [image.uuid for image in in_order]
     assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in image.texts]) for image in in_order]
     assert any(image.title and image.title in r["alt_text"] for image, r in zip(in_order, got))
 
     recaption_shards(export, pattern, tmp_path / "alt", **RUN, alt_text_sources=["alt"])
-    got = rows(tmp_path / "alt" / "0.parquet") + rows(tmp_path / "alt" / "1.parquet")
+    got = rows(tmp_path / "alt" / "0.recaption.parquet") + rows(tmp_path / "alt" / "1.recaption.parquet")
     assert [r["alt_text"] for r in got] == [image.alt for image in in_order]
 
 
@@ -269,7 +269,7 @@ def test_a_shard_with_nothing_captioned_gets_no_output_and_is_retried(export, tm
     for run in range(2):
         assert run_cli(main, args) == 1  # not done: a shard is left to retry
         assert "1 shard(s) not written: nothing in them could be captioned" in capsys.readouterr().out
-        assert sorted(p.name for p in out.iterdir()) == ["good.parquet", "summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["good.recaption.parquet", "summary.json"]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["shards"] == {"total": 2, "written": 1 - run, "skipped_existing": run, "with_read_errors": 1}
         assert summary["samples"]["bad"] == 3  # the rerun read the failed shard again
@@ -290,15 +290,15 @@ def test_manifests_and_image_folders(export, tmp_path):
     (tmp_path / "part0.jsonl").write_text("\n".join(lines) + "\n")
 
     manifest = recaption_shards(export, str(tmp_path / "part0.jsonl"), tmp_path / "from_jsonl", **RUN)
-    got = rows(tmp_path / "from_jsonl" / "part0.parquet")
+    got = rows(tmp_path / "from_jsonl" / "part0.recaption.parquet")
     assert [(r["key"], r["alt_text"]) for r in got] == [("m0", "zorbit K-12 for sale; IMG_2231.jpg"), ("m2", "")]
     assert {b["key"] for b in manifest["bad_samples"]} == {"line 2", "m1"}
     assert "image file not found" in next(b["reason"] for b in manifest["bad_samples"] if b["key"] == "m1")
 
     folder = recaption_shards(export, str(images), tmp_path / "from_folder", **RUN, shard_size=2)
-    assert sorted(p.name for p in (tmp_path / "from_folder").glob("*.parquet")) == ["images-00000.parquet",
-                                                                                  "images-00001.parquet"]
-    got = rows(tmp_path / "from_folder" / "images-00000.parquet")
+    assert sorted(p.name for p in (tmp_path / "from_folder").glob("*.parquet")) == [
+        "images-00000.recaption.parquet", "images-00001.recaption.parquet"]
+    got = rows(tmp_path / "from_folder" / "images-00000.recaption.parquet")
     assert [(r["key"], r["alt_text"]) for r in got] == [("a", "zorbit K-12 for sale"), ("b", "")]
     assert [b["key"] for b in folder["bad_samples"]] == ["broken"]
     with pytest.raises(ValueError, match="no column 'alt_texts'"):
@@ -377,7 +377,7 @@ def test_every_image_keeps_its_identity(export, tmp_path):
     draw("red", "square").save(folder / "emu.png")
     (folder / "emu.txt").write_text("emu alt")
     summary = recaption_shards(export, str(folder), tmp_path / "f", **RUN)
-    got = rows(tmp_path / "f" / "photos-00000.parquet")
+    got = rows(tmp_path / "f" / "photos-00000.recaption.parquet")
     assert [(r["key"], r["alt_text"]) for r in got] == [("dog.jpg", ""), ("dog.png", "the png's own alt"),
                                                         ("emu", "emu alt")]
     assert {b["key"]: b["reason"] for b in summary["bad_samples"]} == {
@@ -393,14 +393,14 @@ def test_every_image_keeps_its_identity(export, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     summary = recaption_shards(export, str(src), tmp_path / "t", **RUN)
-    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "t" / "00000.parquet")] == [("k0", "first"),
+    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "t" / "00000.recaption.parquet")] == [("k0", "first"),
                                                                                           ("k1", "b")]
     assert summary["samples"]["bad"] == 1 and "appears again" in summary["bad_samples"][0]["reason"]
 
     lines = [{"key": "m0", "img_path": "photos/emu.png", "alt": "one"}, {"key": "m0", "img_path": "photos/cat.png"}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = recaption_shards(export, str(tmp_path / "m.jsonl"), tmp_path / "m", **RUN)
-    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "m" / "m.parquet")] == [("m0", "one")]
+    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "m" / "m.recaption.parquet")] == [("m0", "one")]
     assert summary["bad_samples"][0]["reason"].startswith("row 2 repeats the key of row 1")
 
 
@@ -414,7 +414,7 @@ def test_a_samples_fault_is_that_samples(export, tmp_path):
              json.dumps({"key": "url2", "img_path": "https://shop.example.com/c.jpg", "alt": "z"}).encode()]
     (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     summary = recaption_shards(export, str(tmp_path / "m.jsonl"), tmp_path / "out", **RUN)
-    assert [r["key"] for r in rows(tmp_path / "out" / "m.parquet")] == ["ok"]
+    assert [r["key"] for r in rows(tmp_path / "out" / "m.recaption.parquet")] == ["ok"]
     reasons = {b["key"]: b["reason"] for b in summary["bad_samples"]}
     assert set(reasons) == {"int", "line 3", "url", "url2"} and summary["shard_errors"] == []
     assert "holds a int (12345)" in reasons["int"] and "not UTF-8 text (byte 0xe9" in reasons["line 3"]
@@ -437,7 +437,7 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     (wds / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
     assert [(s.name, s.kind) for s in discover_shards(str(wds))] == [("00000", "webdataset")]
     summary = recaption_shards(export, str(wds), tmp_path / "o1", **RUN)
-    assert [r["alt_text"] for r in rows(tmp_path / "o1" / "00000.parquet")] == ["photo 0", "photo 1"]
+    assert [r["alt_text"] for r in rows(tmp_path / "o1" / "00000.recaption.parquet")] == ["photo 0", "photo 1"]
 
     pqs = tmp_path / "i2d_parquet"
     pqs.mkdir()
@@ -447,7 +447,7 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     (pqs / "00000_stats.json").write_text("{}")
     assert [(s.name, s.kind) for s in discover_shards(str(pqs))] == [("00000", "parquet")]
     summary = recaption_shards(export, str(pqs), tmp_path / "o2", **RUN, image_key="jpg", alt_key="caption")
-    assert [r["key"] for r in rows(tmp_path / "o2" / "00000.parquet")] == ["000000000", "000000001"]
+    assert [r["key"] for r in rows(tmp_path / "o2" / "00000.recaption.parquet")] == ["000000000", "000000001"]
     assert summary["bad_samples"] == [{"shard": "00000", "key": "000000002", "reason": summary["bad_samples"][0][
         "reason"]}] and "failed download (status 'failed_to_download': timeout)" in summary["bad_samples"][0]["reason"]
 
@@ -463,7 +463,7 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     (flat / "x").rmdir()
     assert [(s.name, s.kind) for s in discover_shards(str(flat))] == [("00000", "webdataset")]
     summary = recaption_shards(export, str(flat), tmp_path / "o3", **RUN)
-    assert [r["key"] for r in rows(tmp_path / "o3" / "00000.parquet")] == ["4b1c"] and summary["shard_errors"] == []
+    assert [r["key"] for r in rows(tmp_path / "o3" / "00000.recaption.parquet")] == ["4b1c"] and summary["shard_errors"] == []
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "deep" / "er").mkdir(parents=True)
@@ -473,3 +473,35 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     with pytest.raises(ValueError, match="holds parquet and image files; say which to read: input_format=parquet "
                                          "or folder"):
         discover_shards(str(pqs))
+
+
+def test_output_into_an_img2dataset_folder_captions_and_keeps_the_metadata(export, tmp_path, capsys):
+    """img2dataset writes `00000.parquet` (its metadata) beside `00000.tar`; that file is not a finished output."""
+    import pyarrow as pa
+
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    members = [(f"00000000{j}", {"jpg": png(j), "txt": f"alt {j}".encode(),
+                                 "json": json.dumps({"key": f"00000000{j}", "caption": f"alt {j}"}).encode()})
+               for j in range(3)]
+    write_tar(folder / "00000.tar", members)
+    metadata = pa.table({"key": [k for k, _ in members], "url": [f"http://127.0.0.1/{j}.jpg" for j in range(3)],
+                         "caption": [f"alt {j}" for j in range(3)], "status": ["success"] * 3})
+    pq.write_table(metadata, folder / "00000.parquet")
+    before = (folder / "00000.parquet").read_bytes()
+    summary = recaption_shards(export, str(folder), folder, **RUN)
+    assert summary["samples"]["captioned"] == 3 and summary["shards"]["written"] == 1
+    assert (folder / "00000.parquet").read_bytes() == before  # the downloader's file is untouched
+    out = folder / "00000.recaption.parquet"
+    assert [r["key"] for r in rows(out)] == [k for k, _ in members]
+    marker = json.loads(pq.read_schema(out).metadata[b"altogether.recaption"])
+    assert marker == {"version": 1, "shard": "00000"}
+    # A file under an output's name that is not one is never taken as done (nor overwritten).
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(metadata, other / "00000.recaption.parquet")
+    assert run_cli(main, [str(export), str(folder / "00000.tar"), str(other), "num_workers=0",
+                          "progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    assert "00000.recaption.parquet exists but is not a recaption output" in err and "Traceback" not in err
+    assert pq.read_table(other / "00000.recaption.parquet").equals(metadata)

@@ -171,7 +171,7 @@ def test_the_same_image_gets_the_same_caption_through_every_door(captioner, expo
     summary = recaption_shards(export, str(manifest), tmp_path / "out", batch_size=4, num_workers=1,
                                progress_bar=False, output_format="jsonl", **settings)
     assert summary["samples"]["captioned"] == len(alts)
-    command = [json.loads(line)["caption"] for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    command = [json.loads(line)["caption"] for line in (tmp_path / "out" / "data.recaption.jsonl").read_text().splitlines()]
     monkeypatch.setenv("PATH", str(tmp_path))  # no java: METEOR skipped, fast
     seed = settings.get("seed", 0)
     result = evaluate(export, manifest, conditions="w/ alt", seed=seed, batch_size=5, clip_score=False,
