@@ -473,3 +473,13 @@ def test_a_recipe_file_that_is_not_a_mapping_is_one_line(text, message, tmp_path
     assert run_cli(train_main, [f"recipe={path}", "dry_run=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith(f"error: recipe {path}: {message}")
+
+
+def test_tensorboard_logger_writes_its_events_and_the_csv_log(make_recipe, jsonl_data, tmp_path):
+    """With the ``tensorboard`` extra installed (``uv sync --extra tensorboard``): both logs, the CSV one that
+    ``plot`` and the report read in its usual place."""
+    pytest.importorskip("tensorboard")
+    fit(_small(make_recipe, jsonl_data, tmp_path / "run", **{"trainer.logger": "tensorboard",
+                                                             "trainer.log_every_n_steps": 1}))
+    assert len(logged(tmp_path / "run")) == 4
+    assert list((tmp_path / "run" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
