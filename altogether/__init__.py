@@ -1,6 +1,6 @@
 """Altogether re-alignment captioners: image + alt-text in, dense image-aligned caption out.
 
-``from altogether import Recaptioner, AltogetherModel, load_recipe, fit``. Names are imported on first use so
+``from altogether import Recaptioner, AltogetherModel, GenerationConfig, load_recipe, fit``. Names are imported on first use so
 that ``import altogether`` stays light (no torch or transformers until they are needed).
 """
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Recaptioner": "altogether.recaptioner",
     "AltogetherModel": "altogether.model",
+    "GenerationConfig": "altogether.generation",
     "load_recipe": "altogether.config",
     "fit": "altogether.training",
 }
@@ -19,6 +20,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import load_recipe
+    from .generation import GenerationConfig
     from .model import AltogetherModel
     from .recaptioner import Recaptioner
     from .training import fit

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .generation import GenerationConfig, GenerationError
+
 # Recipes live in the repository's top-level recipes/ and are packaged as altogether/recipes in the wheel.
 _PACKAGE = Path(__file__).resolve().parent
 RECIPE_DIR = next((p for p in (_PACKAGE / "recipes", _PACKAGE.parent / "recipes") if p.is_dir()), _PACKAGE / "recipes")
@@ -176,18 +178,6 @@ class TrainerConfig:
 
 
 @dataclass
-class GenerationSettings:
-    """Decoding defaults stored with an export; keyword names follow Hugging Face ``generate``."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = True
-    temperature: float = 0.2
-    top_p: float = 0.7
-    top_k: int = 0  # 0 = off (Hugging Face's own default is 50)
-    num_beams: int = 1
-
-
-@dataclass
 class DemoConfig:
     """The synthetic world and the stages before the captioner's finetune (used when ``data.format=demo``).
 
@@ -209,28 +199,6 @@ class DemoConfig:
 
 
 @dataclass
-class GenerationOverrides:
-    """Hugging Face ``generate`` settings a command may override (``key=value``); ``None`` keeps the export's."""
-
-    max_new_tokens: Optional[int] = None
-    min_new_tokens: Optional[int] = None
-    do_sample: Optional[bool] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    num_beams: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    no_repeat_ngram_size: Optional[int] = None
-    length_penalty: Optional[float] = None
-    exponential_decay_length_penalty: Optional[List[float]] = None  # [start, factor]
-
-    def given_generation(self) -> dict[str, Any]:
-        """The generation settings that were set (not ``None``)."""
-        names = GenerationOverrides.__dataclass_fields__
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-
-
-@dataclass
 class RecipeConfig:
     recipe: str = MISSING
     description: str = ""
@@ -245,7 +213,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # what the export stores
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -346,6 +314,10 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         raise ConfigError("key 'data.cache_dir': data.use_cache=true needs the cache folder")
     if cfg.model.mapper.num_visual_tokens < 1:
         raise ConfigError("key 'model.mapper.num_visual_tokens' must be >= 1")
+    try:
+        GenerationConfig.from_dict(cfg.generation)
+    except GenerationError as err:
+        raise ConfigError(f"key 'generation.{err.key}': {err}") from None
 
 
 def check_alt_text_sources(sources: Optional[List[str]], key: str) -> None:

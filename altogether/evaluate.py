@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import random
 import re
 import shutil
 import subprocess
@@ -35,9 +34,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .conditions import CONDITIONS, build_conditions
-from .config import ConfigError, GenerationOverrides, check_alt_text_sources
+from .config import ConfigError, check_alt_text_sources
 from .data.images import load_image
 from .data.records import BadRecord, ImageRef, Record
+from .generation import GenerationConfig, GenerationError, GenerationOverrides, given
 from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ TABLE_COLUMNS = (CLIPSCORE_KEY, "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR"
 CIDER_NOTE = ("CIDEr's IDF weights come from the references of the evaluated set itself: CIDEr is comparable "
               "only between runs on the same set of records.")
 _IMAGE_CHUNK = 256  # images decoded at a time for CLIPScore, so memory does not grow with the data set
+# Evaluation's own override of the export's generation settings: greedy unless asked, so numbers are deterministic.
+EVAL_GENERATION = {"do_sample": False}
 
 
 @dataclass
@@ -73,7 +75,7 @@ class EvalConfig(GenerationOverrides):
 
     output_dir: Optional[str] = None  # default: eval/<model>__<data>
     conditions: Any = None  # comma-separated names or a list; default: all the data offers
-    seed: int = 0  # random-alt permutation, sampling, demo scenes
+    seed: int = 0  # random-alt permutation, sampling (the generation seed), demo scenes
     # data
     format: str = "auto"  # auto | annotations | jsonl | parquet | webdataset
     target_key: str = "round3"
@@ -82,11 +84,10 @@ class EvalConfig(GenerationOverrides):
     image_key: str = "img_path"
     image_root: Optional[str] = None
     limit: Optional[int] = None  # evaluate the first N records read
-    # model and generation (greedy unless do_sample=true; unset keys keep the export's settings)
+    # model and generation (greedy unless do_sample=true: EVAL_GENERATION; other unset keys keep the export's)
     device: Optional[str] = None
     dtype: Optional[str] = None
     batch_size: int = 16
-    do_sample: bool = False  # greedy unless asked: evaluation must be deterministic
     # metrics
     clip_score: bool = True
     clip_model: Optional[str] = None  # default: the captioner's own encoder
@@ -161,6 +162,10 @@ def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Eval
     if cfg.num_examples < 0:
         raise ConfigError(f"key 'num_examples': must be >= 0, got {cfg.num_examples}")
     check_alt_text_sources(cfg.alt_text_sources, "alt_text_sources")
+    try:
+        GenerationConfig.check_values(generation_overrides(cfg))
+    except GenerationError as err:
+        raise ConfigError(f"key {err.key!r}: {err}") from None
     return cfg
 
 
@@ -269,32 +274,9 @@ def _first(*values):
 
 
 def generation_overrides(cfg: EvalConfig) -> dict[str, Any]:
-    """Hugging Face ``generate`` keywords given on the command line (``do_sample`` always: greedy by default)."""
-    return {**cfg.given_generation(), "do_sample": cfg.do_sample}
-
-
-def generate_captions(captioner, images: Sequence[ImageRef], prompts: Sequence[str], *, batch_size: int,
-                      seed: int, label: str, progress: bool = True, **generation: Any) -> list[str]:
-    """One caption per image under its prompt, with a progress bar; deterministic for a given seed.
-
-    Images go in batches of similar prompt length; each batch samples from a seed derived from ``seed``,
-    ``label`` and its position (greedy decoding does not depend on batching at all).
-    """
-    from tqdm.auto import tqdm
-
-    lengths = [len(captioner.prompt_ids(p)) for p in prompts]
-    order = sorted(range(len(images)), key=lambda i: -lengths[i])
-    captions: list[str] = [""] * len(images)
-    with tqdm(total=len(images), desc=label, unit="img", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch_seed = random.Random(f"{seed}:{label}:{start}").getrandbits(32)
-            out = captioner.recaption([images[i] for i in rows], [prompts[i] for i in rows],
-                                      batch_size=batch_size, seed=batch_seed, **generation)
-            for i, caption in zip(rows, out):
-                captions[i] = caption
-            bar.update(len(rows))
-    return captions
+    """The export's generation settings to override: :data:`EVAL_GENERATION`, then the command's own keys
+    (``seed`` included: seeded sampling draws each caption from its image's own stream)."""
+    return {**EVAL_GENERATION, **given(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,9 +368,10 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
     images = [r.image for r in records]
     alt_texts = [_alt_prompt(r, captioner.layout.alt_separator) for r in records]
     prompts = _condition_prompts(eval_set, alt_texts, names, cfg.seed)
-    generation = generation_overrides(cfg)
-    captions = {c: generate_captions(captioner, images, prompts[c], batch_size=cfg.batch_size, seed=cfg.seed,
-                                     label=c, progress=cfg.progress, **generation) for c in names}
+    overrides = generation_overrides(cfg)
+    generation = captioner.settings(overrides)  # checked against the model before any caption
+    captions = {c: captioner.recaption(images, prompts[c], batch_size=cfg.batch_size, progress=cfg.progress and c,
+                                       **overrides) for c in names}
     texts = {**captions, **({ALT_TEXT_ROW: alt_texts} if cfg.alt_text_row else {})}
     scores = score_rows(texts, [r.target for r in records], images, captioner, cfg)
     demo_scores = None
@@ -412,7 +395,7 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
         "data": _data_info(eval_set, cfg),
         "seed": cfg.seed,
         "conditions": names,
-        "generation": {**OmegaConf.to_container(captioner.generation), **generation},
+        "generation": generation.to_dict(),
         "metrics": {c: scores.rows[c] for c in names},
         "baselines": {r: v for r, v in scores.rows.items() if r not in names},
         "demo_scores": demo_scores,

@@ -39,7 +39,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
-from .config import LEGACY_RESIZE_MODE, EncoderConfig, GenerationSettings, LayoutConfig, ModelConfig
+from .config import LEGACY_RESIZE_MODE, EncoderConfig, LayoutConfig, ModelConfig
+from .generation import GenerationConfig, max_positions
 from .io import replacing_dir
 from .model import AltogetherModel, causal_lm
 
@@ -163,7 +164,7 @@ def save_export(
             "decoder_hf_config": {**hf_config.to_diff_dict(), "vocab_size": hf_config.vocab_size},
             "lora": lora,
             "layout": OmegaConf.to_container(OmegaConf.structured(layout), resolve=True),
-            "generation": OmegaConf.to_container(OmegaConf.structured(generation), resolve=True),
+            "generation": GenerationConfig.from_dict(generation).to_dict(),
             "recipe": recipe,
             **(extra or {}),
         }
@@ -362,5 +363,21 @@ def layout_from(meta: dict[str, Any]) -> LayoutConfig:
     return OmegaConf.merge(OmegaConf.structured(LayoutConfig), meta["layout"])  # type: ignore[return-value]
 
 
-def generation_from(meta: dict[str, Any]) -> GenerationSettings:
-    return OmegaConf.merge(OmegaConf.structured(GenerationSettings), meta["generation"])  # type: ignore[return-value]
+def generation_from(meta: dict[str, Any]) -> GenerationConfig:
+    """The export's generation defaults, validated. Exports of earlier versions stored fewer settings: the
+    others take :class:`~altogether.generation.GenerationConfig`'s neutral defaults, as they did then."""
+    try:
+        return GenerationConfig.from_dict(meta["generation"])
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"{CONFIG_FILE}: 'generation': {err}") from None
+
+
+def decoder_max_positions(meta: dict[str, Any]) -> int | None:
+    """The decoder's position table length from the export's stored Hugging Face config, without loading it."""
+    from transformers import AutoConfig
+
+    hf_config = dict(meta.get("decoder_hf_config") or {})
+    model_type = hf_config.pop("model_type", None)
+    if model_type is None:
+        return None
+    return max_positions(AutoConfig.for_model(model_type, **hf_config))

@@ -13,13 +13,18 @@ from typing import Any, BinaryIO, Iterator
 def jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
     """``(line number from 1, value, problem)`` for every non-blank line of a JSONL file.
 
-    A line that is not valid JSON gives ``value=None`` and a ``problem`` naming the error; callers decide whether
-    that stops the read or skips the line. Opening or decoding the file raises as usual.
+    A line that is not valid UTF-8 JSON gives ``value=None`` and a ``problem`` naming the error; callers decide
+    whether that stops the read or skips the line. Opening or reading the file raises as usual.
     """
     import json
 
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, None, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:

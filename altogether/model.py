@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
-from .decoding import decode, logits_processors
+from .generation import GenerationConfig, decode, stream_seed
 from .layout import SampleTokens, block_causal_mask, collate
 
 log = logging.getLogger(__name__)
@@ -423,30 +423,22 @@ class AltogetherModel(nn.Module):
         self,
         image_embeds: torch.Tensor,
         alt_ids: Sequence[list[int]],
+        generation: GenerationConfig,
         *,
-        max_new_tokens: int = 256,
-        min_new_tokens: int = 0,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        num_beams: int = 1,
-        num_return_sequences: int = 1,
-        repetition_penalty: float = 1.0,
-        no_repeat_ngram_size: int = 0,
-        length_penalty: float = 1.0,
-        exponential_decay_length_penalty: Sequence[float] | None = None,
+        stream_keys: Sequence[int] | None = None,
     ) -> list[list[int]]:
         """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
 
-        Prompts are left-padded so every row continues from its last prompt token, with the position ids the
-        training layout gives. Greedy decoding and sampling run :func:`altogether.decoding.decode`, where
-        finished captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``.
-        Keyword names and meanings follow ``generate`` (``top_k=0`` is off; ``length_penalty`` applies to beams;
-        ``exponential_decay_length_penalty=(start, factor)`` raises EOS's score by a growing amount after
-        ``start`` new tokens, for shorter captions without a hard cut).
+        ``image_embeds``: ``(images, embed_dim)``; ``alt_ids``: one prompt's token ids per image. Prompts are
+        left-padded so every row continues from its last prompt token, with the position ids the training
+        layout gives. Greedy decoding and sampling run :func:`altogether.generation.decode`, where finished
+        captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``. With
+        ``generation.seed`` set, candidate ``k`` of image ``i`` samples from its own stream,
+        ``stream_seed(seed, stream_keys[i], k)`` (default key: ``i``), whatever else is in the batch; without a
+        seed, sampling draws from torch's global generator.
         Returns ``len(alt_ids) * num_return_sequences`` lists, the candidates of one image consecutive.
         """
+        g = generation
         batch = collate(
             [SampleTokens(list(ids), []) for ids in alt_ids],
             num_visual_tokens=self.mapper.num_tokens,
@@ -456,31 +448,44 @@ class AltogetherModel(nn.Module):
         batch = {k: v.to(image_embeds.device) for k, v in batch.items()}
         embeds, mask = self.input_embeddings(batch, image_embeds), batch["attention_mask"]
         lm = causal_lm(self.decoder)
-        decay = None
-        if exponential_decay_length_penalty is not None:
-            start, factor = exponential_decay_length_penalty
-            decay = (int(start), float(factor))
-        if num_beams > 1:
-            sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-            sequences = lm.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens, do_sample=do_sample, num_beams=num_beams,
-                num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-                exponential_decay_length_penalty=decay, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                **sampling,
-            )
+        seeds = None
+        if g.do_sample and g.seed is not None:
+            keys = range(len(alt_ids)) if stream_keys is None else stream_keys
+            seeds = [[stream_seed(g.seed, key, k) for k in range(g.num_return_sequences)] for key in keys]
+        if g.num_beams > 1:
+            rows = self._beam_search(lm, embeds, mask, g, seeds)
         else:
-            processors = logits_processors(
-                min_new_tokens=min_new_tokens, eos_id=self.eos_id, do_sample=do_sample, temperature=temperature,
-                top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size, exponential_decay_length_penalty=decay)
-            sequences = decode(
-                lm, embeds.repeat_interleave(num_return_sequences, dim=0),
-                mask.repeat_interleave(num_return_sequences, dim=0), max_new_tokens=max_new_tokens,
-                eos_id=self.eos_id, pad_id=self.pad_id, do_sample=do_sample, processors=processors,
-            )
-        return [_until_eos(row.tolist(), self.eos_id) for row in sequences]
+            generators = None
+            if seeds is not None:
+                generators = [torch.Generator(embeds.device).manual_seed(s) for image in seeds for s in image]
+            rows = decode(
+                lm, embeds.repeat_interleave(g.num_return_sequences, dim=0),
+                mask.repeat_interleave(g.num_return_sequences, dim=0), max_new_tokens=g.max_new_tokens,
+                eos_id=self.eos_id, pad_id=self.pad_id, do_sample=g.do_sample,
+                processors=g.logits_processors(self.eos_id), generators=generators,
+            ).tolist()
+        return [_until_eos(row, self.eos_id) for row in rows]
+
+    def _beam_search(self, lm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, g: GenerationConfig,
+                     seeds: list[list[int]] | None) -> list[list[int]]:
+        """Hugging Face ``generate`` with beams; seeded beam sampling runs one image at a time, each from its
+        own seed, so that its captions do not depend on the batch."""
+        sampling = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k} if g.do_sample else {}
+        kwargs = dict(
+            max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, do_sample=g.do_sample,
+            num_beams=g.num_beams, num_return_sequences=g.num_return_sequences,
+            repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+            length_penalty=g.length_penalty, exponential_decay_length_penalty=g.length_decay,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id, **sampling,
+        )
+        if seeds is None:
+            return lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs).tolist()
+        rows: list[list[int]] = []
+        for i, image_seeds in enumerate(seeds):
+            with torch.random.fork_rng(devices=[embeds.device] if embeds.device.type == "cuda" else []):
+                torch.manual_seed(image_seeds[0])
+                rows += lm.generate(inputs_embeds=embeds[i : i + 1], attention_mask=mask[i : i + 1], **kwargs).tolist()
+        return rows
 
 
 def _until_eos(ids: list[int], eos_id: int) -> list[int]:

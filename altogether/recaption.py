@@ -5,8 +5,9 @@ guide: ``docs/recaption.md``). The run is Lightning's predict loop: every rank t
 in the input list is congruent to its global rank (so each shard is processed exactly once, whatever has
 been done before), reads a shard whole, caption batches sorted by prompt length, and writes
 ``OUTPUT/<shard>.parquet|.jsonl`` atomically once the shard is complete. A shard whose output exists is
-skipped, so rerunning the same command resumes. Prompts and images go through :class:`Recaptioner`, i.e.
-the training prompt rule and the encoder's own transform. Best-of-N reranks sampled candidates by CLIP
+skipped, so rerunning the same command resumes. Captions go through :class:`Recaptioner`'s one inference path:
+data-loader workers run its prepare step (the training prompt rule, image decoding and the encoder's own
+transform, once per image), the rank's main process its caption step. Best-of-N reranks sampled candidates by CLIP
 score (LAION-COCO); ``num_captions=K`` keeps K sampled captions per image (LaCLIP-style augmentation).
 """
 
@@ -18,7 +19,6 @@ import json
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
@@ -31,15 +31,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cli import run_cli
-from .config import ConfigError, GenerationOverrides, GenerationSettings, check_alt_text_sources
+from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields
 from .data.images import load_image
 from .data.records import BadRecord
 from .export import export_model_config, generation_from, read_export_config
+from .generation import GenerationConfig, GenerationError, GenerationOverrides, given
 from .io import atomic_write_bytes, atomic_write_text
-from .layout import build_prompt, tokenize_sample
-from .recaptioner import Recaptioner, resolve_source
+from .recaptioner import (Prepare, Prepared, Recaptioner, check_export_generation, length_sorted_batches,
+                          resolve_source)
 
 
 OUTPUT_FORMATS = ("parquet", "jsonl")
@@ -70,7 +71,7 @@ class RecaptionSettings(GenerationOverrides):
     num_candidates: int = 1  # N > 1: sample N, keep the best by CLIP score (the best K with num_captions)
     clip_model: Optional[str] = None  # best-of-N scorer; default: the captioner's own encoder (both towers)
     clip_pretrained: Optional[str] = None
-    seed: int = 0  # sampling seed; each batch draws from a seed derived from (seed, shard, batch)
+    seed: int = 0  # sampling seed; each image draws from its own stream, derived from (seed, image, prompt)
     # hardware
     batch_size: int = 16
     num_workers: int = 2  # data loader processes per rank (reading and decoding images)
@@ -100,8 +101,8 @@ def load_settings(overrides: Sequence[str] | dict[str, Any] | None = None) -> Re
         raise ConfigError(f"{'key ' + repr(key) + ': ' if key else ''}{str(err).splitlines()[0]}") from None
 
 
-def check_settings(s: RecaptionSettings, defaults: GenerationSettings) -> dict[str, Any]:
-    """Cross-checks against the export's generation defaults; returns the generation overrides to pass on."""
+def check_settings(s: RecaptionSettings, defaults: GenerationConfig) -> GenerationConfig:
+    """Cross-checks of the settings; returns the export's generation defaults with the run's overrides."""
     choices = {"output_format": OUTPUT_FORMATS, "input_format": INPUT_FORMATS}
     for key, valid in choices.items():
         if getattr(s, key) not in valid:
@@ -114,77 +115,50 @@ def check_settings(s: RecaptionSettings, defaults: GenerationSettings) -> dict[s
     if s.num_candidates > 1 and s.num_candidates < s.num_captions:
         raise ConfigError(f"num_candidates={s.num_candidates} < num_captions={s.num_captions}: best-of-N keeps "
                           "the best num_captions of num_candidates")
-    generation = s.given_generation()
-    draws = max(s.num_candidates, s.num_captions)
-    do_sample = generation.get("do_sample", defaults.do_sample)
-    if draws > 1 and not do_sample and generation.get("num_beams", defaults.num_beams) < draws:
-        raise ConfigError(f"{draws} captions per image need sampling: set do_sample=true (greedy decoding gives "
-                          "one caption per image)")
     if s.save_candidates and s.num_candidates == 1:
         raise ConfigError("save_candidates=true needs num_candidates > 1 (there are no other candidates)")
     check_alt_text_sources(s.alt_text_sources, "alt_text_sources")
     if s.clip_pretrained and not s.clip_model:
         raise ConfigError("clip_pretrained needs clip_model (the scorer defaults to the captioner's own encoder)")
-    return generation
+    count_key = "num_candidates" if s.num_candidates > 1 else "num_captions"
+    try:
+        return defaults.merge(given(s), num_return_sequences=max(s.num_candidates, s.num_captions),
+                              count_key=count_key)
+    except GenerationError as err:
+        raise ConfigError(f"key {err.key!r}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- batches
 
 
-@dataclass(frozen=True)
-class PromptRule:
-    """The training prompt rule (:func:`build_prompt` + :func:`tokenize_sample`), for sorting by prompt length."""
-
-    tokenizer: Any
-    separator: str
-    max_alt_tokens: int
-    max_caption_tokens: int
-
-    @classmethod
-    def of(cls, captioner: Recaptioner) -> "PromptRule":
-        lay = captioner.layout
-        return cls(captioner.tokenizer, lay.alt_separator, lay.max_alt_tokens, lay.max_caption_tokens)
-
-    def prompt(self, alt_texts: Sequence[str]) -> str:
-        return build_prompt(alt_texts, self.separator)
-
-    def length(self, prompt: str) -> int:
-        return len(tokenize_sample(self.tokenizer, prompt, None, max_alt_tokens=self.max_alt_tokens,
-                                   max_caption_tokens=self.max_caption_tokens).alt_ids)
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Sample indices in batches, longest prompts first (ties in input order); ``[[]]`` when there are none.
-
-    Similar lengths share a batch, so little of a batch is padding, and memory peaks on the first batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)] or [[]]
-
-
 @dataclass
 class ShardBatch:
-    """One batch of one shard. The first batch of a shard carries the shard's read problems; ``last`` marks
-    the batch after which the shard is complete. ``progress`` is the batch's fraction of its shard."""
+    """One batch of one shard, prepared in a data-loader worker. The first batch of a shard carries the shard's
+    read problems; ``last`` marks the batch after which the shard is complete. ``progress`` is the batch's
+    fraction of its shard. ``images`` holds the decoded images only for best-of-N scoring."""
 
     shard: str
-    index: list[int]  # positions in the shard's input order
-    keys: list[str]
-    prompts: list[str]
-    alt_texts: list[list[str]]
-    images: list[Image.Image]
-    seed: int
     progress: float
     last: bool
+    index: list[int] = field(default_factory=list)  # positions in the shard's input order
+    keys: list[str] = field(default_factory=list)
+    items: list[Prepared] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
     error: Optional[str] = None
 
 
 class ShardBatches(IterableDataset):
-    """Batches of the given shards, shard after shard; data loader workers split the shards between them."""
+    """Batches of the given shards, shard after shard; data loader workers split the shards between them.
 
-    def __init__(self, shards: Sequence[Shard], fields: Fields, rule: PromptRule, batch_size: int, seed: int):
-        self.shards, self.fields, self.rule, self.batch_size, self.seed = list(shards), fields, rule, batch_size, seed
+    Each worker runs :class:`Prepare` on its shards' samples: every prompt is built and tokenized once (the
+    batches are sorted by its length), every image decoded and transformed once.
+    """
+
+    def __init__(self, shards: Sequence[Shard], fields: Fields, prepare: Prepare, batch_size: int,
+                 keep_images: bool = False):
+        self.shards, self.fields, self.prepare = list(shards), fields, prepare
+        self.batch_size, self.keep_images = batch_size, keep_images
 
     def __iter__(self) -> Iterator[ShardBatch]:
         worker = get_worker_info()
@@ -195,30 +169,26 @@ class ShardBatches(IterableDataset):
     def shard_batches(self, shard: Shard) -> Iterator[ShardBatch]:
         content = read_shard(shard, self.fields)
         samples = content.samples
-        prompts = [self.rule.prompt(s.alt_texts) for s in samples]
-        batches = length_sorted_batches([self.rule.length(p) for p in prompts], self.batch_size)
+        prompts = [self.prepare.prompt(s.alt_texts) for s in samples]
+        batches = length_sorted_batches([len(p.ids) for p in prompts], self.batch_size)
         for n, rows in enumerate(batches):
-            batch = ShardBatch(shard.name, [], [], [], [], [], seed=_batch_seed(self.seed, shard.name, n),
-                               progress=len(rows) / len(samples) if samples else 1.0, last=n == len(batches) - 1)
+            batch = ShardBatch(shard.name, progress=len(rows) / len(samples) if samples else 1.0,
+                               last=n == len(batches) - 1)
             if n == 0:
                 batch.bad, batch.error = list(content.bad), content.error
             for i in rows:
                 try:
                     image = load_image(samples[i].image, key=samples[i].key)
+                    item = self.prepare.image(image, prompts[i], key=samples[i].key)
                 except BadRecord as err:
                     batch.bad.append((samples[i].key, str(err)))
                     continue
                 batch.index.append(i)
                 batch.keys.append(samples[i].key)
-                batch.prompts.append(prompts[i])
-                batch.alt_texts.append(samples[i].alt_texts)
-                batch.images.append(image)
+                batch.items.append(item)
+                if self.keep_images:
+                    batch.images.append(image)
             yield batch
-
-
-def _batch_seed(seed: int, shard: str, batch: int) -> int:
-    """A sampling seed that depends on the batch's place only, so resumed and distributed runs sample alike."""
-    return zlib.crc32(f"{seed}:{shard}:{batch}".encode())
 
 
 # ---------------------------------------------------------------------------------------------- shard plan
@@ -263,8 +233,8 @@ class ShardData(L.LightningDataModule):
         s = self.settings
         self.plan = plan_rank(self.shards, self.trainer.global_rank, self.trainer.world_size, self.output,
                               s.output_format)
-        rule = self.trainer.lightning_module.prompt_rule()
-        dataset = ShardBatches(self.plan.pending, self.fields, rule, s.batch_size, s.seed)
+        prepare = self.trainer.lightning_module.captioner.prepare
+        dataset = ShardBatches(self.plan.pending, self.fields, prepare, s.batch_size, keep_images=s.num_candidates > 1)
         return DataLoader(dataset, batch_size=None, num_workers=min(s.num_workers, len(self.plan.pending)))
 
 
@@ -285,7 +255,7 @@ def choose_captions(candidates: Sequence[str], scores: Sequence[float] | None, k
 class RecaptionModule(L.LightningModule):
     """Captions :class:`ShardBatch` es: the captioner (and the best-of-N scorer) are built on the rank's device."""
 
-    def __init__(self, model: str | Path | Recaptioner, settings: RecaptionSettings, generation: dict[str, Any]):
+    def __init__(self, model: str | Path | Recaptioner, settings: RecaptionSettings, generation: GenerationConfig):
         super().__init__()
         self.source = model
         self.settings = settings
@@ -313,20 +283,13 @@ class RecaptionModule(L.LightningModule):
         encoder = export_model_config(self.captioner.directory, self.captioner.meta).encoder
         return encoder.name, encoder.pretrained
 
-    def prompt_rule(self) -> PromptRule:
-        return PromptRule.of(self.captioner)
-
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch  # PIL images stay on the host; the Recaptioner moves pixels itself
+        return batch  # the Recaptioner's caption step moves pixels to the device itself
 
     def predict_step(self, batch: ShardBatch, batch_idx: int = 0) -> list[dict[str, Any]]:
         if not batch.keys:
             return []
-        s = self.settings
-        draws = max(s.num_candidates, s.num_captions)
-        texts = self.captioner.recaption(batch.images, batch.alt_texts, batch_size=len(batch.images),
-                                         num_captions=draws, seed=batch.seed, **self.generation)
-        candidates = [t if isinstance(t, list) else [t] for t in texts]
+        candidates = self.captioner.caption(batch.items, self.generation)
         cosines = self.cosines(batch.images, candidates) if self.scorer is not None else None
         return [self.row(batch, i, candidates[i], None if cosines is None else cosines[i].tolist())
                 for i in range(len(candidates))]
@@ -335,7 +298,7 @@ class RecaptionModule(L.LightningModule):
         k = self.settings.num_captions
         keep = choose_captions(candidates, cosines, k)
         single = k == 1
-        row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "alt_text": batch.prompts[i],
+        row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "alt_text": batch.items[i].prompt.text,
                                "caption": candidates[keep[0]] if single else [candidates[j] for j in keep]}
         if cosines is not None:
             scores = [clip_score(c) for c in cosines]
@@ -542,12 +505,20 @@ def recaption_shards(
     if settings is not None and overrides:
         s = load_settings({**asdict(settings), **overrides})
     if isinstance(model, Recaptioner):
-        defaults, model_name = model.generation, str(model.directory)
+        model_name, defaults, meta = str(model.directory), model.generation, None
     else:
         model_name = str(model)
         model = resolve_source(model)
-        defaults = generation_from(read_export_config(model))
+        meta = read_export_config(model)
+        defaults = generation_from(meta)
     generation = check_settings(s, defaults)
+    try:  # against the decoder's position table: before a model loads on any rank
+        if meta is None:
+            model.check(generation)
+        else:
+            check_export_generation(meta, generation)
+    except GenerationError as err:
+        raise ConfigError(f"key {err.key!r}: {err}") from None
     shards = discover_shards(source, input_format=s.input_format, shard_size=s.shard_size)
     fields = Fields(alt_key=s.alt_key, image_key=s.image_key, target_key=None, image_root=s.image_root,
                     alt_sources=s.alt_text_sources)

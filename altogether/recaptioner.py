@@ -1,4 +1,4 @@
-"""``Recaptioner``: load a trained captioner (export folder or Hub repo), re-caption images, save and share it.
+"""``Recaptioner``: THE inference path. Load a trained captioner, re-caption images, save and share it.
 
 ```python
 from altogether import Recaptioner
@@ -8,36 +8,44 @@ captioner.recaption(["cat.jpg", "shop.png"], ["my cat Tom", ["zorbit K-12", "IMG
 captioner.recaption(images, do_sample=False)          # greedy, no alt-texts: captioning from scratch
 captioner.push_to_hub("you/altogether-opt1.3b", private=True)
 ```
-Prompts go through :func:`altogether.layout.build_prompt` and :func:`~altogether.layout.tokenize_sample`, the
-same rule training used; images through the encoder's own open_clip transform.
+Every caption the library writes (this class, sharded ``recaption``, ``evaluate``, training's sample captions,
+annotation prefill, the demo) goes through the same three steps:
+
+* :class:`Prepare` (image + alt-texts -> :class:`Prepared`: prompt ids by the training prompt rule,
+  :func:`altogether.layout.build_prompt` + :func:`~altogether.layout.tokenize_sample`, and pixels by the
+  encoder's own open_clip transform). It is a small picklable object, so it runs in data-loader workers.
+* batching by prompt length (:func:`length_sorted_batches`);
+* :meth:`Recaptioner.caption` (a batch of prepared images -> captions, decoded by :meth:`Recaptioner.decode`),
+  with one :class:`~altogether.generation.GenerationConfig`.
+
+So a caption is the same text whichever door it came through, for the same image, prompt, settings and seed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import tempfile
 import unicodedata
+import zlib
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-from .config import ModelConfig
+from .config import LayoutConfig, ModelConfig
 from .data.images import load_image
 from .data.records import ImageRef
-from .export import ExportError, export_model_config, generation_from, layout_from, load_export, save_export
+from .export import (ExportError, decoder_max_positions, export_model_config, generation_from, layout_from, load_export,
+                     save_export)
+from .generation import GenerationConfig, max_positions
 from .layout import build_prompt, tokenize_sample
-from .model import AltogetherModel
+from .model import AltogetherModel, causal_lm
 
 AltTexts = str | Sequence[str] | None
 
-# Hugging Face ``generate`` names accepted by :meth:`Recaptioner.recaption` (``seed`` is ours).
-GENERATION_KWARGS = frozenset({
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_beams", "seed",
-    "repetition_penalty", "no_repeat_ngram_size", "length_penalty", "exponential_decay_length_penalty",
-})
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 # altogether.json entries save_export writes itself; anything else (e.g. "training") is carried over on save.
@@ -45,17 +53,111 @@ _EXPORT_KEYS = frozenset({"format", "version", "model", "encoder_source", "decod
                           "generation", "recipe"})
 
 
-class Recaptioner:
-    """A trained Altogether captioner ready for inference. Build it with :meth:`from_pretrained`."""
+# ---------------------------------------------------------------------------------------------------------
+# Prepare: runs where the data is read (data-loader workers)
+# ---------------------------------------------------------------------------------------------------------
 
-    def __init__(self, model: AltogetherModel, tokenizer, transform, meta: dict[str, Any], directory: str | Path):
-        self.model = model.eval()
+
+@dataclass(frozen=True)
+class Prompt:
+    """One image's prompt: the text the training prompt rule builds and its token ids (cut to the budget)."""
+
+    text: str
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for :meth:`Recaptioner.caption`.
+
+    ``pixel_values``: ``(3, H, W)`` float32, the encoder transform's output; or ``image_embeds``: ``(embed_dim,)``
+    for a model fed cached embeddings. ``stream_key``: names the image's random stream for seeded sampling
+    (a CRC-32 of the pixels or embedding and the prompt ids: the same image and prompt draw the same stream,
+    wherever and with whatever batch they are captioned).
+    """
+
+    prompt: Prompt
+    pixel_values: torch.Tensor | None
+    stream_key: int
+    image_embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Image + alt-texts -> :class:`Prepared`. Holds the tokenizer, the image transform and the layout only,
+    so it pickles and runs in data-loader workers: decoding and transforming images off the main process."""
+
+    tokenizer: Any
+    transform: Callable | None
+    layout: LayoutConfig
+
+    def prompt(self, alt_texts: AltTexts) -> Prompt:
+        """The prompt of one image, by the same rule as in training."""
+        text = build_prompt(alt_texts, self.layout.alt_separator)
+        ids = tokenize_sample(self.tokenizer, text, None, max_alt_tokens=self.layout.max_alt_tokens,
+                              max_caption_tokens=self.layout.max_caption_tokens).alt_ids
+        return Prompt(text, ids)
+
+    def image(self, image: ImageRef, prompt: Prompt, *, key: str = "") -> Prepared:
+        """Decode ``image`` (:class:`~altogether.data.records.BadRecord` naming ``key`` if it cannot be) and run
+        the encoder transform; ``prompt`` from :meth:`prompt`."""
+        if self.transform is None:
+            raise RuntimeError("this captioner has no image transform (a model fed cached embeddings): "
+                               "prepare images with Prepare.embedded")
+        pixels = self.transform(load_image(image, key=key))
+        return Prepared(prompt, pixels, _stream_key(pixels, prompt))
+
+    def embedded(self, image_embeds: torch.Tensor, alt_texts: AltTexts) -> Prepared:
+        """An image given by its cached embedding ``(embed_dim,)`` instead of its pixels."""
+        prompt = self.prompt(alt_texts)
+        return Prepared(prompt, None, _stream_key(image_embeds, prompt), image_embeds=image_embeds)
+
+    def __call__(self, image: ImageRef, alt_texts: AltTexts = None, *, key: str = "") -> Prepared:
+        return self.image(image, self.prompt(alt_texts), key=key)
+
+
+def _stream_key(tensor: torch.Tensor, prompt: Prompt) -> int:
+    pixels = zlib.crc32(tensor.detach().float().cpu().contiguous().numpy())
+    return zlib.crc32(array("q", prompt.ids).tobytes(), pixels)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches, longest prompts first (ties in input order); ``[[]]`` when there are none.
+
+    Similar lengths share a batch, so little of a batch is padding, and memory peaks on the first batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)] or [[]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The captioner
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Recaptioner:
+    """A trained Altogether captioner ready for inference.
+
+    Load one with :meth:`from_pretrained`, or wrap a model in memory (training's sample captions do):
+    ``Recaptioner(model, tokenizer, transform, layout, generation)``. ``layout``: a
+    :class:`~altogether.config.LayoutConfig` (or mapping; default: the paper's); ``generation``: the default
+    :class:`~altogether.generation.GenerationConfig` (or mapping) that calls override; ``meta`` and
+    ``directory``: the export's ``altogether.json`` content and folder, when it came from one.
+    """
+
+    def __init__(self, model: AltogetherModel, tokenizer, transform: Callable | None,
+                 layout: LayoutConfig | Mapping[str, Any] | None = None,
+                 generation: GenerationConfig | Mapping[str, Any] | None = None, *,
+                 meta: dict[str, Any] | None = None, directory: str | Path | None = None):
+        self.model = model
         self.tokenizer = tokenizer
         self.transform = transform
-        self.meta = meta
-        self.directory = Path(directory)
-        self.layout = layout_from(meta)
-        self.generation = generation_from(meta)
+        self.layout = _layout(layout)
+        self.generation = generation if isinstance(generation, GenerationConfig) else \
+            GenerationConfig.from_dict(generation)
+        self.meta = meta or {}
+        self.directory = None if directory is None else Path(directory)
+        self.prepare = Prepare(tokenizer, transform, self.layout)
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -87,7 +189,8 @@ class Recaptioner:
             directory, device=device, merge_lora=merge_lora, base_decoder=base_decoder,
             attn_implementation=attn_implementation, dtype=dtype,
         )
-        return cls(model.to(device=device, dtype=dtype), tokenizer, transform, meta, directory)
+        return cls(model.to(device=device, dtype=dtype), tokenizer, transform, layout_from(meta),
+                   generation_from(meta), meta=meta, directory=directory)
 
     @property
     def device(self) -> torch.device:
@@ -99,17 +202,62 @@ class Recaptioner:
 
     def __repr__(self) -> str:
         lora = " +LoRA" if self.meta.get("lora") and hasattr(self.model.decoder, "peft_config") else ""
-        return f"Recaptioner({str(self.directory)!r}, device={self.device}, dtype={self.dtype}{lora})"
+        source = repr(str(self.directory)) if self.directory is not None else "in memory"
+        return f"Recaptioner({source}, device={self.device}, dtype={self.dtype}{lora})"
+
+    # -- settings ------------------------------------------------------------------------------------------
+
+    def settings(self, overrides: Mapping[str, Any] | None = None, *, num_captions: int = 1,
+                 count_key: str = "num_captions", **kwargs: Any) -> GenerationConfig:
+        """This captioner's generation defaults with ``overrides`` / ``kwargs`` applied (``None`` keeps a value)
+        and ``num_captions`` captions per image, validated and checked against the model: ``max_new_tokens``
+        after the longest prompt must fit the decoder's position table. Raises
+        :class:`~altogether.generation.GenerationError` (a ``ValueError``), ``TypeError`` for an unknown name.
+        """
+        given = {**(overrides or {}), **kwargs}
+        if "num_return_sequences" in given:
+            raise TypeError("give num_captions, not num_return_sequences (the number of captions per image)")
+        generation = self.generation.merge(given, num_return_sequences=num_captions, count_key=count_key)
+        self.check(generation)
+        return generation
+
+    def check(self, generation: GenerationConfig) -> None:
+        """Validate ``generation`` and check it against this model (see :meth:`settings`)."""
+        _check(generation, self.model.mapper.num_tokens, self.layout,
+               max_positions(causal_lm(self.model.decoder).config))
 
     # -- captioning ----------------------------------------------------------------------------------------
 
     def prompt_ids(self, alt_texts: AltTexts) -> list[int]:
         """Token ids of one image's prompt, built by the same rule as in training."""
-        prompt = build_prompt(alt_texts, self.layout.alt_separator)
-        return tokenize_sample(self.tokenizer, prompt, None, max_alt_tokens=self.layout.max_alt_tokens,
-                               max_caption_tokens=self.layout.max_caption_tokens).alt_ids
+        return self.prepare.prompt(alt_texts).ids
 
     @torch.no_grad()
+    def caption(self, items: Sequence[Prepared], generation: GenerationConfig) -> list[list[str]]:
+        """Captions of one batch of prepared images: ``generation.num_return_sequences`` per image, in order.
+
+        Runs the model in eval mode (and puts back the mode it was in), with pixels moved to its device and
+        the encoder's dtype. Seeded sampling draws each caption from its image's own stream (see
+        :class:`Prepared`), so the batch it shares does not change it.
+        """
+        if not items:
+            return []
+        self.check(generation)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if items[0].image_embeds is not None:
+                embeds = torch.stack([it.image_embeds for it in items]).to(self.device)
+            else:
+                pixels = torch.stack([it.pixel_values for it in items])
+                embeds = self.model.embed_images(pixels.to(device=self.device, dtype=self._encoder_dtype))
+            ids = self.model.generate(embeds, [it.prompt.ids for it in items], generation,
+                                      stream_keys=[it.stream_key for it in items])
+        finally:
+            self.model.train(was_training)
+        k = generation.num_return_sequences
+        return [[self.decode(t) for t in ids[i * k : (i + 1) * k]] for i in range(len(items))]
+
     def recaption(
         self,
         images: ImageRef | Sequence[ImageRef],
@@ -117,6 +265,7 @@ class Recaptioner:
         *,
         batch_size: int = 16,
         num_captions: int = 1,
+        progress: bool | str = False,
         **generation_kwargs: Any,
     ) -> list[str] | list[list[str]]:
         """Captions of ``images`` (PIL images, file paths or encoded bytes), one list entry per image.
@@ -125,52 +274,31 @@ class Recaptioner:
         (several alt-texts of one image, joined by the training prompt rule) or ``None``. A single image may be
         passed on its own, with its alt-text(s) on their own. ``num_captions > 1`` returns a list of lists.
         Generation keywords use Hugging Face names (``max_new_tokens``, ``do_sample``, ``temperature``,
-        ``top_p``, ``top_k``, ``num_beams``, ...) and default to the export's settings; ``seed`` makes sampling
-        reproducible. Images are batched by prompt length internally; results come back in input order, and
-        each equals what the image gets captioned alone (greedy).
+        ``top_p``, ``top_k``, ``num_beams``, ...; :class:`~altogether.generation.GenerationConfig`) and default
+        to the export's settings; ``seed`` makes sampling reproducible, each image drawing from a stream of its
+        own. Images are batched by prompt length internally; results come back in input order, and each
+        equals what the image gets captioned alone. ``progress``: a progress bar on stderr (a string labels it).
         """
+        from tqdm.auto import tqdm
+
         images, alt_texts = _per_image(images, alt_texts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        settings = self._settings(generation_kwargs, num_captions)
-        seed = settings.pop("seed", None)
-        prompts = [self.prompt_ids(alt) for alt in alt_texts]
-        # Longest prompts first: similar lengths share a batch (less padding) and memory peaks on the first batch.
-        order = sorted(range(len(images)), key=lambda i: -len(prompts[i]))
+        generation = self.settings(generation_kwargs, num_captions=num_captions)
+        prompts = [self.prepare.prompt(alt) for alt in alt_texts]
         captions: list[list[str]] = [[] for _ in images]
-        with _seeded(seed, self.device):
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                pixels = torch.stack([self.transform(load_image(images[i], key=f"images[{i}]")) for i in rows])
-                embeds = self.model.embed_images(pixels.to(device=self.device, dtype=self._encoder_dtype))
-                ids = self.model.generate(embeds, [prompts[i] for i in rows], num_return_sequences=num_captions,
-                                          **settings)
-                for k, i in enumerate(rows):
-                    captions[i] = [self.decode(t) for t in ids[k * num_captions : (k + 1) * num_captions]]
+        label = progress if isinstance(progress, str) else "recaption"
+        with tqdm(total=len(images), desc=label, unit="img", disable=not progress) as bar:
+            for rows in length_sorted_batches([len(p.ids) for p in prompts], batch_size):
+                items = [self.prepare.image(images[i], prompts[i], key=f"images[{i}]") for i in rows]
+                for i, texts in zip(rows, self.caption(items, generation)):
+                    captions[i] = texts
+                bar.update(len(rows))
         return [c[0] for c in captions] if num_captions == 1 else captions
 
     @property
     def _encoder_dtype(self) -> torch.dtype:
         return next(self.model.encoder.parameters()).dtype
-
-    def _settings(self, kwargs: dict[str, Any], num_captions: int) -> dict[str, Any]:
-        unknown = sorted(set(kwargs) - GENERATION_KWARGS)
-        if unknown:
-            raise TypeError(f"recaption() got unknown generation argument(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(sorted(GENERATION_KWARGS))}")
-        settings = {**OmegaConf.to_container(self.generation), **kwargs}
-        decay = settings.get("exponential_decay_length_penalty")
-        if decay is not None and (len(decay) != 2 or int(decay[0]) != decay[0] or decay[0] < 0 or decay[1] < 1):
-            raise ValueError(f"exponential_decay_length_penalty must be (start, factor) with a whole start >= 0 and "
-                             f"a factor >= 1, got {decay!r}")
-        if settings["max_new_tokens"] < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {settings['max_new_tokens']}")
-        if num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
-        if num_captions > 1 and not settings["do_sample"] and settings["num_beams"] < num_captions:
-            raise ValueError(f"num_captions={num_captions} needs do_sample=True or num_beams >= {num_captions}: "
-                             "greedy decoding gives one caption per image")
-        return settings
 
     def decode(self, ids: list[int]) -> str:
         """Decoded caption on one line: special tokens dropped, control characters and runs of spaces collapsed."""
@@ -189,6 +317,9 @@ class Recaptioner:
         """
         from .hub import finish_folder
 
+        if self.directory is None or "model" not in self.meta:
+            raise ValueError("this Recaptioner wraps a model in memory, without its export's model config: "
+                             "write an export with altogether.export.save_export instead")
         model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.meta["model"])
         model_cfg.encoder = export_model_config(self.directory, self.meta).encoder  # where it loads from now
         directory = save_export(
@@ -255,15 +386,22 @@ def _per_image(images, alt_texts) -> tuple[list[ImageRef], list[AltTexts]]:
     return images, alt_texts
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed sampling without disturbing the caller's global random state."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+def check_export_generation(meta: dict[str, Any], generation: GenerationConfig) -> None:
+    """:meth:`Recaptioner.check` from an export's ``altogether.json`` alone, before its model loads."""
+    _check(generation, meta["model"]["mapper"]["num_visual_tokens"], layout_from(meta), decoder_max_positions(meta))
+
+
+def _check(generation: GenerationConfig, num_visual_tokens: int, layout: Any, max_position_embeddings: int | None):
+    generation.validate()
+    generation.check_positions(max_prompt_tokens=num_visual_tokens + layout.max_alt_tokens,
+                               max_position_embeddings=max_position_embeddings)
+
+
+def _layout(layout: LayoutConfig | Mapping[str, Any] | None) -> LayoutConfig:
+    """A plain :class:`LayoutConfig` (it travels to data-loader workers with :class:`Prepare`)."""
+    if isinstance(layout, LayoutConfig):
+        return layout
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LayoutConfig), layout or {}))  # type: ignore
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -26,8 +26,8 @@ from .data.readers import IMAGE_EXTENSIONS, detect_format
 from .data.records import BadRecord, Record
 from .export import export_model_config, is_lora, load_export, merge_adapter, read_export_config, save_export
 from .io import atomic_open, remove_stale_temporaries
-from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, causal_lm, load_tokenizer
+from .recaptioner import Recaptioner
 
 log = logging.getLogger(__name__)
 
@@ -235,26 +235,21 @@ class SampleCaptions(Callback):
                      line["with_alt"], line["without_alt"])
 
 
-@torch.no_grad()
 def caption_records(model: AltogetherModel, records: Sequence[Record], tokenizer, transform, cfg) -> list[dict[str, str]]:
-    """Greedy captions of records with and without their prompt (used for logging samples)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.mapper.parameters()).device
-    if all("image_embeds" in r.extra for r in records):
-        embeds = torch.stack([r.extra["image_embeds"] for r in records]).to(device, torch.float32)
-    else:
-        embeds = model.embed_images(torch.stack([transform(load_image(r.image, key=r.key)) for r in records]).to(device))
-    prompts = [build_prompt(r.alt_texts, cfg.layout.alt_separator) for r in records]
-    out: dict[str, list[str]] = {}
-    for name, texts in (("with_alt", prompts), ("without_alt", [""] * len(prompts))):
-        ids = [tokenize_sample(tokenizer, t, None, max_alt_tokens=cfg.layout.max_alt_tokens,
-                               max_caption_tokens=cfg.layout.max_caption_tokens).alt_ids for t in texts]
-        gen = model.generate(embeds, ids, max_new_tokens=min(64, cfg.generation.max_new_tokens))
-        out[name] = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
-    model.train(was_training)
-    return [{"key": r.key, "alt_text": p, "with_alt": a, "without_alt": b}
-            for r, p, a, b in zip(records, prompts, out["with_alt"], out["without_alt"])]
+    """Greedy captions (at most 64 new tokens, the recipe's other generation settings) of records with and
+    without their prompt, through :class:`~altogether.recaptioner.Recaptioner`'s inference path (logged samples)."""
+    captioner = Recaptioner(model, tokenizer, transform, cfg.layout, cfg.generation)
+    generation = captioner.settings(do_sample=False, max_new_tokens=min(64, cfg.generation.max_new_tokens))
+    cached = all("image_embeds" in r.extra for r in records)
+
+    def prepared(alt_texts: Sequence) -> list:
+        return [captioner.prepare.embedded(r.extra["image_embeds"], alt) if cached else
+                captioner.prepare(r.image, alt, key=r.key) for r, alt in zip(records, alt_texts)]
+
+    with_alt, without_alt = prepared([r.alt_texts for r in records]), prepared([None] * len(records))
+    a, b = ([captions[0] for captions in captioner.caption(items, generation)] for items in (with_alt, without_alt))
+    return [{"key": r.key, "alt_text": item.prompt.text, "with_alt": x, "without_alt": y}
+            for r, item, x, y in zip(records, with_alt, a, b)]
 
 
 def readable_sample_records(source: Sequence[Record], count: int) -> list[Record]:
@@ -511,6 +506,9 @@ def fit(
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     model, tokenizer, transform = model_parts or build_model(cfg)
+    # The export will carry cfg.generation: refuse settings its decoder cannot run before training for them.
+    captioner = Recaptioner(model, tokenizer, transform, cfg.layout, cfg.generation)
+    captioner.check(captioner.generation)
     if cfg.trainer.activation_checkpointing:
         checkpoint_activations(model)
     train_source, val_source = sources if sources is not None else open_sources(cfg)

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from altogether import Recaptioner, decoding
-from altogether.config import DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, MapperConfig, ModelConfig
+import altogether.generation as decode_loop
+from altogether import Recaptioner
+from altogether.config import DecoderConfig, EncoderConfig, LayoutConfig, MapperConfig, ModelConfig
 from altogether.export import save_export
 from altogether.layout import SampleTokens, collate
 from altogether.model import AltogetherModel
@@ -63,7 +64,7 @@ def make_export(directory: Path, full_size: bool) -> Path:
     tokenizer = load_tokenizer(cfg.decoder)
     model, _ = AltogetherModel.from_config(cfg, tokenizer)
     return save_export(directory / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
-                       generation=GenerationSettings())
+                       generation=decode_loop.GenerationConfig())
 
 
 def alt_texts(n: int, seed: int) -> list[str]:
@@ -103,12 +104,12 @@ def ours(captioner: Recaptioner, images, alts, batch: int, generation: dict) -> 
 
 def ours_keeping_finished(captioner: Recaptioner, images, alts, batch: int, generation: dict) -> list[str]:
     """Ours with finished captions kept in the batch to its end: what leaving early alone is worth."""
-    compact = decoding.COMPACT_FRACTION
-    decoding.COMPACT_FRACTION = 2.0  # more than every row: never drop one
+    compact = decode_loop.COMPACT_FRACTION
+    decode_loop.COMPACT_FRACTION = 2.0  # more than every row: never drop one
     try:
         return ours(captioner, images, alts, batch, generation)
     finally:
-        decoding.COMPACT_FRACTION = compact
+        decode_loop.COMPACT_FRACTION = compact
 
 
 @torch.no_grad()
@@ -119,7 +120,7 @@ def caption_lengths(captioner: Recaptioner, images, alts, generation: dict) -> l
     for image, alt in zip(images, alts):
         pixels = captioner.transform(image)[None].to(captioner.device, captioner.dtype)
         lengths += [len(ids) for ids in model.generate(model.embed_images(pixels), [captioner.prompt_ids(alt)],
-                                                       **generation)]
+                                                       captioner.settings(do_sample=False, **generation))]
     return lengths
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network: loaders fail at once offline
@@ -94,12 +93,13 @@ def tiny_parts(tiny_model_cfg):
 
 def save_tiny_export(directory: Path, parts, model_cfg, **generation) -> Path:
     """Export the tiny captioner (untrained weights) with the given generation defaults."""
-    from altogether.config import GenerationSettings, LayoutConfig
+    from altogether.config import LayoutConfig
+    from altogether.generation import GenerationConfig
     from altogether.export import save_export
 
     model, tokenizer, _ = parts
     return save_export(directory, model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
-                       generation=GenerationSettings(**generation))
+                       generation=GenerationConfig(**generation))
 
 
 def write_drawn_jsonl(path: Path, images: str, count: int, fields) -> Path:
@@ -121,45 +121,6 @@ def jsonl_data(tmp_path) -> Path:
     return write_drawn_jsonl(tmp_path / "train.jsonl", "images", 24, lambda i, colour, shape: {
         "alt": [f"zorbit K-{i} for sale", "IMG_2231.jpg"] if i % 3 == 0 else f"zorbit K-{i} for sale",
         "round3": f"a photo of zorbit K-{i}: a {colour} {shape} on a white background"})
-
-
-def write_metaclip_shards(root: Path, texts: list[list[list[str]]], shard_size: int, seed: int = 0) -> dict[str, list]:
-    """Tar shards laid out as MetaCLIP's: ``<root>/<shard % 100>/<shard>.tar`` holding ``./<uuid>.json`` then
-    ``./<uuid>.jpeg`` per sample, the JSON's ``texts`` a list of ``[source, text]`` pairs (``texts[i]`` for
-    sample ``i``). Returns ``{uuid: texts}`` in write order."""
-    import io
-    import tarfile
-    import uuid
-
-    rng = random.Random(seed)
-    written: dict[str, list] = {}
-    for shard, start in enumerate(range(0, len(texts), shard_size)):
-        path = root / str(shard % 100) / f"{shard}.tar"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(path, "w") as tar:
-            for i in range(start, min(start + shard_size, len(texts))):
-                key = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-                image = io.BytesIO()
-                draw(list(COLOURS)[i % 4], SHAPES[(i // 4) % 2], seed=i).save(image, format="JPEG")
-                meta = json.dumps({"texts": texts[i], "face_bbox": []}).encode()
-                for name, data in ((f"./{key}.json", meta), (f"./{key}.jpeg", image.getvalue())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                written[key] = texts[i]
-    return written
-
-
-def metaclip_texts(n: int) -> list[list[list[str]]]:
-    """``[source, text]`` pairs as MetaCLIP shards hold them: an ``alt`` and, for some, a ``title``."""
-    out = []
-    for i in range(n):
-        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
-        pairs = [["alt", f"a {colour} {shape} on a white background"]]
-        if i % 2 == 0:
-            pairs.append(["title", f"zorbit K-{i} for sale"])
-        out.append(pairs)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -250,6 +250,8 @@ def test_with_java_meteor_is_scored(export, ft_json, tmp_path):
     (["{ft}", "limit=many"], "key 'limit'"),
     (["{ft}", "conditions=w/ nothing"], "w/ nothing"),
     (["{ft}", "run_dir=/no/such/run"], "run_dir"),
+    (["{ft}", "top_p=2"], "top_p must be in (0, 1]"),
+    (["{ft}", "max_new_tokens=400"], "max_position_embeddings=512; set max_new_tokens <= 380"),
 ])
 def test_bad_arguments_are_one_line_errors(export, ft_json, tmp_path, monkeypatch, capsys, argv_tail, message):
     monkeypatch.chdir(tmp_path)

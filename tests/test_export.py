@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from altogether.config import GenerationSettings, LayoutConfig
+from altogether.config import LayoutConfig
+from altogether.generation import GenerationConfig
 from altogether.export import (
     CONFIG_FILE, WEIGHTS_FILE, ExportError, copy_export, encoder_is_portable, load_export, read_export_config,
     save_export,
@@ -34,7 +35,7 @@ def model_cfg(tiny_model_cfg):
 def export(tiny_parts, model_cfg, tmp_path_factory):
     model, tokenizer, _ = tiny_parts
     return save_export(tmp_path_factory.mktemp("e") / "export", model, tokenizer, model_cfg=model_cfg,
-                       layout=LayoutConfig(), generation=GenerationSettings(), extra={"training": {"steps": 3}})
+                       layout=LayoutConfig(), generation=GenerationConfig(), extra={"training": {"steps": 3}})
 
 
 def batch_for(tokenizer, prompts=("zorbit K-12 for sale", "")):
@@ -111,13 +112,13 @@ def test_referenced_encoder_is_not_copied(tiny_parts, model_cfg, tmp_path):
     model, tokenizer, _ = tiny_parts
     source = {"name": "ViT-H-14-quickgelu", "pretrained": "metaclip_fullcc"}
     out = save_export(tmp_path / "ref", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
-                      generation=GenerationSettings(), encoder_source=source)
+                      generation=GenerationConfig(), encoder_source=source)
     assert files(out) == BASE_FILES
     meta = read_export_config(out)
     assert meta["model"]["encoder"] == {**source, "resize_mode": "squash"} and meta["encoder_source"] == source
     # include_encoder copies it from where it loads now, keeping the reference as its source.
     full = save_export(tmp_path / "full", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
-                       generation=GenerationSettings(), encoder_source=source, include_encoder=True)
+                       generation=GenerationConfig(), encoder_source=source, include_encoder=True)
     assert files(full) == sorted(BASE_FILES + ENCODER_FILES)
     assert read_export_config(full)["encoder_source"] == source
 
@@ -145,7 +146,7 @@ def test_decoder_keeps_its_own_vocabulary_through_an_export(opt_folder, tiny_mod
     model, _ = AltogetherModel.from_config(cfg, tokenizer)
     assert model.decoder.get_input_embeddings().num_embeddings == hub_rows(opt_folder) > len(tokenizer)
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
-                      generation=GenerationSettings())
+                      generation=GenerationConfig())
     assert read_export_config(out)["decoder_hf_config"]["vocab_size"] == hub_rows(opt_folder)
     loaded, *_ = load_export(out)
     batch = batch_for(tokenizer)
@@ -169,7 +170,7 @@ def test_a_tokenizer_larger_than_the_decoder_grows_the_embeddings_and_says_so(ti
     assert model.decoder.get_input_embeddings().num_embeddings == model.decoder.lm_head.out_features == tokens
     assert f"300 embedding rows but its tokenizer {tokens} tokens" in caplog.text
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
-                      generation=GenerationSettings())
+                      generation=GenerationConfig())
     assert load_export(out)[0].decoder.get_input_embeddings().num_embeddings == tokens
 
 
@@ -184,7 +185,7 @@ def test_the_resize_policy_is_stored_and_old_exports_load_with_crop(tiny_parts, 
     model, tokenizer, _ = tiny_parts
     padded = OmegaConf.merge(OmegaConf.structured(model_cfg), {"encoder": {"resize_mode": "pad"}})
     export = save_export(tmp_path / "pad", model, tokenizer, model_cfg=padded, layout=LayoutConfig(),
-                         generation=GenerationSettings())
+                         generation=GenerationConfig())
     assert read_export_config(export)["model"]["encoder"]["resize_mode"] == "pad"
     assert seen_policy(load_export(export)[2]) == "pad"
     resaved = Recaptioner.from_pretrained(export).save_pretrained(tmp_path / "resaved")

@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from altogether import Recaptioner
 from altogether.config import (
-    DecoderConfig, EncoderConfig, GenerationSettings, LayoutConfig, LoraSettings, MapperConfig, ModelConfig,
+    DecoderConfig, EncoderConfig, LayoutConfig, LoraSettings, MapperConfig, ModelConfig,
 )
 from altogether.export import ADAPTER_DIR, ADAPTER_WEIGHTS, WEIGHTS_FILE, ExportError, load_export, merge_adapter, save_export
+from altogether.generation import GenerationConfig
 from altogether.layout import collate, tokenize_sample
 from altogether.model import AltogetherModel, WeightsUnavailableError, load_tokenizer
 from altogether.tiny import tiny_opt_config
@@ -92,7 +93,7 @@ def test_merged_and_unmerged_give_equal_logits(trained):
 def test_adapter_export_with_stored_base(trained, tiny_dirs, tmp_path):
     model, tokenizer, batch = trained
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=model_cfg(tiny_dirs), layout=LayoutConfig(),
-                      generation=GenerationSettings())
+                      generation=GenerationConfig())
     meta = json.loads((out / "altogether.json").read_text())
     # Built from a random config: there is no pretrained base to point at, so its weights are stored.
     assert meta["lora"] == {"adapter": ADAPTER_DIR, "base_decoder": None}
@@ -128,7 +129,7 @@ def test_adapter_export_with_stored_base(trained, tiny_dirs, tmp_path):
 def test_adapter_loading_is_strict(trained, tiny_dirs, tmp_path):
     model, tokenizer, _ = trained
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=model_cfg(tiny_dirs), layout=LayoutConfig(),
-                      generation=GenerationSettings())
+                      generation=GenerationConfig())
     path = out / ADAPTER_DIR / ADAPTER_WEIGHTS
     tensors = load_file(str(path))
     dropped = sorted(tensors)[0]
@@ -165,7 +166,7 @@ def test_adapter_export_references_a_pretrained_base(hub_cache, tiny_dirs, tmp_p
     batch = make_batch(tokenizer)
     train_steps(model, batch)
     out = save_export(tmp_path / "export", model, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
-                      generation=GenerationSettings())
+                      generation=GenerationConfig())
     assert json.loads((out / "altogether.json").read_text())["lora"]["base_decoder"] == HUB_ID
     assert {k.split(".")[0] for k in load_file(str(out / WEIGHTS_FILE))} == {"mapper"}  # base not copied
     with torch.no_grad():
@@ -175,7 +176,7 @@ def test_adapter_export_references_a_pretrained_base(hub_cache, tiny_dirs, tmp_p
         local, *_ = load_export(out, base_decoder=str(hub_cache))  # e.g. a local copy when offline
         torch.testing.assert_close(local.logits(batch), expected, rtol=0, atol=0)
     resaved = save_export(tmp_path / "resaved", local, tokenizer, model_cfg=cfg, layout=LayoutConfig(),
-                          generation=GenerationSettings())
+                          generation=GenerationConfig())
     assert json.loads((resaved / "altogether.json").read_text())["lora"]["base_decoder"] == HUB_ID
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(WeightsUnavailableError, match=HUB_ID):

@@ -25,7 +25,8 @@ from altogether.data.inputs import discover_shards
 from altogether.layout import build_prompt
 from altogether.model import causal_lm
 from altogether.recaption import choose_captions, length_sorted_batches, main, recaption_shards
-from tests.conftest import COLOURS, SHAPES, draw, metaclip_texts, save_tiny_export, write_metaclip_shards
+from altogether.tiny import web_images, write_metaclip_shards
+from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = {"num_workers": 0, "batch_size": 2, "progress_bar": False}  # 5 samples a shard -> 3 batches
@@ -241,19 +242,21 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
 
 
 def test_metaclip_shards_are_recaptioned_with_their_alt_texts(export, tmp_path):
-    """MetaCLIP's layout: <shard % 100>/<shard>.tar with ./<uuid>.json + ./<uuid>.jpeg, texts as [source, text]."""
-    root = tmp_path / "metaclip"
-    truth = write_metaclip_shards(root, metaclip_texts(6), shard_size=3)
-    summary = recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "all", **RUN)
+    """MetaCLIP's layout: <shard % 100>/<shard>.tar with <uuid>.json + <uuid>.jpeg, texts as [source, text]."""
+    images = web_images(6)
+    write_metaclip_shards(tmp_path / "metaclip", images, shards=2)
+    pattern = str(tmp_path / "metaclip" / "*" / "*.tar")
+    in_order = images[0::2] + images[1::2]  # shard 0, then shard 1
+    summary = recaption_shards(export, pattern, tmp_path / "all", **RUN)
     assert summary["samples"] == {"captioned": 6, "bad": 0, "bad_not_listed": 0}
     got = rows(tmp_path / "all" / "0.parquet") + rows(tmp_path / "all" / "1.parquet")
-    assert [r["key"] for r in got] == list(truth)
-    assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in pairs]) for pairs in truth.values()]
-    assert got[0]["alt_text"] == "a red square on a white background; zorbit K-0 for sale"
+    assert [r["key"] for r in got] == [image.uuid for image in in_order]
+    assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in image.texts]) for image in in_order]
+    assert any(image.title and image.title in r["alt_text"] for image, r in zip(in_order, got))
 
-    recaption_shards(export, str(root / "*" / "*.tar"), tmp_path / "alt", **RUN, alt_text_sources=["alt"])
+    recaption_shards(export, pattern, tmp_path / "alt", **RUN, alt_text_sources=["alt"])
     got = rows(tmp_path / "alt" / "0.parquet") + rows(tmp_path / "alt" / "1.parquet")
-    assert [r["alt_text"] for r in got] == [pairs[0][1] for pairs in truth.values()]
+    assert [r["alt_text"] for r in got] == [image.alt for image in in_order]
 
 
 def test_a_shard_with_nothing_captioned_gets_no_output_and_is_retried(export, tmp_path, capsys):
@@ -346,6 +349,10 @@ def test_input_discovery_errors(tmp_path):
     (["num_captions=2"], "need sampling"),
     (["num_candidates=2", "num_captions=3", "do_sample=true"], "num_candidates=2 < num_captions=3"),
     (["save_candidates=true"], "needs num_candidates > 1"),
+    (["num_candidates=3"], "num_candidates=3: 3 captions per image need sampling"),
+    (["temperature=0", "do_sample=true"], "temperature must be > 0"),
+    (["num_beams=2", "repetition_penalty=1.2"], "with num_beams=2"),
+    (["max_new_tokens=400"], "max_position_embeddings=512; set max_new_tokens <= 380"),  # from the export's config
 ])
 def test_cli_settings_errors_are_one_line(export, shards, tmp_path, capsys, args, message):
     assert run_cli(main, [str(export), shards[0], str(tmp_path / "o"), *args]) == 2
@@ -354,3 +361,115 @@ def test_cli_settings_errors_are_one_line(export, shards, tmp_path, capsys, args
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError):
         main([str(export), shards[0]])
+
+
+def test_every_image_keeps_its_identity(export, tmp_path):
+    """A folder with cat.jpg, cat.png and cat.txt; a tar holding a member twice (after `tar rf`); a manifest
+    repeating a key: keys are unique in every output and no image gets another's alt-text without a listed reason."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    draw("red", "square").save(folder / "cat.jpg")
+    draw("blue", "square").save(folder / "cat.png")
+    (folder / "cat.txt").write_text("zorbit K-1 for sale")
+    draw("green", "square").save(folder / "dog.jpg")
+    draw("green", "square").save(folder / "dog.png")
+    (folder / "dog.png.txt").write_text("the png's own alt")
+    draw("red", "square").save(folder / "emu.png")
+    (folder / "emu.txt").write_text("emu alt")
+    summary = recaption_shards(export, str(folder), tmp_path / "f", **RUN)
+    got = rows(tmp_path / "f" / "photos-00000.parquet")
+    assert [(r["key"], r["alt_text"]) for r in got] == [("dog.jpg", ""), ("dog.png", "the png's own alt"),
+                                                        ("emu", "emu alt")]
+    assert {b["key"]: b["reason"] for b in summary["bad_samples"]} == {
+        key: "alt-text file cat.txt could belong to several images named cat.*; rename it " + key + ".txt"
+        for key in ("cat.jpg", "cat.png")}
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    write_tar(src / "00000.tar", [("k0", {"png": png(0), "txt": b"first"}), ("k1", {"png": png(1), "txt": b"b"})])
+    with tarfile.open(src / "00000.tar", "a") as tar:  # what `tar rf` does
+        for ext, data in (("png", png(2)), ("txt", b"second")):
+            info = tarfile.TarInfo(f"k0.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = recaption_shards(export, str(src), tmp_path / "t", **RUN)
+    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "t" / "00000.parquet")] == [("k0", "first"),
+                                                                                          ("k1", "b")]
+    assert summary["samples"]["bad"] == 1 and "appears again" in summary["bad_samples"][0]["reason"]
+
+    lines = [{"key": "m0", "img_path": "photos/emu.png", "alt": "one"}, {"key": "m0", "img_path": "photos/cat.png"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = recaption_shards(export, str(tmp_path / "m.jsonl"), tmp_path / "m", **RUN)
+    assert [(r["key"], r["alt_text"]) for r in rows(tmp_path / "m" / "m.parquet")] == [("m0", "one")]
+    assert summary["bad_samples"][0]["reason"].startswith("row 2 repeats the key of row 1")
+
+
+def test_a_samples_fault_is_that_samples(export, tmp_path):
+    """An integer img_path, a non-UTF-8 byte, an Altogether-FT row with only a url: each skipped and listed."""
+    draw("red", "square").save(tmp_path / "a.png")
+    lines = [json.dumps({"key": "ok", "img_path": "a.png", "alt": "zorbit"}).encode(),
+             json.dumps({"key": "int", "img_path": 12345, "alt": "x"}).encode(),
+             b'{"key": "latin1", "img_path": "a.png", "alt": "caf\xe9"}',
+             json.dumps({"key": "url", "url": "https://shop.example.com/b.jpg", "alt": "y"}).encode(),
+             json.dumps({"key": "url2", "img_path": "https://shop.example.com/c.jpg", "alt": "z"}).encode()]
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    summary = recaption_shards(export, str(tmp_path / "m.jsonl"), tmp_path / "out", **RUN)
+    assert [r["key"] for r in rows(tmp_path / "out" / "m.parquet")] == ["ok"]
+    reasons = {b["key"]: b["reason"] for b in summary["bad_samples"]}
+    assert set(reasons) == {"int", "line 3", "url", "url2"} and summary["shard_errors"] == []
+    assert "holds a int (12345)" in reasons["int"] and "not UTF-8 text (byte 0xe9" in reasons["line 3"]
+    assert all("no local image; download it first" in reasons[k] for k in ("url", "url2"))
+
+
+def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tmp_path):
+    """img2dataset's webdataset output (00000.tar with 000000000.jpg/.txt/.json, 00000.parquet metadata,
+    00000_stats.json) and its parquet output (a jpg column, failed downloads kept with their status)."""
+    import pyarrow as pa
+
+    wds = tmp_path / "i2d_wds"
+    wds.mkdir()
+    meta = [{"url": f"http://127.0.0.1:8000/{i}.jpg", "caption": f"photo {i}", "key": f"00000000{i}",
+             "status": "success" if i < 2 else "failed_to_download", "error_message": None if i < 2 else "timeout",
+             "width": 32, "height": 32} for i in range(3)]
+    write_tar(wds / "00000.tar", [(m["key"], {"jpg": png(i), "txt": m["caption"].encode(),
+                                              "json": json.dumps(m).encode()}) for i, m in enumerate(meta[:2])])
+    pq.write_table(pa.Table.from_pylist(meta), wds / "00000.parquet")
+    (wds / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
+    assert [(s.name, s.kind) for s in discover_shards(str(wds))] == [("00000", "webdataset")]
+    summary = recaption_shards(export, str(wds), tmp_path / "o1", **RUN)
+    assert [r["alt_text"] for r in rows(tmp_path / "o1" / "00000.parquet")] == ["photo 0", "photo 1"]
+
+    pqs = tmp_path / "i2d_parquet"
+    pqs.mkdir()
+    table = [{**m, "jpg": png(i) if m["status"] == "success" else None, "txt": m["caption"]}
+             for i, m in enumerate(meta)]
+    pq.write_table(pa.Table.from_pylist(table), pqs / "00000.parquet")
+    (pqs / "00000_stats.json").write_text("{}")
+    assert [(s.name, s.kind) for s in discover_shards(str(pqs))] == [("00000", "parquet")]
+    summary = recaption_shards(export, str(pqs), tmp_path / "o2", **RUN, image_key="jpg", alt_key="caption")
+    assert [r["key"] for r in rows(tmp_path / "o2" / "00000.parquet")] == ["000000000", "000000001"]
+    assert summary["bad_samples"] == [{"shard": "00000", "key": "000000002", "reason": summary["bad_samples"][0][
+        "reason"]}] and "failed download (status 'failed_to_download': timeout)" in summary["bad_samples"][0]["reason"]
+
+    metaclip = tmp_path / "metaclip"
+    write_metaclip_shards(metaclip, web_images(4), shards=2)
+    assert [s.name for s in discover_shards(str(metaclip))] == ["0", "1"]  # root/{id % 100}/{id}.tar
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x").mkdir()
+    (flat / "x" / "4b1c.jpg").write_bytes(png(0))
+    subprocess.run(["tar", "cf", str(flat / "00000.tar.gz"), "-z", "-C", str(flat / "x"), "."], check=True)
+    (flat / "x" / "4b1c.jpg").unlink()
+    (flat / "x").rmdir()
+    assert [(s.name, s.kind) for s in discover_shards(str(flat))] == [("00000", "webdataset")]
+    summary = recaption_shards(export, str(flat), tmp_path / "o3", **RUN)
+    assert [r["key"] for r in rows(tmp_path / "o3" / "00000.parquet")] == ["4b1c"] and summary["shard_errors"] == []
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "deep" / "er").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="give a pattern such as 'root/\\*/\\*/\\*.tar'"):
+        discover_shards(str(tmp_path / "empty"))
+    (pqs / "img.png").write_bytes(png(0))
+    with pytest.raises(ValueError, match="holds parquet and image files; say which to read: input_format=parquet "
+                                         "or folder"):
+        discover_shards(str(pqs))

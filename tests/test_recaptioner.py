@@ -1,5 +1,7 @@
 """Recaptioner: loading, batched generation equal to one-by-one, input forms and errors, save -> load."""
 
+import json
+import pickle
 import re
 from pathlib import Path
 
@@ -7,11 +9,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from altogether import Recaptioner
+from altogether import GenerationConfig, Recaptioner
 from altogether.data.records import BadRecord
+from altogether.evaluate import evaluate
 from altogether.export import ExportError
+from altogether.generation import GenerationError
 from altogether.layout import build_prompt
-from tests.conftest import save_tiny_export
+from altogether.recaption import recaption_shards
+from tests.conftest import COLOURS, SHAPES, draw, save_tiny_export
 
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
@@ -87,9 +92,10 @@ def test_generation_defaults_come_from_the_export(captioner, images, monkeypatch
     calls = []
     real = captioner.model.generate
 
-    def spy(embeds, alt_ids, **kwargs):
-        calls.append(kwargs)
-        return real(embeds, alt_ids, **kwargs)
+    def spy(embeds, alt_ids, generation, **kwargs):
+        calls.append({k: getattr(generation, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
+                                                           "top_k", "num_beams", "num_return_sequences")})
+        return real(embeds, alt_ids, generation, **kwargs)
 
     monkeypatch.setattr(captioner.model, "generate", spy)
     captioner.recaption(images[:2], seed=0)
@@ -143,6 +149,75 @@ def test_save_then_load_gives_identical_greedy_captions(captioner, images, tmp_p
     assert again.recaption(images, ALTS, **GREEDY) == captioner.recaption(images, ALTS, **GREEDY)
     assert (saved / "README.md").read_text().startswith("---\nlibrary_name: altogether\n")
     assert again.meta["encoder_source"] == captioner.meta["encoder_source"]
+
+
+@pytest.mark.parametrize("settings", [GREEDY, {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "seed": 3,
+                                               "max_new_tokens": 8}], ids=["greedy", "seeded sampling"])
+def test_the_same_image_gets_the_same_caption_through_every_door(captioner, export, tmp_path, monkeypatch, settings):
+    """Recaptioner.recaption, the recaption command and evaluate, each batching differently (and recaption in a
+    data-loader worker), caption an image with the same settings and seed identically."""
+    (tmp_path / "images").mkdir()
+    alts = ["zorbit K-12 for sale", ["a photo of", "IMG_2231.jpg"], "", "a blue circle on a white background",
+            "velora shop", None]
+    rows = []
+    for i, alt in enumerate(alts):
+        draw(list(COLOURS)[i % 4], SHAPES[i % 2], seed=i).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"key": f"k{i}", "img_path": f"images/{i}.png", "alt": alt, "round3": f"a shape number {i}"})
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    images = [tmp_path / r["img_path"] for r in rows]
+
+    direct = captioner.recaption(images, alts, batch_size=2, **settings)
+    summary = recaption_shards(export, str(manifest), tmp_path / "out", batch_size=4, num_workers=1,
+                               progress_bar=False, output_format="jsonl", **settings)
+    assert summary["samples"]["captioned"] == len(alts)
+    command = [json.loads(line)["caption"] for line in (tmp_path / "out" / "data.jsonl").read_text().splitlines()]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java: METEOR skipped, fast
+    seed = settings.get("seed", 0)
+    result = evaluate(export, manifest, conditions="w/ alt", seed=seed, batch_size=5, clip_score=False,
+                      alt_text_row=False, progress=False, output_dir=tmp_path / "eval",
+                      **{k: v for k, v in settings.items() if k != "seed"})
+    evaluated = [json.loads(line)["captions"]["w/ alt"]
+                 for line in (tmp_path / "eval" / "captions.jsonl").read_text().splitlines()]
+    assert direct == command == evaluated
+    assert len(set(direct)) > 1
+    if settings.get("do_sample"):
+        assert direct != captioner.recaption(images, alts, **GREEDY)  # sampling really sampled
+        assert result.summary["generation"]["seed"] == 3 and result.summary["generation"]["do_sample"] is True
+
+
+def test_prepare_pickles_for_data_loader_workers(captioner, images):
+    prepare = pickle.loads(pickle.dumps(captioner.prepare))
+    here, there = captioner.prepare(images[0], ALTS[2]), prepare(images[0], ALTS[2])
+    assert here.prompt == there.prompt and here.stream_key == there.stream_key
+    assert torch.equal(here.pixel_values, there.pixel_values) and here.pixel_values.shape == (3, 32, 32)
+    assert here.prompt.text == "a blue circle on a white background; IMG_2231.jpg"
+    assert here.prompt.ids == captioner.prompt_ids(ALTS[2])
+    assert captioner.prepare(images[1], ALTS[2]).stream_key != here.stream_key  # another image, another stream
+
+
+def test_a_captioner_around_a_model_in_memory(tiny_parts, images):
+    model, tokenizer, transform = tiny_parts
+    model.train()
+    captioner = Recaptioner(model, tokenizer, transform, generation={"max_new_tokens": 6, "do_sample": False})
+    assert captioner.generation == GenerationConfig(max_new_tokens=6, do_sample=False)
+    assert repr(captioner).startswith("Recaptioner(in memory, device=cpu")
+    items = [captioner.prepare(im, alt) for im, alt in zip(images, ALTS)]
+    captions = captioner.caption(items, captioner.generation)
+    assert model.training  # the caption step ran in eval mode and put the mode back
+    assert [c[0] for c in captions] == captioner.recaption(images, ALTS)
+    with pytest.raises(ValueError, match="in memory"):
+        captioner.save_pretrained("unused")
+    model.eval()
+
+
+def test_max_new_tokens_beyond_the_position_table_is_refused_before_any_work(captioner, images, monkeypatch):
+    """The tiny OPT has 512 learned positions; 4 visual + 128 alt-text tokens leave room for 380 new tokens."""
+    monkeypatch.setattr(captioner.model, "embed_images", pytest.fail)  # nothing may run before the check
+    with pytest.raises(GenerationError, match="max_position_embeddings=512; set max_new_tokens <= 380"):
+        captioner.recaption(images[:1], max_new_tokens=381)
+    with pytest.raises(GenerationError, match="num_beams=2"):
+        captioner.recaption(images[:1], num_beams=2, repetition_penalty=1.3)
 
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebook.md"

@@ -15,11 +15,11 @@ from altogether import Recaptioner
 from altogether.cli import run_cli
 from altogether.data.datamodule import ResumableSampler, open_sources
 from altogether.model import AltogetherModel
-from altogether.tiny import tiny_model_overrides
+from altogether.tiny import tiny_model_overrides, web_images, write_metaclip_shards
 from altogether.train import main as train_main
 from altogether.training import TrainingDataError, fit, lr_factor
 
-from .conftest import hub_rows, metaclip_texts, write_drawn_jsonl, write_metaclip_shards
+from .conftest import hub_rows, write_drawn_jsonl
 from .ddp_run import SETTINGS, FirstStepGradients
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def _cli_args(tiny_dirs, settings: dict) -> list[str]:
 
 def test_pretrain_trains_on_metaclip_shards(tiny_dirs, tmp_path):
     """MetaCLIP's own layout (uuid.jpeg + uuid.json with [source, text] pairs, <shard % 100>/<shard>.tar)."""
-    write_metaclip_shards(tmp_path / "metaclip", metaclip_texts(12), shard_size=4)
+    write_metaclip_shards(tmp_path / "metaclip", web_images(12), shards=3)
     out = tmp_path / "pretrain"
     args = _cli_args(tiny_dirs, {"output_dir": out, "data.train": tmp_path / "metaclip" / "*" / "*.tar",
                                  "data.micro_batch_size": 2, "data.shuffle_buffer": 4, "optim.global_batch_size": 4,

@@ -9,6 +9,7 @@ to its end (a truncated tar) keeps the samples before the damage and says what w
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 from ..io import jsonl_lines
 from .readers import (
     IMAGE_EXTENSIONS,
+    TAR_SUFFIXES,
     DamagedShard,
     Fields,
     detect_format,
@@ -31,12 +33,13 @@ INPUT_FORMATS = ("auto", "webdataset", "parquet", "jsonl", "folder")
 
 @dataclass(frozen=True)
 class Shard:
-    """One unit of work. ``members`` lists a folder shard's images (relative to ``path``)."""
+    """One unit of work. ``members`` lists a folder shard's images (relative to ``path``), ``keys`` their keys."""
 
     name: str
     kind: str  # webdataset | parquet | jsonl | folder
     path: str
     members: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # a folder shard's sample keys, one per member
 
 
 @dataclass
@@ -73,13 +76,7 @@ def discover_shards(source: str, *, input_format: str = "auto", shard_size: int 
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     folder = Path(source)
     if folder.is_dir():
-        tars = sorted(folder.glob("*.tar"))
-        if input_format == "webdataset" or (input_format == "auto" and tars):
-            shards = [_file_shard(str(p), "webdataset") for p in tars]
-        elif input_format in ("auto", "folder"):
-            shards = _folder_shards(folder, shard_size)
-        else:
-            raise ValueError(f"input {source!r} is a folder; input_format={input_format!r} needs a file or pattern")
+        shards = _folder_input(folder, input_format, shard_size)
     else:
         if input_format == "folder":
             raise ValueError(f"input_format=folder but {source!r} is not a folder")
@@ -95,27 +92,77 @@ def discover_shards(source: str, *, input_format: str = "auto", shard_size: int 
                                     f"exist: {shown}")
         shards = [_file_shard(p, kind) for p in paths]
     if not shards:
-        raise FileNotFoundError(f"no input shards found at {source!r}")
+        raise FileNotFoundError(f"no input shards found at {source!r}: a folder is read as tar shards (*.tar, "
+                                "*.tar.gz, or */*.tar as MetaCLIP nests them), Parquet or JSONL manifests, or image "
+                                "files; for another layout give a pattern such as 'root/*/*/*.tar'")
     _check_unique_names(shards, source)
     return shards
 
 
+_MANIFEST_SUFFIXES = {"parquet": ".parquet", "jsonl": ".jsonl"}
+
+
+def _folder_input(folder: Path, input_format: str, shard_size: int) -> list[Shard]:
+    """A folder's shards: its tars (or, as MetaCLIP nests them, those one level down), else its manifests, else
+    its images. Manifests beside images are ambiguous in ``auto`` mode (img2dataset's ``files`` output keeps its
+    metadata Parquet there), so that is an error asking for ``input_format``."""
+    if input_format in ("auto", "webdataset"):
+        tars = _files(folder, TAR_SUFFIXES) or sorted(p for d in _subfolders(folder) for p in _files(d, TAR_SUFFIXES))
+        if tars or input_format == "webdataset":
+            return [_file_shard(str(p), "webdataset") for p in tars]
+    if input_format in _MANIFEST_SUFFIXES:
+        return [_file_shard(str(p), input_format) for p in _files(folder, (_MANIFEST_SUFFIXES[input_format],))]
+    images = _folder_shards(folder, shard_size)
+    if input_format == "folder":
+        return images
+    manifests = {kind: _files(folder, (suffix,)) for kind, suffix in _MANIFEST_SUFFIXES.items()}
+    found = [kind for kind, paths in manifests.items() if paths]
+    if len(found) + bool(images) > 1:
+        raise ValueError(f"input {str(folder)!r} holds {' and '.join(found + ['image files'] * bool(images))}; "
+                         f"say which to read: input_format={' or '.join(found + ['folder'] * bool(images))}")
+    if found:
+        return [_file_shard(str(p), found[0]) for p in manifests[found[0]]]
+    return images
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(suffixes) and p.is_file()
+                  and not p.name.startswith("."))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _file_shard(path: str, kind: str) -> Shard:
     name = Path(path).name
-    for suffix in (".tar", ".parquet", ".jsonl"):
-        name = name.removesuffix(suffix)
+    for suffix in (*TAR_SUFFIXES, *_MANIFEST_SUFFIXES.values()):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
     return Shard(name=name, kind=kind, path=path)
 
 
 def _folder_shards(folder: Path, shard_size: int) -> list[Shard]:
+    """The folder's images in chunks of ``shard_size``, keyed by path without the extension, or with it where two
+    images share a stem (``cat.jpg`` and ``cat.png``), so that every key is unique and names one file."""
     images = sorted(
         p.relative_to(folder).as_posix() for p in folder.rglob("*")
         if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+    keys = [m.rsplit(".", 1)[0] for m in images]
+    while True:  # a stem shared (or equal to another's full name, cat.jpg.png): full names for those
+        counts = Counter(keys)
+        clashing = [i for i, k in enumerate(keys) if counts[k] > 1 and k != images[i]]
+        if not clashing:
+            break
+        for i in clashing:
+            keys[i] = images[i]
     base = folder.resolve().name or "images"
     return [Shard(name=f"{base}-{i // shard_size:05d}", kind="folder", path=str(folder),
-                  members=tuple(images[i : i + shard_size])) for i in range(0, len(images), shard_size)]
+                  members=tuple(images[i : i + shard_size]), keys=tuple(keys[i : i + shard_size]))
+            for i in range(0, len(images), shard_size)]
 
 
 def _check_unique_names(shards: list[Shard], source: str) -> None:
@@ -184,6 +231,7 @@ def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
     content = ShardContent()
     root = Path(fields.image_root) if fields.image_root else Path(shard.path).resolve().parent
     source = _parquet_rows(shard.path) if shard.kind == "parquet" else _jsonl_objects(shard.path)
+    first_row: dict[str, int] = {}  # key -> index of the row that has it: keys are unique in the output
     try:
         for index, row in source:
             if isinstance(row, str):  # a line that is not a JSON object: the reason
@@ -191,9 +239,15 @@ def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
                 continue
             try:
                 record = row_to_record(row, index, fields, root, shard.path)
-                content.samples.append(Sample(record.key, record.image, record.alt_texts))
             except BadRecord as err:
                 content.bad.append((str(row.get("key") or row.get("id") or index), str(err)))
+                continue
+            if record.key in first_row:
+                content.bad.append((record.key, f"row {index + 1} repeats the key of row {first_row[record.key] + 1}"
+                                                 "; the first row keeps it, this one is skipped"))
+                continue
+            first_row[record.key] = index
+            content.samples.append(Sample(record.key, record.image, record.alt_texts))
     except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)
         content.error = f"unreadable after {len(content.samples) + len(content.bad)} rows: {err}"
     return content
@@ -203,7 +257,7 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """``(line index, object)`` per non-blank line; a broken line gives a reason string instead of an object."""
     for number, row, problem in jsonl_lines(path):
         if problem:
-            yield number - 1, f"broken JSON: {problem}"
+            yield number - 1, problem
         else:
             yield number - 1, row if isinstance(row, dict) else f"not a JSON object: {json.dumps(row)[:80]}"
 
@@ -219,12 +273,21 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _read_folder(shard: Shard, fields: Fields) -> ShardContent:
+    """Each image with the alt-text of the ``.txt`` beside it. Where images share a stem (their keys keep the
+    extension), ``cat.txt`` could be either's, so only ``cat.jpg.txt`` counts and a lone ``cat.txt`` is a reason to
+    skip them rather than give one image another's alt-text."""
     content = ShardContent()
     folder = Path(shard.path)
-    for member in shard.members:
+    for member, key in zip(shard.members, shard.keys):
         image = folder / member
-        key = Path(member).with_suffix("").as_posix()
         sidecar = image.with_suffix(".txt")
+        if key == member:
+            own = folder / f"{member}.txt"
+            if not own.is_file() and sidecar.is_file():
+                content.bad.append((key, f"alt-text file {sidecar.name} could belong to several images named "
+                                         f"{image.stem}.*; rename it {own.name}"))
+                continue
+            sidecar = own
         try:
             alt = [sidecar.read_text(encoding="utf-8", errors="replace")] if sidecar.is_file() else []
         except OSError as err:

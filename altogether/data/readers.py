@@ -7,10 +7,15 @@ streamed (:func:`iter_webdataset`).
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
 import logging
+import lzma
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
@@ -20,6 +25,11 @@ from .records import BadRecord, Record
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a tar shard's name ends with; compression is read from the bytes
+URL_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
+# the start of the reasons a sample is skipped for, so a summary can tell these from unreadable images
+FAILED_DOWNLOAD = "failed download"
+NO_LOCAL_IMAGE = "no local image; download it first (img2dataset)"
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class Fields:
 def detect_format(source: str) -> str:
     """``annotations``, ``jsonl``, ``parquet`` or ``webdataset`` from a path or shard pattern."""
     name = source.lower()
-    if name.endswith(".tar") or name.endswith(".tar}") or "{" in name and ".tar" in name:
+    if name.endswith(TAR_SUFFIXES) or name.rstrip("}").endswith(TAR_SUFFIXES) or "{" in name and ".tar" in name:
         return "webdataset"
     if name.endswith(".parquet"):
         return "parquet"
@@ -116,11 +126,23 @@ def row_to_record(row: dict[str, Any], index: int, fields: Fields, image_root: P
     """One table row (annotation JSON, JSONL or Parquet) as a record; relative image paths join ``image_root``."""
     f = fields
     key = str(row.get("key") or row.get("id") or index)
+    status = row.get("status")
+    if status is not None and status != "success":  # img2dataset keeps its failed downloads' rows
+        raise BadRecord(f"record {key!r} in {source}: {FAILED_DOWNLOAD} (status {status!r}"
+                        + (f": {row['error_message']}" if row.get("error_message") else "") + ")")
     image = row.get(f.image_key)
     if isinstance(image, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
         image = image.get("bytes") or image.get("path")
     if not image:
-        raise BadRecord(f"record {key!r} in {source}: no image in column {f.image_key!r}")
+        url = row.get("url")
+        hint = f"; it has only a url ({url}): {NO_LOCAL_IMAGE}" if isinstance(url, str) and url else ""
+        raise BadRecord(f"record {key!r} in {source}: no image in column {f.image_key!r}{hint}")
+    if not isinstance(image, (str, bytes)):
+        raise BadRecord(f"record {key!r} in {source}: column {f.image_key!r} holds a {type(image).__name__} "
+                        f"({str(image)[:80]}), not an image path or image bytes")
+    if isinstance(image, str) and image.lower().startswith(URL_SCHEMES):
+        raise BadRecord(f"record {key!r} in {source}: column {f.image_key!r} holds a URL ({image}): "
+                        f"{NO_LOCAL_IMAGE}")
     if isinstance(image, str) and not os.path.isabs(image):
         image = str(image_root / image)
     target = row.get(f.target_key) if f.target_key else None
@@ -156,6 +178,8 @@ def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Recor
     target.
     """
     key = sample.get("__key__", "?")
+    if "__error__" in sample:  # set by the tar iterator (a repeated key)
+        raise BadRecord(f"sample {key!r}: {sample['__error__']}")
     image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
     if image is None:
         raise BadRecord(f"sample {key!r}: no image member ({', '.join(IMAGE_EXTENSIONS)})")
@@ -193,35 +217,46 @@ _TAR_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skip
 
 
 def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar shard: members grouped by webdataset's naming rule (``dir/key.ext``, contiguous
-    members share a key), as ``{"__key__", "__url__", ext: bytes, ...}``.
+    """Samples of one tar shard (plain, gzip, bzip2 or xz): members grouped by webdataset's naming rule
+    (``dir/key.ext``, contiguous members share a key), as ``{"__key__", "__url__", ext: bytes, ...}``.
 
     A sample is yielded once the next key's header is read, so on damage every sample before it comes out;
     then :class:`DamagedShard` is raised naming the sample in progress (webdataset's own grouping silently
-    loses it, and tarfile takes a cut at a block boundary for a normal end: the end-of-archive marker is checked).
+    loses it, and tarfile takes a cut at a block boundary for a normal end: the end-of-archive marker is checked
+    on the decompressed bytes). A key seen before in the shard (a member stored twice, as ``tar rf`` appends)
+    starts a new sample carrying ``__error__``: the first sample keeps the key, the repeat is reported, never
+    merged into it (webdataset refuses such a shard whole).
     """
     import tarfile
 
     from webdataset.tariterators import base_plus_ext
 
     group: dict[str, Any] | None = None
+    seen: set[str] = set()
     member, count = "", 0
+    stream = _TarBytes(path)
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
                 if key is None or _TAR_META.match(info.name):
                     continue
-                key = key.removeprefix("./")  # `tar -C dir .` names members ./<uuid>.jpeg: the key is the uuid
-                if group is not None and group["__key__"] != key:
+                key, ext = key.removeprefix("./"), ext.lower()  # `tar -C dir .` names members ./<uuid>.jpeg
+                if group is not None and (group["__key__"] != key or ext in group):
                     yield group
                     count += 1
                     group = None
                 member = info.name
-                group = group or {"__key__": key, "__url__": path}
-                group[ext.lower()] = tar.extractfile(info).read()
-        problem = _tar_end_problem(path)
-    except (tarfile.TarError, OSError, EOFError) as err:
+                if group is None:
+                    group = {"__key__": key, "__url__": path}
+                    if key in seen:
+                        group["__error__"] = (f"key {key!r} appears again at member {info.name!r} (a member stored "
+                                              "twice, as `tar rf` appends): the first sample keeps the key, this "
+                                              "repeat is skipped")
+                    seen.add(key)
+                group[ext] = tar.extractfile(info).read()
+            problem = stream.end_problem()
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as err:
         problem = f"unreadable at member {member!r} after {count} samples: {err}"
     if problem:
         raise DamagedShard(f"{path}: {problem}", group["__key__"] if group else None)
@@ -229,16 +264,41 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
         yield group
 
 
-def _tar_end_problem(path: str) -> str | None:
-    """Why a tar that read without error is still truncated (no end-of-archive marker), or ``None``."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size % _TAR_BLOCK:
-            return f"truncated: {size} bytes is not a whole number of {_TAR_BLOCK}-byte tar blocks"
-        f.seek(max(0, size - 2 * _TAR_BLOCK))
-        if size < 2 * _TAR_BLOCK or any(f.read()):
+class _TarBytes(io.RawIOBase):
+    """A tar file's bytes, decompressed by what its first bytes say, counting them and keeping the last two blocks
+    so that the end-of-archive marker can be checked after tarfile has read the members."""
+
+    _MAGIC = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        opener = next((o for magic, o in self._MAGIC if head.startswith(magic)), open)
+        self.raw = opener(path, "rb")
+        self.size, self.tail = 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read1(n)  # what is there: a whole read() of a cut gzip raises and drops what it had
+        self.size += len(data)
+        self.tail = data[-2 * _TAR_BLOCK :] if len(data) >= 2 * _TAR_BLOCK else (self.tail + data)[-2 * _TAR_BLOCK :]
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+    def end_problem(self) -> str | None:
+        """Why a tar that read without error is still truncated (no end-of-archive marker), or ``None``."""
+        while self.read(1 << 16):  # tarfile stops at the marker; what follows is the record's zero padding
+            pass
+        if self.size % _TAR_BLOCK:
+            return f"truncated: {self.size} bytes is not a whole number of {_TAR_BLOCK}-byte tar blocks"
+        if self.size < 2 * _TAR_BLOCK or any(self.tail):
             return "truncated: the tar does not end with its end-of-archive marker"
-    return None
+        return None
 
 
 def iter_webdataset(pattern: str, fields: Fields, on_bad=None) -> Iterator[Record]:
