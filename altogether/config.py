@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -203,7 +204,9 @@ class RecipeConfig:
     description: str = ""
     output_dir: str = "runs/${recipe}"
     init_from: Optional[str] = None  # export folder of an earlier stage (finetune starts from pretrain)
-    resume: Any = False  # false | true (the run's last checkpoint) | a checkpoint path
+    # false | auto (the newest readable checkpoint of output_dir, or a new run when there is none) | true (the same,
+    # but one must exist) | a checkpoint path
+    resume: Any = False
     dry_run: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -230,8 +233,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     if not path.is_file():
         raise ConfigError(f"unknown recipe {name_or_path!r}; valid recipes: {', '.join(available_recipes())}")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.load(path))
-        if "recipe" not in OmegaConf.load(path):
+        recipe = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"recipe {path}: expected a mapping of keys (recipe:, optim:, ...), "
+                          f"got a {type(recipe).__name__.replace('Config', '').lower()}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), recipe)
+        if "recipe" not in recipe:
             cfg.recipe = path.stem
         if overrides:
             extra = OmegaConf.from_dotlist(list(overrides)) if isinstance(overrides, list) else OmegaConf.create(overrides)
@@ -261,6 +271,12 @@ _CHOICES = {
 }
 
 
+# Counts and intervals that 0 or less would divide by zero or never reach.
+_POSITIVE = ("data.micro_batch_size", "optim.global_batch_size", "optim.max_steps", "trainer.log_every_n_steps",
+             "trainer.val_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.sample_every_n_steps",
+             "trainer.num_nodes")
+
+
 def validate(cfg: DictConfig | RecipeConfig) -> None:
     """Cross-field checks the schema cannot express; raises :class:`ConfigError` naming the key."""
     for key, choices in _CHOICES.items():
@@ -268,12 +284,15 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         if value not in choices:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {', '.join(choices)}")
     o, lay, d = cfg.optim, cfg.layout, cfg.data
+    for key in _POSITIVE:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"key {key!r}: {OmegaConf.select(cfg, key)} must be >= 1")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"key 'optim.betas': {list(o.betas)} must be two numbers in [0, 1) (AdamW's beta1, beta2)")
     if not 0.0 <= lay.prompt_dropout <= 1.0:
         raise ConfigError(f"key 'layout.prompt_dropout': {lay.prompt_dropout} is not in [0, 1]")
     if lay.max_caption_tokens < 1 or lay.max_alt_tokens < 0:
         raise ConfigError("key 'layout': max_caption_tokens must be >= 1 and max_alt_tokens >= 0")
-    if o.max_steps < 1:
-        raise ConfigError(f"key 'optim.max_steps': {o.max_steps} must be >= 1")
     if not 0 <= o.warmup_steps < o.max_steps:
         raise ConfigError(
             f"key 'optim.warmup_steps': {o.warmup_steps} must be in [0, optim.max_steps={o.max_steps}); "

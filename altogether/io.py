@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 def jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -39,23 +39,43 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` whole or not at all: written as ``.NAME.XXXX.tmp`` in the same
+    folder (the same filesystem, so the rename is atomic), flushed to disk, then renamed over ``path``.
 
-    The file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary file.
+    An error removes the temporary file; a kill leaves it, and :func:`remove_stale_temporaries` clears it. The
+    file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def remove_stale_temporaries(folder: str | Path, name_glob: str = "*") -> list[Path]:
+    """Remove the temporary files :func:`atomic_open` left in ``folder`` when a process was killed mid-write
+    (for targets matching ``name_glob``); returns them."""
+    stale = sorted(Path(folder).glob(f".{name_glob}.*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` with :func:`atomic_open`."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

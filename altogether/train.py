@@ -30,9 +30,13 @@ def main(argv: list[str]) -> int:
 
         run_demo(cfg)
     else:
-        from .training import fit
+        from .training import SIGTERM_EXIT_CODE, TrainingInterrupted, fit
 
-        print(f"export: {fit(cfg)}")
+        try:
+            print(f"export: {fit(cfg)}")
+        except TrainingInterrupted as stop:
+            print(f"error: {stop}", file=sys.stderr)
+            return SIGTERM_EXIT_CODE
     return 0
 
 

@@ -10,18 +10,22 @@ import copy
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .config import RecipeConfig, accumulation_steps, to_container, to_yaml
+from .config import ConfigError, RecipeConfig, accumulation_steps, to_container, to_yaml
 from .data.datamodule import MAX_SKIP_REASONS, CaptionDataModule, open_sources
+from .data.images import load_image
 from .data.readers import IMAGE_EXTENSIONS, detect_format
-from .data.records import Record
+from .data.records import BadRecord, Record
 from .export import export_model_config, is_lora, load_export, merge_adapter, read_export_config, save_export
+from .io import atomic_open, remove_stale_temporaries
 from .model import AltogetherModel, causal_lm, load_tokenizer
 from .recaptioner import Recaptioner
 
@@ -248,6 +252,27 @@ def caption_records(model: AltogetherModel, records: Sequence[Record], tokenizer
             for r, item, x, y in zip(records, with_alt, a, b)]
 
 
+def readable_sample_records(source: Sequence[Record], count: int) -> list[Record]:
+    """The first ``count`` records of ``source`` whose image decodes (or that carry cached embeddings): the
+    sample captions' images. Unreadable ones are skipped, as the training loop skips them, and counted in the log."""
+    chosen, skipped = [], []
+    for i in range(len(source)):
+        if len(chosen) == count:
+            break
+        try:
+            record = source[i]
+            if "image_embeds" not in record.extra:
+                load_image(record.image, key=record.key)
+        except BadRecord as err:
+            skipped.append(str(err))
+            continue
+        chosen.append(record)
+    if skipped:
+        log.warning("sample captions: skipped %d unreadable validation record(s): %s", len(skipped),
+                    " | ".join(" ".join(r.split()) for r in skipped[:MAX_SKIP_REASONS]))
+    return chosen
+
+
 def build_model(cfg: RecipeConfig, device: str = "cpu"):
     """(model, tokenizer, transform) for a recipe: from ``init_from`` (an export) or from the model config.
 
@@ -271,15 +296,36 @@ def _precision(cfg: RecipeConfig) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
 
 
-def _logger(cfg: RecipeConfig, run_dir: Path):
+# The packages each optional logger needs (any one of them), and the extra that installs them.
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_run_settings(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Settings that depend on this machine, checked before any model loads; raises :class:`ConfigError`."""
+    import importlib.util
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"key 'output_dir': {run_dir} is a file; give a folder for the run")
+    t = cfg.trainer
+    if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"key 'trainer.accelerator': {t.accelerator} but torch sees no CUDA GPU on this machine; "
+                          "use trainer.accelerator=auto or cpu")
+    packages = LOGGER_PACKAGES.get(t.logger, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise ConfigError(f"key 'trainer.logger': {t.logger} needs the {packages[0]} package: "
+                          f"pip install 'altogether[{t.logger}]'")
+
+
+def _loggers(cfg: RecipeConfig, run_dir: Path) -> list:
+    """The CSV log (``logs/version_N/metrics.csv``, read by ``plot`` and the report) and the chosen logger."""
     from lightning.pytorch import loggers
 
-    kind = cfg.trainer.logger
-    if kind == "tensorboard":
-        return loggers.TensorBoardLogger(str(run_dir), name="logs")
-    if kind == "wandb":
-        return loggers.WandbLogger(save_dir=str(run_dir), name=cfg.recipe)
-    return loggers.CSVLogger(str(run_dir), name="logs")
+    chosen = [loggers.CSVLogger(str(run_dir), name="logs")]
+    if cfg.trainer.logger == "tensorboard":
+        chosen.append(loggers.TensorBoardLogger(str(run_dir), name="tensorboard"))
+    if cfg.trainer.logger == "wandb":
+        chosen.append(loggers.WandbLogger(save_dir=str(run_dir), name=cfg.recipe))
+    return chosen
 
 
 def _strategy(cfg: RecipeConfig):
@@ -303,17 +349,118 @@ def _world_size(cfg: RecipeConfig) -> int:
     return count * cfg.trainer.num_nodes
 
 
+CHECKPOINT_DIR = "checkpoints"  # under the run folder
+LAST_CHECKPOINT = "last.ckpt"
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, the shell's code for "ended by SIGTERM"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoints, each written to a temporary file in its own folder and renamed into place.
+
+    Lightning's writer stages the file in the system temporary folder and moves it, which is a copy when that is
+    another filesystem (tmpfs ``/tmp``, node-local scratch with the run on NFS): a kill mid-copy left a half
+    ``last.ckpt``. Here a checkpoint is whole or absent; a kill mid-write leaves only ``.NAME.XXXX.tmp``, which
+    the next run removes.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM stopped training at an optimizer-step boundary after ``checkpoint`` was saved; nothing was exported.
+
+    ``python -m altogether.train`` exits with :data:`SIGTERM_EXIT_CODE` (143) so that a job script can requeue
+    the run with ``resume=auto``.
+    """
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM after optimizer step {step}; checkpoint saved to {checkpoint}; "
+                         "run the same command with resume=auto to continue")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopOnSigterm(Callback):
+    """On SIGTERM (what job schedulers send before a kill), finish the optimizer step in progress, save
+    ``path`` and raise :class:`TrainingInterrupted`.
+
+    Lightning's own handler stops after the micro-batch in progress, possibly in the middle of an accumulated
+    step, and ends the run as a success (a ``SystemExit`` without code); this one replaces it while training
+    runs (Lightning restores the original handler at teardown). All ranks stop at the same step: the request is
+    all-reduced once per optimizer step, as Lightning broadcasts its own flag.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.requested = path, False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # on_train_start runs after Trainer._run installed Lightning's SIGTERM handler
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch["micro_index"] != batch["group_size"] - 1:
+            return
+        stop = self.requested
+        if trainer.world_size > 1:
+            flag = torch.tensor([int(stop)], device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            trainer.save_checkpoint(self.path)
+            raise TrainingInterrupted(trainer.global_step, self.path)
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was saved at; raises when the file cannot be read (memory-mapped: cheap)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint in ``folder`` saved at the latest optimizer step among those that load (``last.ckpt`` on a
+    tie), or ``None``; each one that cannot be read (half written, not a checkpoint) is logged as skipped."""
+    best: tuple[int, bool, Path] | None = None
+    for path in sorted(folder.glob("*.ckpt")):
+        try:
+            step = _checkpoint_step(path)
+        except Exception as err:  # truncated zip, foreign pickle, missing key: any reason the file is unusable
+            log.warning("resume: skipped %s: it cannot be read as a checkpoint (%s)", path,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            continue
+        candidate = (step, path.name == LAST_CHECKPOINT, path)
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
+    return None if best is None else best[2]
+
+
 def _resume_path(cfg: RecipeConfig, run_dir: Path) -> str | None:
-    if cfg.resume in (False, None, "false", "False"):
+    """The checkpoint to resume from: ``resume=auto`` (the newest that loads, or none: a first run), ``true`` (the
+    newest that loads, which must exist) or a checkpoint path; ``false`` starts from step 0."""
+    mode = str(cfg.resume).lower()  # YAML and key=value give booleans or strings
+    if mode in ("false", "none"):
         return None
-    if cfg.resume in (True, "true", "True"):
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}")
-        return str(last)
-    if not Path(str(cfg.resume)).is_file():
-        raise FileNotFoundError(f"resume: checkpoint not found: {cfg.resume}")
-    return str(cfg.resume)
+    folder = run_dir / CHECKPOINT_DIR
+    if mode in ("auto", "true"):
+        found = newest_checkpoint(folder) if folder.is_dir() else None
+        if found is None and mode == "true":
+            raise FileNotFoundError(f"resume=true but there is no readable checkpoint in {folder} "
+                                    "(resume=auto starts a new run when there is none)")
+        log.info("resume=%s: %s", mode, f"resuming from {found}" if found else f"no checkpoint in {folder}, "
+                 "starting from step 0")
+        return None if found is None else str(found)
+    path = Path(str(cfg.resume))
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: checkpoint not found: {path}")
+    try:
+        _checkpoint_step(path)
+    except Exception as err:
+        raise ValueError(f"resume: {path} cannot be read as a checkpoint ({str(err).splitlines()[0]})") from None
+    return str(path)
 
 
 def model_of_init(cfg: RecipeConfig) -> tuple[RecipeConfig, dict[str, Any] | None]:
@@ -348,8 +495,13 @@ def fit(
     """
     cfg, encoder_source = model_of_init(cfg)
     run_dir = Path(cfg.output_dir)
+    check_run_settings(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    stale = remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
+    if stale:
+        log.info("removed %d partial checkpoint(s) of an interrupted write: %s", len(stale),
+                 ", ".join(p.name for p in stale))
     ckpt_path = _resume_path(cfg, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -374,10 +526,11 @@ def fit(
         causal_lm(model.decoder).base_model.compile()
 
     t = cfg.trainer
-    sample_records = [val_source[i] for i in range(min(t.num_sample_images, len(val_source)))] if val_source else []
+    sample_records = readable_sample_records(val_source or [], t.num_sample_images)
     all_callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps,
+        ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), every_n_train_steps=t.checkpoint_every_n_steps,
                         save_last=True, save_top_k=-1, filename="step{step:06d}", auto_insert_metric_name=False),
+        StopOnSigterm(run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT),
         SampleCaptions(sample_records, tokenizer, transform, cfg, run_dir / "samples.jsonl"),
         # The bar shows the loss, read back from the device: as often as the logs, not after every step.
         *([TQDMProgressBar(refresh_rate=t.log_every_n_steps)] if t.progress_bar else []),
@@ -398,12 +551,13 @@ def fit(
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0,
-        logger=_logger(cfg, run_dir),
+        logger=_loggers(cfg, run_dir),
         callbacks=all_callbacks,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     export = run_dir / "export"

@@ -6,7 +6,7 @@ import math
 import pytest
 from PIL import Image
 
-from altogether.plot import main, plot_run, read_series
+from altogether.plot import main, plot_run, read_series, read_stages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -106,3 +106,26 @@ def test_cli_writes_png(run_dir, tmp_path, capsys):
     assert run_cli(main, [str(run_dir), "--out", str(out)]) == 0
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_a_run_of_several_stages_gets_one_column_per_stage_in_the_order_they_ran(tmp_path):
+    """The demo's layout: RUN/pretrain and RUN/finetune, each a run folder counting its steps from 0."""
+    import os
+
+    run = tmp_path / "demo"
+    write_metrics(run / "pretrain" / "logs" / "version_0" / "metrics.csv", HEADER, lightning_rows(0, 30))
+    write_metrics(run / "pretrain" / "logs" / "version_1" / "metrics.csv", HEADER, lightning_rows(30, 40))
+    write_metrics(run / "finetune" / "logs" / "version_0" / "metrics.csv", HEADER, lightning_rows(0, 20))
+    for stage, when in (("pretrain", 1_000_000), ("finetune", 2_000_000)):  # finetune sorts first by name
+        for path in (run / stage).rglob("metrics.csv"):
+            os.utime(path, (when, when))
+    stages = read_stages(run)
+    assert list(stages) == ["pretrain", "finetune"]
+    assert stages["pretrain"]["train/loss"][0] == [float(s) for s in range(40)]  # versions joined, steps rise
+    assert stages["finetune"]["train/loss"][0] == [float(s) for s in range(20)]
+    assert stages["finetune"]["val/loss"][0] == [9.0, 19.0]
+    path = plot_run(run)
+    with Image.open(path) as image:
+        assert image.size == (1000, 640)  # two stages side by side, loss over learning rate
+        assert image.text["Stages"] == "pretrain, finetune"
+        assert image.text["Series"] == "lr, train/loss, val/loss"

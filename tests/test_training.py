@@ -306,3 +306,180 @@ def test_decoder_larger_than_its_tokenizer_goes_through_every_stage(make_recipe,
     finetune = fit(_small(make_recipe, jsonl_data, tmp_path / "finetune", **{"init_from": str(pretrain),
                                                                             "optim.max_steps": 2}))
     assert Recaptioner.from_pretrained(finetune, device="cpu").model.decoder.get_input_embeddings().num_embeddings == rows
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_checkpoints_are_renamed_into_place_from_their_own_folder(make_recipe, jsonl_data, tmp_path, monkeypatch):
+    """No checkpoint is staged on another filesystem (a copy, not a rename, that a kill leaves half done)."""
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst, **kwargs):
+        renames.append((Path(src), Path(dst)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    fit(_small(make_recipe, jsonl_data, tmp_path / "run"))
+    folder = tmp_path / "run" / "checkpoints"
+    placed = sorted(dst.name for src, dst in renames if dst.parent == folder)
+    assert placed == ["last.ckpt", "last.ckpt", "step000002.ckpt", "step000004.ckpt"]
+    assert all(src.parent == dst.parent and src.name.startswith(f".{dst.name}.") for src, dst in renames
+               if dst.parent == folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step000002.ckpt", "step000004.ckpt"]
+
+
+def test_resume_skips_a_half_written_checkpoint_and_removes_staged_ones(make_recipe, jsonl_data, tmp_path, caplog):
+    """A kill mid-write left last.ckpt (step 4) half written and a staged file: resume=true resumes from the newest
+    checkpoint that loads (step 2), says which one it skipped, and ends where an uninterrupted run ends."""
+    straight = fit(_small(make_recipe, jsonl_data, tmp_path / "a"))
+    folder = tmp_path / "b" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step000002.ckpt").write_bytes((tmp_path / "a" / "checkpoints" / "step000002.ckpt").read_bytes())
+    whole = (tmp_path / "a" / "checkpoints" / "last.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    (folder / ".step000004.ckpt.k9x2.tmp").write_bytes(whole[:1000])
+    with caplog.at_level("INFO", logger="altogether"):
+        resumed = fit(_small(make_recipe, jsonl_data, tmp_path / "b", resume=True))
+    _same_weights(straight, resumed)
+    assert f"resume: skipped {folder / 'last.ckpt'}: it cannot be read as a checkpoint" in caplog.text
+    assert f"resuming from {folder / 'step000002.ckpt'}" in caplog.text
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_auto_starts_a_first_run_and_resume_true_needs_a_checkpoint(make_recipe, jsonl_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume=true but there is no readable checkpoint in"):
+        fit(_small(make_recipe, jsonl_data, tmp_path / "strict", resume=True))
+    assert not (tmp_path / "strict" / "checkpoints").exists()
+    export = fit(_small(make_recipe, jsonl_data, tmp_path / "auto", resume="auto", **{"optim.max_steps": 2}))
+    assert json.loads((export / "altogether.json").read_text())["training"]["steps"] == 2
+
+
+# Slows each micro-batch so that SIGTERM lands in the middle of training, then runs the training CLI.
+_SLOW_TRAIN = """
+import sys, time
+from altogether import training
+from altogether.cli import run_cli
+from altogether.train import main
+step = training.CaptionerModule.training_step
+def slow(self, batch, batch_idx):
+    time.sleep(0.3)
+    return step(self, batch, batch_idx)
+training.CaptionerModule.training_step = slow
+sys.exit(run_cli(main, sys.argv[1:]))
+"""
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resume_auto_continues(tiny_dirs, jsonl_data, tmp_path):
+    """What a scheduler does: SIGTERM mid-run. Training finishes the optimizer step in progress, saves last.ckpt,
+    exports nothing and exits 143; the requeued command with resume=auto ends as an uninterrupted run does."""
+    import signal
+    import time
+
+    settings = {"data.format": "jsonl", "data.train": jsonl_data, "data.micro_batch_size": 2,
+                "optim.global_batch_size": 4, "optim.max_steps": 8, "optim.warmup_steps": 1,
+                "trainer.checkpoint_every_n_steps": 2}
+    args = ["recipe=finetune_round3", *_cli_args(tiny_dirs, {**settings, "output_dir": tmp_path / "run"})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_TRAIN, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "run" / "checkpoints" / "step000002.ckpt"
+    try:
+        deadline = time.monotonic() + 240
+        while not first.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never reached its first checkpoint"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 2 <= step < 8
+    assert err.strip().splitlines()[-1] == (f"error: stopped by SIGTERM after optimizer step {step}; checkpoint saved "
+                                            f"to {last}; run the same command with resume=auto to continue")
+    assert not (tmp_path / "run" / "export").exists()
+
+    assert run_cli(train_main, [*args, "resume=auto"]) == 0
+    straight = ["recipe=finetune_round3", *_cli_args(tiny_dirs, {**settings, "output_dir": tmp_path / "straight"})]
+    assert run_cli(train_main, straight) == 0
+    _same_weights(tmp_path / "straight" / "export", tmp_path / "run" / "export")
+    meta = json.loads((tmp_path / "run" / "export" / "altogether.json").read_text())
+    assert meta["training"]["steps"] == 8
+
+
+def test_an_unreadable_validation_image_is_skipped_by_the_sample_captions(make_recipe, jsonl_data, tmp_path, caplog):
+    rows = [json.loads(line) for line in jsonl_data.read_text().splitlines()]
+    (jsonl_data.parent / rows[0]["img_path"]).write_bytes(b"not an image")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    with caplog.at_level("INFO", logger="altogether"):
+        fit(_small(make_recipe, jsonl_data, tmp_path / "run", **{
+            "data.train": str(jsonl_data), "data.val": str(val), "trainer.val_every_n_steps": 2,
+            "trainer.sample_every_n_steps": 2, "trainer.num_sample_images": 2, "data.max_skipped_fraction": 0.9}))
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["key"]) for s in samples] == [(2, "r001"), (2, "r002"), (4, "r001"), (4, "r002")]
+    assert "sample captions: skipped 1 unreadable validation record(s): " in caplog.text and "r000" in caplog.text
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"data.micro_batch_size": 0}, "error: key 'data.micro_batch_size': 0 must be >= 1"),
+    ({"trainer.val_every_n_steps": 0}, "error: key 'trainer.val_every_n_steps': 0 must be >= 1"),
+    ({"trainer.sample_every_n_steps": 0}, "error: key 'trainer.sample_every_n_steps': 0 must be >= 1"),
+    ({"optim.betas": "[0.9]"}, "error: key 'optim.betas': [0.9] must be two numbers in [0, 1)"),
+    ({"trainer.accelerator": "gpu"}, "error: key 'trainer.accelerator': gpu but torch sees no CUDA GPU"),
+    ({"output_dir": "FILE"}, "error: key 'output_dir': FILE is a file; give a folder for the run"),
+    ({"trainer.logger": "tensorboard"}, "error: key 'trainer.logger': tensorboard needs the tensorboard package: "
+                                        "pip install 'altogether[tensorboard]'"),
+    ({"trainer.logger": "wandb"}, "error: key 'trainer.logger': wandb needs the wandb package: "
+                                  "pip install 'altogether[wandb]'"),
+])
+def test_training_mistakes_are_one_line_and_exit_2(setting, message, tiny_dirs, jsonl_data, tmp_path, capsys,
+                                                   monkeypatch):
+    import importlib.util
+
+    if "accelerator" in setting:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "trainer.logger" in setting:  # as on a machine without the extra, whatever this one has
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+            "tensorboard", "tensorboardX", "wandb") else real(name, *a))
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    setting = {k: afile if v == "FILE" else v for k, v in setting.items()}
+    message = message.replace("FILE", str(afile))
+    settings = {"output_dir": tmp_path / "run", "data.format": "jsonl", "data.train": jsonl_data, **setting}
+    assert run_cli(train_main, ["recipe=finetune_round3", *_cli_args(tiny_dirs, settings)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(message) and "Traceback" not in err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("recipe: broken\noptim: {lr: 1\n", "not valid YAML"),
+    ("- recipe\n- optim\n", "expected a mapping of keys (recipe:, optim:, ...), got a list"),
+])
+def test_a_recipe_file_that_is_not_a_mapping_is_one_line(text, message, tmp_path, capsys):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    assert run_cli(train_main, [f"recipe={path}", "dry_run=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith(f"error: recipe {path}: {message}")
+
+
+def test_tensorboard_logger_writes_its_events_and_the_csv_log(make_recipe, jsonl_data, tmp_path):
+    """With the ``tensorboard`` extra installed (``uv sync --extra tensorboard``): both logs, the CSV one that
+    ``plot`` and the report read in its usual place."""
+    pytest.importorskip("tensorboard")
+    fit(_small(make_recipe, jsonl_data, tmp_path / "run", **{"trainer.logger": "tensorboard",
+                                                             "trainer.log_every_n_steps": 1}))
+    assert len(logged(tmp_path / "run")) == 4
+    assert list((tmp_path / "run" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
