@@ -662,6 +662,8 @@ def _cmd_stats(args: argparse.Namespace, *, load_scorer: Callable[..., Any], **_
         raise AnnotationError(f"{args.records}: no records")
     if args.clip_pretrained and not args.clip_model:
         raise AnnotationError("--clip-pretrained needs --clip-model")
+    from .clip_score import CLIPSCORE_FORMULA  # not at module level: it imports torch, which annotate needs only here
+
     scores = None
     if args.clip_model:
         scorer = load_scorer(args.clip_model, args.clip_pretrained, args.device)
@@ -670,13 +672,13 @@ def _cmd_stats(args: argparse.Namespace, *, load_scorer: Callable[..., Any], **_
     print(stats_markdown(stats), end="")
     if scores is not None:
         scored = len({record_id for record_id, _ in scores})
-        print(f"CLIPScore (100 * max(cos, 0)) for {scored} of {len(records)} record(s); the others have no local image")
+        print(f"CLIPScore ({CLIPSCORE_FORMULA}) for {scored} of {len(records)} record(s); the others have no local image")
     if args.json:
         payload = {
             "records": len(records),
             "length_unit": "words (whitespace-separated)",
             "edit_distance_unit": "characters (Levenshtein, unit costs) to the same record's previous round",
-            "clip_score": "CLIPScore = 100 * max(cosine, 0) with the model below" if args.clip_model else None,
+            "clip_score": f"CLIPScore = {CLIPSCORE_FORMULA} with the model below" if args.clip_model else None,
             "clip_model": args.clip_model,
             "clip_pretrained": args.clip_pretrained,
             "rounds": [asdict(row) for row in stats],

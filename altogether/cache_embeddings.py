@@ -183,9 +183,13 @@ def main(argv: list[str]) -> int:
     from .data.datamodule import open_sources
     from .model import ImageEncoder
 
+    usage = "usage: python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [batch_size=64] [key=value ...]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "recipe" not in args or "cache_dir" not in args:
-        raise ConfigError("usage: python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [key=value ...]")
+        raise ConfigError(usage)
     cache_dir = args.pop("cache_dir")
     batch_size = int(args.pop("batch_size", 64))
     cfg = load_recipe(args.pop("recipe"), [f"{k}={v}" for k, v in args.items()])

@@ -57,6 +57,24 @@ class ScoreResult:
         return {CLIPSCORE_KEY: self.mean, TRUNCATION_KEY: 100.0 * self.truncation_rate}
 
 
+CLIPSCORE_FORMULA = "100 * max(cos, 0)"  # how reports name the formula of clip_score() below
+
+
+def clip_score(cosine: torch.Tensor) -> torch.Tensor:
+    """CLIPScore from image-text cosine similarities: ``100 * max(cos, 0)``, any shape and float dtype kept.
+
+    The one home of the formula (Hessel et al. 2021 with w = 1 on a 0-100 scale; see the module docstring).
+    """
+    return 100.0 * cosine.clamp(min=0.0)
+
+
+def score_embeddings(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                     truncated: torch.Tensor) -> ScoreResult:
+    """Score pairs from L2-normalised (n, d) image and text embeddings and the (n,) bool truncation flags."""
+    cosine = (image_embeddings * text_embeddings).sum(dim=-1)
+    return ScoreResult(cosine=cosine, clip_score=clip_score(cosine), truncated=truncated)
+
+
 class ClipScorer:
     """Embeds images and texts with an open_clip model (eval mode, no gradients) and scores pairs."""
 
@@ -123,10 +141,7 @@ class ClipScorer:
         """Score ``images[i]`` against ``texts[i]``."""
         if len(images) != len(texts):
             raise ValueError(f"images and texts differ in length: {len(images)} vs {len(texts)}")
-        image_embeddings = self.embed_images(images)
-        text_embeddings, truncated = self.embed_texts(texts)
-        cosine = (image_embeddings * text_embeddings).sum(dim=-1)
-        return ScoreResult(cosine=cosine, clip_score=100.0 * cosine.clamp(min=0.0), truncated=truncated)
+        return score_embeddings(self.embed_images(images), *self.embed_texts(texts))
 
     def _truncated(self, texts: list[str]) -> torch.Tensor:
         # Tokenize with one extra slot: a text fits iff that slot is still padding. This works for

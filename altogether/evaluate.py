@@ -324,11 +324,9 @@ def embed_images(scorer, images: Sequence[ImageRef]):
 
 def clip_scores(scorer, image_embeddings, texts: Sequence[str]):
     """CLIPScores of ``texts[i]`` against image ``i`` (embedded once for every condition)."""
-    from .clip_score import ScoreResult
+    from .clip_score import score_embeddings
 
-    text_embeddings, truncated = scorer.embed_texts(list(texts))
-    cosine = (image_embeddings * text_embeddings).sum(dim=-1)
-    return ScoreResult(cosine=cosine, clip_score=100.0 * cosine.clamp(min=0.0), truncated=truncated)
+    return score_embeddings(image_embeddings, *scorer.embed_texts(list(texts)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,11 +18,47 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, TypedDict
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+class Batch(TypedDict, total=False):
+    """The batch contract between the layout (:func:`collate`, :func:`collate_packed`,
+    :func:`altogether.data.datamodule.collate_training`) and :class:`altogether.model.AltogetherModel`.
+
+    ``rows`` is the batch's row count (one sample per row, or several when packed), ``width`` its positions per
+    row, ``images`` the number of samples (= rows unless packed), ``V`` the mapper's ``num_visual_tokens``.
+    Flat indices count row-major over ``(rows, width)``.
+    """
+
+    # from collate / collate_packed
+    input_ids: torch.Tensor  # (rows, width) long; alt-text + caption + EOS ids, pad_id at visual and padding positions
+    visual_mask: torch.Tensor  # (rows, width) bool; True where the mapper's visual tokens go
+    attention_mask: torch.Tensor  # (rows, width) long; 1 at a sample's positions, 0 at padding
+    position_ids: torch.Tensor  # (rows, width) long; 0, 1, ... from each sample's first position, 0 at padding
+    labels: torch.Tensor  # (rows, width) long; caption + EOS ids at their own positions (unshifted), else IGNORE_INDEX
+    visual_index: torch.Tensor  # (images * V,) long; flat positions of the visual tokens, in sample order
+    predict_index: torch.Tensor  # (num_tokens,) long; flat positions whose next label is a caption token or EOS
+    segment_ids: torch.Tensor  # (rows, width) long, packed only; 1, 2, ... per sample within its row, 0 at padding
+    order: torch.Tensor  # (images,) long, packed only; sample index of each packed sample (collate_training pops it)
+    # added by collate_training
+    cu_seq_lens: torch.Tensor  # (runs + 1,) int32; cumulative lengths of flattened runs (flash-attention varlen)
+    max_seq_len: int  # longest run
+    pixel_values: torch.Tensor  # (images, 3, H, W) float; the encoder transform's output, in layout order
+    image_embeds: torch.Tensor  # (images, embed_dim) float; cached L2-normalised encoder output, instead of pixels
+    num_tokens: int  # caption + EOS tokens the loss averages over (= len(predict_index))
+    num_skipped: int  # samples of the micro-batch dropped as unreadable
+    skip_reasons: list[str]  # the first few reasons
+    num_truncated: int  # captions cut to the caption budget
+    # added by collate_group: the optimizer step this micro-batch belongs to
+    group_size: int  # micro-batches in the step
+    group_tokens: int  # caption + EOS tokens over the whole step (the loss is normalised by this)
+    group_samples: int
+    group_skipped: int
+    micro_index: int
 
 
 def clean_alt_texts(alt_texts: str | Sequence[str] | None) -> list[str]:
@@ -119,7 +155,7 @@ def collate(
     pad_id: int,
     padding_side: str = "right",
     width: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> Batch:
     """Pad samples into one batch, as wide as its longest sample or ``width`` if that is more.
 
     Training pads on the right; generation pads on the left so every prompt ends at the last column.
@@ -144,16 +180,16 @@ def collate(
         attention_mask[row, start : start + n] = 1
         input_ids[row, text_start : start + n] = torch.tensor(s.alt_ids + s.caption_ids, dtype=torch.long)
         labels[row, caption_start : start + n] = torch.tensor(s.caption_ids, dtype=torch.long)
-    return gather_indices({
-        "input_ids": input_ids,
-        "visual_mask": visual_mask,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids_from_mask(attention_mask),
-        "labels": labels,
-    })
+    return gather_indices(Batch(
+        input_ids=input_ids,
+        visual_mask=visual_mask,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        labels=labels,
+    ))
 
 
-def gather_indices(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather_indices(batch: Batch) -> Batch:
     """Add the flat positions the model gathers from, computed here on the host.
 
     ``visual_index``: where the visual tokens go, row-major; ``predict_index``: positions whose next label is
@@ -213,7 +249,7 @@ def collate_packed(
     num_visual_tokens: int,
     pad_id: int,
     max_tokens: int,
-) -> dict[str, torch.Tensor]:
+) -> Batch:
     """Pack several samples per row so that computed positions are mostly real tokens.
 
     Each sample keeps exactly its unpacked layout: its own position ids from 0, its own labels, and attention
@@ -244,15 +280,15 @@ def collate_packed(
             position_ids[r, start : start + n] = torch.arange(n)
             order.append(i)
             start += n
-    return gather_indices({
-        "input_ids": input_ids,
-        "visual_mask": visual_mask,
-        "attention_mask": (segment_ids > 0).long(),
-        "segment_ids": segment_ids,
-        "position_ids": position_ids,
-        "labels": labels,
-        "order": torch.tensor(order, dtype=torch.long),
-    })
+    return gather_indices(Batch(
+        input_ids=input_ids,
+        visual_mask=visual_mask,
+        attention_mask=(segment_ids > 0).long(),
+        segment_ids=segment_ids,
+        position_ids=position_ids,
+        labels=labels,
+        order=torch.tensor(order, dtype=torch.long),
+    ))
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import DecoderConfig, EncoderConfig, MapperConfig, ModelConfig
 from .generation import GenerationConfig, decode, stream_seed
-from .layout import SampleTokens, block_causal_mask, collate
+from .layout import Batch, SampleTokens, block_causal_mask, collate
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +343,17 @@ class AltogetherModel(nn.Module):
     # -- embeddings ------------------------------------------------------------------------------------
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(images, 3, H, W)`` pixels -> ``(images, embed_dim)`` L2-normalised embeddings of the frozen encoder."""
         if self.encoder is None:
             raise RuntimeError("this model was built without an image encoder: pass image_embeds instead")
         return self.encoder(pixel_values)
 
-    def input_embeddings(self, batch: dict[str, torch.Tensor], image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the mapper's visual tokens written at the ``visual_index`` positions."""
+    def input_embeddings(self, batch: Batch, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the mapper's visual tokens written at the ``visual_index`` positions.
+
+        ``batch["input_ids"]``: ``(rows, width)``; ``image_embeds``: ``(images, embed_dim)`` in layout order.
+        Returns ``(rows, width, hidden)`` in the decoder's embedding dtype.
+        """
         embed = causal_lm(self.decoder).get_input_embeddings()
         tokens = embed(batch["input_ids"])
         visual = self.mapper(image_embeds.to(tokens.dtype)).to(tokens.dtype)
@@ -356,15 +361,16 @@ class AltogetherModel(nn.Module):
         flat = tokens.flatten(0, 1).index_copy(0, batch["visual_index"], visual.flatten(0, 1))
         return flat.view_as(tokens)
 
-    def _image_embeds(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _image_embeds(self, batch: Batch) -> torch.Tensor:
         if "image_embeds" in batch:
             return batch["image_embeds"]
         return self.embed_images(batch["pixel_values"])
 
     # -- training --------------------------------------------------------------------------------------
 
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the decoder for a laid-out batch (``pixel_values`` or ``image_embeds``).
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
+        """Last hidden states ``(rows, width, hidden)`` of the decoder for a laid-out :class:`~altogether.layout.Batch`
+        holding ``pixel_values`` ``(images, 3, H, W)`` or ``image_embeds`` ``(images, embed_dim)``.
 
         Attention stays inside each sample: a block-diagonal causal mask built from ``segment_ids`` (packed
         batches) or the attention mask, or, for flash-attention, no mask and the variable-length arguments
@@ -396,14 +402,18 @@ class AltogetherModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> CaptionLoss:
-        """Caption loss; the LM head runs only at positions that predict a caption token or EOS."""
+    def forward(self, batch: Batch) -> CaptionLoss:
+        """Caption loss: a scalar float32 mean over the ``num_tokens`` caption + EOS tokens of the batch.
+
+        The LM head runs only at the ``predict_index`` positions, ``(num_tokens, hidden)``, never ``(rows, width)``.
+        """
         token_losses, _ = self.token_losses(batch)
         num_tokens = token_losses.shape[0]  # known on the host: the index was built by the collate function
         return CaptionLoss(token_losses.sum() / max(num_tokens, 1), num_tokens)
 
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of every caption/EOS token, and the (row, position) it was predicted at."""
+    def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every caption/EOS token, ``(num_tokens,)`` float32 in nats, and the ``(row, position)``
+        it was predicted at, ``(num_tokens, 2)`` long."""
         hidden = self.hidden_states(batch)
         index = batch["predict_index"]
         targets = batch["labels"].flatten().index_select(0, index + 1)
@@ -412,8 +422,9 @@ class AltogetherModel(nn.Module):
         width = batch["labels"].shape[1]
         return losses, torch.stack([index // width, index % width], dim=1)
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Full-vocabulary logits at every position (tests and analysis; training uses :meth:`forward`)."""
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Full-vocabulary logits ``(rows, width, vocab)`` at every position (tests and analysis; training uses
+        :meth:`forward`)."""
         return causal_lm(self.decoder).get_output_embeddings()(self.hidden_states(batch))
 
     # -- generation ------------------------------------------------------------------------------------
@@ -429,7 +440,8 @@ class AltogetherModel(nn.Module):
     ) -> list[list[int]]:
         """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
 
-        ``image_embeds``: ``(images, embed_dim)``; ``alt_ids``: one prompt's token ids per image. Prompts are
+        ``image_embeds``: ``(images, embed_dim)``; ``alt_ids``: one prompt's token ids per image (``images`` lists
+        of at most ``max_alt_tokens`` ints). Prompts are
         left-padded so every row continues from its last prompt token, with the position ids the training
         layout gives. Greedy decoding and sampling run :func:`altogether.generation.decode`, where finished
         captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``. With
@@ -445,7 +457,7 @@ class AltogetherModel(nn.Module):
             pad_id=self.pad_id,
             padding_side="left",
         )
-        batch = {k: v.to(image_embeds.device) for k, v in batch.items()}
+        batch = Batch(**{k: v.to(image_embeds.device) for k, v in batch.items()})
         embeds, mask = self.input_embeddings(batch, image_embeds), batch["attention_mask"]
         lm = causal_lm(self.decoder)
         seeds = None

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cli import run_cli
+from .clip_score import ClipScorer, clip_score
 from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields
@@ -313,8 +314,6 @@ class RecaptionModule(L.LightningModule):
                                                          attn_implementation=s.attn_implementation)
         self.model = self.captioner.model  # registered, so Lightning moves it to this rank's device
         if s.num_candidates > 1 and self.scorer is None:
-            from .clip_score import ClipScorer
-
             name, pretrained = self.scorer_spec()
             self.scorer = ClipScorer.from_open_clip(name, pretrained, device=device)
 
@@ -343,7 +342,7 @@ class RecaptionModule(L.LightningModule):
         row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "alt_text": batch.items[i].prompt.text,
                                "caption": candidates[keep[0]] if single else [candidates[j] for j in keep]}
         if cosines is not None:
-            scores = [clip_score(c) for c in cosines]
+            scores = clip_score(torch.tensor(cosines, dtype=torch.float64)).tolist()  # ranking used the cosines
             row["caption_clip_score"] = scores[keep[0]] if single else [scores[j] for j in keep]
             if self.settings.save_candidates:
                 row["candidates"], row["candidate_scores"] = candidates, scores
@@ -356,11 +355,6 @@ class RecaptionModule(L.LightningModule):
         image_embeds = self.scorer.embed_images(images)
         text_embeds, _ = self.scorer.embed_texts([c for cands in candidates for c in cands])
         return torch.einsum("nd,nkd->nk", image_embeds, text_embeds.view(len(images), len(candidates[0]), -1))
-
-
-def clip_score(cosine: float) -> float:
-    """CLIPScore on :mod:`altogether.clip_score`'s scale (100 * max(cos, 0)); ranking uses the cosine itself."""
-    return 100.0 * max(cosine, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- output

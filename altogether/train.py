@@ -11,7 +11,7 @@ USAGE = "usage: python -m altogether.train recipe=NAME [key=value ...]   (recipe
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or "-h" in argv or "--help" in argv:  # anywhere: `altogether demo --help` puts recipe= first
         print(USAGE.format(", ".join(available_recipes())))
         return 0 if argv else 2
     bad = [a for a in argv if "=" not in a]

@@ -102,3 +102,19 @@ def test_pack_rows_uses_few_balanced_rows_and_keeps_every_sample():
     assert max(fills) <= 1024 and len(rows) == -(-sum(lengths) // 1024)
     assert sum(lengths) / (len(rows) * max(fills)) > 0.95  # balanced: little padding to the longest row
     assert pack_rows([2000, 10], 1024) == [[0], [1]]  # an over-long sample gets a row of its own
+
+
+def test_every_key_the_layout_writes_is_in_the_batch_contract():
+    """collate, collate_packed and collate_training/collate_group write only keys :class:`Batch` documents."""
+    from altogether.data.datamodule import collate_group
+    from altogether.layout import Batch, collate_packed
+
+    samples = [SampleTokens([5, 6], [7, 2]), SampleTokens([5], [8, 9, 2]), SampleTokens([], [2])]
+    items = [{"tokens": s, "image_embeds": torch.randn(8)} for s in samples] + [{"skip_reason": "bad jpeg"}]
+    batches = [collate(samples, num_visual_tokens=2, pad_id=1),
+               collate_packed(samples, num_visual_tokens=2, pad_id=1, max_tokens=16),
+               *collate_group(items, micro_batch_size=2, num_visual_tokens=2, pad_id=1, pack_tokens=16)]
+    documented = set(Batch.__annotations__)
+    for batch in batches:
+        assert set(batch) <= documented, set(batch) - documented
+    assert {"segment_ids", "cu_seq_lens", "image_embeds", "num_tokens", "micro_index"} <= set(batches[-1])

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from ..layout import (SampleTokens, collate, collate_packed, count_truncated, sequence_runs, tokenize_sample,
+from ..layout import (Batch, SampleTokens, collate, collate_packed, count_truncated, sequence_runs, tokenize_sample,
                       training_pair)
 from .images import load_image
 from .readers import (DamagedShard, Fields, TableSource, detect_format, expand_shards, iter_tar_samples,
@@ -184,7 +184,7 @@ MAX_SKIP_REASONS = 3  # reasons a batch keeps for the error that stops a run rea
 
 
 def collate_training(items: Sequence[dict[str, Any]], *, num_visual_tokens: int, pad_id: int,
-                     pack_tokens: int | None = None) -> dict[str, Any]:
+                     pack_tokens: int | None = None) -> Batch:
     """Drop skipped samples (``{"skip_reason": ...}``), lay out the rest (right padding, or packed rows when
     ``pack_tokens`` is set) and stack images or cached embeddings in the order the layout placed the samples.
 
@@ -192,7 +192,7 @@ def collate_training(items: Sequence[dict[str, Any]], *, num_visual_tokens: int,
     """
     kept = [it for it in items if "tokens" in it]
     tokens: list[SampleTokens] = [it["tokens"] for it in kept]
-    batch: dict[str, Any] = {}
+    batch = Batch()
     if kept and pack_tokens:
         batch = collate_packed(tokens, num_visual_tokens=num_visual_tokens, pad_id=pad_id, max_tokens=pack_tokens)
         kept = [kept[i] for i in batch.pop("order").tolist()]
@@ -213,7 +213,7 @@ def collate_training(items: Sequence[dict[str, Any]], *, num_visual_tokens: int,
     return batch
 
 
-def collate_group(items: Sequence[dict[str, Any]], *, micro_batch_size: int, **layout) -> list[dict[str, Any]]:
+def collate_group(items: Sequence[dict[str, Any]], *, micro_batch_size: int, **layout) -> list[Batch]:
     """One optimizer step's samples on one rank as its micro-batches (:func:`collate_training`), in order.
 
     Each micro-batch also carries ``micro_index``, ``group_size`` and the group's totals ``group_tokens``,
