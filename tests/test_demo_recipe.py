@@ -29,6 +29,8 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
         assert (run / stage).is_dir(), stage
     finetune = yaml.safe_load((run / "finetune" / "config.yaml").read_text())
     assert finetune["init_from"].endswith("pretrain/export")  # finetune starts from the pretrain stage's export
-    assert finetune["model"]["encoder"]["name"].endswith("/clip")  # the frozen encoder is the demo's CLIP
+    # The frozen encoder is the demo's CLIP: init_from runs load it from the pretrain export, which names its source.
+    source = json.loads((run / "finetune" / "export" / "altogether.json").read_text())["encoder_source"]
+    assert source["name"].endswith("/clip")
     table = (run / "demo_eval.md").read_text()
     assert "| w/ wrong-colour alt |" in table and "| w/ alt |" in capsys.readouterr().out
