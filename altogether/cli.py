@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Callable, NamedTuple, Sequence
 
@@ -16,6 +17,7 @@ from .config import ConfigError
 from .export import ExportError
 from .model import WeightsUnavailableError
 
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, the shell's code for "ended by SIGTERM": a job script requeues
 USER_ERRORS = (ConfigError, ExportError, WeightsUnavailableError, FileNotFoundError, ValueError)
 
 

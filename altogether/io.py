@@ -39,13 +39,23 @@ def _umask() -> int:
     return mask
 
 
+def _mode_for(path: Path, new: int) -> int:
+    """The permission bits for what replaces ``path``: those ``path`` has if it exists (a shared 0664 file stays
+    shared), else ``new`` less the umask (as ``open`` and ``mkdir`` would give)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return new & ~_umask()
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that appears at ``path`` whole or not at all: written as ``.NAME.XXXX.tmp`` in the same
     folder (the same filesystem, so the rename is atomic), flushed to disk, then renamed over ``path``.
 
-    An error removes the temporary file; a kill leaves it, and :func:`remove_stale_temporaries` clears it. The
-    file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary file.
+    An error removes the temporary file; a kill leaves it, and :func:`remove_stale_temporaries` clears it. A new
+    file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary file; a file
+    replaced keeps its permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,19 +65,29 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _mode_for(path, 0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def remove_stale_temporaries(folder: str | Path, name_glob: str = "*") -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", older_than: float | None = None
+                             ) -> list[Path]:
     """Remove the temporary files :func:`atomic_open` left in ``folder`` when a process was killed mid-write
-    (for targets matching ``name_glob``); returns them."""
-    stale = sorted(Path(folder).glob(f".{name_glob}.*.tmp")) if Path(folder).is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
+    (for targets matching ``name_glob``); returns them.
+
+    ``older_than``: a modification time (the filesystem's clock, seconds since the epoch); only files last
+    written before it are removed, so that a write in progress in another process is left alone.
+    """
+    stale = []
+    for path in sorted(Path(folder).glob(f".{name_glob}.*.tmp")) if Path(folder).is_dir() else []:
+        try:
+            if older_than is None or path.stat().st_mtime < older_than:
+                path.unlink()
+                stale.append(path)
+        except FileNotFoundError:  # finished or removed by its writer meanwhile
+            continue
     return stale
 
 
@@ -87,13 +107,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def replacing_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target`` whole.
 
-    On an error the temporary folder is removed and ``target`` is left as it was.
+    On an error the temporary folder is removed and ``target`` is left as it was. The folder gets the
+    permissions ``target`` had, or 0777 less the umask for a new one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; what we write is meant to be shared
+        tmp.chmod(_mode_for(target, 0o777))  # mkdtemp makes it private; what we write is meant to be shared
         yield tmp
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

@@ -16,7 +16,9 @@ from __future__ import annotations
 import glob
 import io
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields as dataclass_fields
@@ -30,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .cli import run_cli
+from .claims import ShardClaims
+from .cli import SIGTERM_EXIT_CODE, run_cli
 from .clip_score import ClipScorer, clip_score
 from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
@@ -39,7 +42,7 @@ from .data.images import load_image
 from .data.records import BadRecord
 from .export import export_model_config, generation_from, read_export_config
 from .generation import GenerationConfig, GenerationError, GenerationOverrides, given
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .recaptioner import (Prepare, Prepared, Recaptioner, check_export_generation, length_sorted_batches,
                           resolve_source)
 
@@ -67,6 +70,7 @@ class RecaptionSettings(GenerationOverrides):
     output_format: str = "parquet"  # parquet | jsonl
     save_candidates: bool = False  # also store every candidate and its CLIP score (best-of-N)
     max_listed_bad: int = 1000  # bad samples listed by name in the summary (all are counted)
+    claim_expiry_s: float = 300.0  # a shard claim whose worker has not renewed it for this long is taken over
     # captions
     num_captions: int = 1  # K > 1: keep K sampled captions per image, as a list
     num_candidates: int = 1  # N > 1: sample N, keep the best by CLIP score (the best K with num_captions)
@@ -111,6 +115,8 @@ def check_settings(s: RecaptionSettings, defaults: GenerationConfig) -> Generati
     for key in ("batch_size", "num_captions", "num_candidates", "shard_size", "num_nodes"):
         if getattr(s, key) < 1:
             raise ConfigError(f"key {key!r}: must be >= 1, got {getattr(s, key)}")
+    if not s.claim_expiry_s > 0:
+        raise ConfigError(f"key 'claim_expiry_s': must be > 0 seconds, got {s.claim_expiry_s}")
     if s.num_workers < 0 or s.max_listed_bad < 0:
         raise ConfigError("keys 'num_workers' and 'max_listed_bad' must be >= 0")
     if s.num_candidates > 1 and s.num_candidates < s.num_captions:
@@ -150,21 +156,21 @@ class ShardBatch:
 
 
 class ShardBatches(IterableDataset):
-    """Batches of the given shards, shard after shard; data loader workers split the shards between them.
+    """Batches of the shards this process claims, shard after shard; each data loader worker claims its own.
 
     Each worker runs :class:`Prepare` on its shards' samples: every prompt is built and tokenized once (the
     batches are sorted by its length), every image decoded and transformed once.
     """
 
-    def __init__(self, shards: Sequence[Shard], fields: Fields, prepare: Prepare, batch_size: int,
+    def __init__(self, queue: ShardQueue, fields: Fields, prepare: Prepare, batch_size: int,
                  keep_images: bool = False):
-        self.shards, self.fields, self.prepare = list(shards), fields, prepare
+        self.queue, self.fields, self.prepare = queue, fields, prepare
         self.batch_size, self.keep_images = batch_size, keep_images
 
     def __iter__(self) -> Iterator[ShardBatch]:
         worker = get_worker_info()
-        shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
-        for shard in shards:
+        first, step = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        for shard in self.queue.claim_shards(first, step):
             yield from self.shard_batches(shard)
 
     def shard_batches(self, shard: Shard) -> Iterator[ShardBatch]:
@@ -234,51 +240,88 @@ def recaption_output_problem(path: Path) -> str | None:
     return None
 
 
-@dataclass
-class RankPlan:
-    """This rank's shards: all it is responsible for, and those without an output yet."""
-
-    assigned: list[Shard]
-    pending: list[Shard]
+def stats_path(output: Path, shard: str) -> Path:
+    """``OUTPUT/<shard>.recaption.stats.json``: what the shard's output holds and what was left out of it."""
+    return output / f"{shard}{OUTPUT_SUFFIX}.stats.json"
 
 
-def plan_rank(shards: Sequence[Shard], rank: int, world_size: int, output: Path, output_format: str) -> RankPlan:
-    """Shards ``rank, rank + world_size, ...`` of the full list; leftovers of a killed run's writes are removed.
-
-    Assigning from the full list (not from the unfinished ones) keeps ranks consistent even while other ranks
-    are already writing: no listing race can give a shard to two ranks or to none.
-    """
-    assigned = list(shards[rank::world_size])
-    for shard in assigned:
+def check_existing_outputs(shards: Sequence[Shard], output: Path, output_format: str) -> None:
+    """Refuse a file under an output's name that is not a recaption output (never taken as done nor overwritten)."""
+    for shard in shards:
         final = output_path(output, shard.name, output_format)
-        for stale in glob.glob(str(output / f".{glob.escape(final.name)}.*.tmp")):
-            Path(stale).unlink(missing_ok=True)
-    pending = []
-    for shard in assigned:
-        final = output_path(output, shard.name, output_format)
-        if not final.exists():
-            pending.append(shard)
-        elif problem := recaption_output_problem(final):
+        if final.exists() and (problem := recaption_output_problem(final)):
             raise ValueError(f"{final} exists but is not a recaption output ({problem}); move it or choose another "
                              "OUTPUT")
-    return RankPlan(assigned, pending)
+
+
+class ShardQueue:
+    """The shards of one OUTPUT, shared by every process recaptioning into it (ranks, runs, machines).
+
+    A shard is *finished* when its output exists, or when it was found to hold nothing captionable after this
+    process started (a later run retries it). A process takes an unfinished shard only by claiming it
+    (:class:`altogether.claims.ShardClaims`), so two processes never work on one shard at the same time and
+    a shard whose worker died is taken over. Sent to data-loader workers, which claim for the process.
+    """
+
+    def __init__(self, shards: Sequence[Shard], output: Path, output_format: str, claims: ShardClaims,
+                 started: float, rank: int = 0, world_size: int = 1):
+        self.shards, self.output, self.output_format, self.claims = list(shards), output, output_format, claims
+        self.started, self.rank, self.world_size = started, rank, world_size
+
+    def finished(self, shard: Shard) -> bool:
+        if output_path(self.output, shard.name, self.output_format).exists():
+            return True
+        stats = stats_path(self.output, shard.name)
+        try:
+            return stats.stat().st_mtime >= self.started and not json.loads(stats.read_bytes())["written"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def unfinished(self) -> list[Shard]:
+        return [shard for shard in self.shards if not self.finished(shard)]
+
+    def claim_shards(self, first: int = 0, step: int = 1) -> Iterator[Shard]:
+        """Claim and yield unfinished shards one at a time, until none is left unclaimed.
+
+        Data-loader worker ``first`` of ``step`` (over all ranks) tries shards ``first, first + step, ...``
+        before the others, so workers of one run start apart; independent runs meet at the claims. A claimed
+        shard's leftovers of an interrupted write are removed: only its claim holder writes it.
+        """
+        slot, slots = self.rank * step + first, self.world_size * step
+        order = self.shards[slot::slots] + [s for i, s in enumerate(self.shards) if i % slots != slot]
+        holders, now = self.claims.holders(), self.claims.now()
+        for shard in order:
+            if self.finished(shard) or not self.claims.claim(shard.name, holders, now):
+                continue
+            if self.finished(shard):  # written by another worker after our check: not ours to redo
+                self.claims.release(shard.name)
+                continue
+            for path in (output_path(self.output, shard.name, self.output_format), stats_path(self.output, shard.name)):
+                remove_stale_temporaries(self.output, glob.escape(path.name))
+            yield shard
+            holders, now = self.claims.holders(), self.claims.now()
 
 
 class ShardData(L.LightningDataModule):
-    """Plans this rank's shards once the process group exists, and serves their batches."""
+    """Serves batches of the shards this process claims from the shared :class:`ShardQueue`."""
 
-    def __init__(self, shards: Sequence[Shard], output: Path, fields: Fields, settings: RecaptionSettings):
+    def __init__(self, queue: ShardQueue, fields: Fields, settings: RecaptionSettings):
         super().__init__()
-        self.shards, self.output, self.fields, self.settings = list(shards), output, fields, settings
-        self.plan: RankPlan | None = None
+        self.queue, self.fields, self.settings = queue, fields, settings
 
     def predict_dataloader(self) -> DataLoader:
         s = self.settings
-        self.plan = plan_rank(self.shards, self.trainer.global_rank, self.trainer.world_size, self.output,
-                              s.output_format)
+        self.queue.rank, self.queue.world_size = self.trainer.global_rank, self.trainer.world_size
         prepare = self.trainer.lightning_module.captioner.prepare
-        dataset = ShardBatches(self.plan.pending, self.fields, prepare, s.batch_size, keep_images=s.num_candidates > 1)
-        return DataLoader(dataset, batch_size=None, num_workers=min(s.num_workers, len(self.plan.pending)))
+        dataset = ShardBatches(self.queue, self.fields, prepare, s.batch_size, keep_images=s.num_candidates > 1)
+        workers = min(s.num_workers, len(self.queue.unfinished()))
+        return DataLoader(dataset, batch_size=None, num_workers=workers, worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Data-loader workers leave SIGTERM (sent to the whole job by schedulers) to their process, which stops
+    at a batch boundary and releases its claims; a worker killed by it would fail the run instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------- captioning
@@ -374,90 +417,131 @@ def output_schema(s: RecaptionSettings):
     return pa.schema(columns)
 
 
-def write_shard_output(path: Path, rows: Sequence[dict[str, Any]], schema) -> Path:
-    """Write one shard's rows (in input order) atomically: a temporary file beside ``path``, then a rename."""
+def shard_output_bytes(shard: str, rows: Sequence[dict[str, Any]], schema, output_format: str) -> bytes:
+    """One shard's output file (rows in input order): JSON lines, or Parquet with the ``altogether.recaption``
+    schema metadata."""
     rows = [{name: row[name] for name in schema.names} for row in rows]
-    if path.suffix == ".jsonl":
-        return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if output_format == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    marker = json.dumps({"version": OUTPUT_VERSION, "shard": path.name.removesuffix(f"{OUTPUT_SUFFIX}.parquet")})
+    marker = json.dumps({"version": OUTPUT_VERSION, "shard": shard})
     schema = schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARKER: marker.encode()})
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+@dataclass
+class ShardStats:
+    """What one shard's output holds and what was left out of it: ``OUTPUT/<shard>.recaption.stats.json``.
+
+    Written atomically just before the output is renamed into place: the output's appearance commits both, and
+    ``output_bytes`` (the output's size) tells a summary that the two belong together. A shard with nothing
+    captioned gets only this file (``written`` false). The content depends on the shard alone, not on the
+    worker or the time, so every way of producing an output gives the same bytes.
+    """
+
+    shard: str
+    written: bool
+    output_bytes: int = 0
+    captioned: int = 0
+    images_with_repeated_captions: int = 0
+    bad: int = 0
+    bad_samples: list[dict[str, str]] = field(default_factory=list)  # the first max_listed_bad: key, reason
+    error: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n"
+
+
+def read_shard_stats(output: Path, shard: str) -> ShardStats | None:
+    try:
+        return ShardStats(**json.loads(stats_path(output, shard).read_bytes()))
+    except (OSError, ValueError, TypeError):  # absent, half-written by a foreign tool, or not ours
+        return None
+
+
+def write_shard(output: Path, stats: ShardStats, data: bytes | None, output_format: str) -> None:
+    """Write a shard's stats, then (unless nothing was captioned) its output, each atomically."""
+    atomic_write_text(stats_path(output, stats.shard), stats.to_json())
+    if data is not None:
+        atomic_write_bytes(output_path(output, stats.shard, output_format), data)
 
 
 @dataclass
 class RankStats:
-    """What one rank did in this run."""
+    """What this process did in this run (all rounds)."""
 
     rank: int = 0
-    shards_assigned: int = 0
-    shards_skipped_existing: int = 0
     shards_written: list[str] = field(default_factory=list)
     images: int = 0
     bad: int = 0
-    bad_samples: list[dict[str, str]] = field(default_factory=list)  # the first max_listed_bad
-    shard_errors: list[dict[str, str]] = field(default_factory=list)
-    images_with_repeated_captions: int = 0
     elapsed_s: float = 0.0
 
 
-class ShardWriter(Callback):
-    """Collects each shard's rows and writes the shard when its last batch is done; writes the run summary."""
+@dataclass
+class ShardInProgress:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    error: Optional[str] = None
 
-    def __init__(self, output: Path, settings: RecaptionSettings, header: dict[str, Any]):
-        self.output, self.settings, self.header = output, settings, header
+
+class RecaptionInterrupted(RuntimeError):
+    """SIGTERM stopped recaptioning at a batch boundary: shards in progress were abandoned (their claims
+    released, nothing written) and ``summary`` (also ``summary.json``) written. The command exits with
+    :data:`SIGTERM_EXIT_CODE` (143); rerunning it finishes the output."""
+
+    summary: dict[str, Any] = {}
+
+
+class ShardWriter(Callback):
+    """Collects each shard's rows and writes the shard (stats, then output) when its last batch is done, then
+    releases its claim. On SIGTERM, stops at the next batch boundary with :class:`RecaptionInterrupted`."""
+
+    def __init__(self, output: Path, settings: RecaptionSettings, claims: ShardClaims, stop: threading.Event):
+        self.output, self.settings, self.claims, self.stop = output, settings, claims, stop
         self.schema = output_schema(settings)
-        self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.bad: dict[str, int] = {}  # bad samples of each shard in progress
+        self.rows: dict[str, ShardInProgress] = {}
         self.stats = RankStats()
-        self.summary: dict[str, Any] = {}
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        plan = trainer.datamodule.plan
-        self.stats = RankStats(rank=trainer.global_rank, shards_assigned=len(plan.assigned),
-                               shards_skipped_existing=len(plan.assigned) - len(plan.pending))
-        self.started = time.perf_counter()
+        self.stats.rank = trainer.global_rank
+        # Lightning installed its own SIGTERM handler when the run started; ours stops at a batch boundary.
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.stop.set())
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch: ShardBatch, batch_idx, dataloader_idx=0):
-        st = self.stats
-        self.rows.setdefault(batch.shard, []).extend(outputs)
-        self.bad[batch.shard] = self.bad.get(batch.shard, 0) + len(batch.bad)
-        st.images += len(outputs)
-        st.images_with_repeated_captions += sum(row["repeated"] for row in outputs)
-        st.bad += len(batch.bad)
-        room = self.settings.max_listed_bad - len(st.bad_samples)
-        st.bad_samples += [{"shard": batch.shard, "key": k, "reason": r} for k, r in batch.bad[: max(room, 0)]]
-        if batch.error:
-            st.shard_errors.append({"shard": batch.shard, "error": batch.error})
+        shard = self.rows.setdefault(batch.shard, ShardInProgress())
+        shard.rows.extend(outputs)
+        shard.bad.extend(batch.bad)
+        shard.error = shard.error or batch.error
+        self.stats.images += len(outputs)
+        self.stats.bad += len(batch.bad)
         if batch.last:
-            rows = sorted(self.rows.pop(batch.shard), key=lambda row: row["index"])
-            bad = self.bad.pop(batch.shard)
-            if not rows and (bad or batch.error):
-                self.fail(batch.shard, bad)
-                return
-            write_shard_output(output_path(self.output, batch.shard, self.settings.output_format), rows, self.schema)
-            st.shards_written.append(batch.shard)
+            self.finish(self.rows.pop(batch.shard), batch.shard)
+        if self.stop.is_set():
+            self.rows.clear()  # abandoned; the claims are released by the caller
+            raise RecaptionInterrupted("SIGTERM")  # recaption_shards writes the summary and raises its own
 
-    def fail(self, shard: str, bad: int) -> None:
+    def finish(self, shard: ShardInProgress, name: str) -> None:
         """A shard of which nothing could be captioned gets no output (an empty file would mark it done, and a
-        rerun would skip it): it is listed in ``shard_errors`` and a rerun tries it again."""
-        note = f"nothing could be captioned ({bad} bad sample(s)); no output written, a rerun retries the shard"
-        listed = next((e for e in self.stats.shard_errors if e["shard"] == shard), None)
-        if listed is None:
-            self.stats.shard_errors.append({"shard": shard, "error": note})
+        rerun would skip it), only its stats: it is listed in ``shard_errors`` and a later run tries it again."""
+        rows = sorted(shard.rows, key=lambda row: row["index"])
+        listed = [{"key": k, "reason": r} for k, r in shard.bad[: self.settings.max_listed_bad]]
+        stats = ShardStats(name, written=True, captioned=len(rows), bad=len(shard.bad), bad_samples=listed,
+                           error=shard.error, images_with_repeated_captions=sum(row["repeated"] for row in rows))
+        data = None
+        if not rows and (shard.bad or shard.error):
+            note = (f"nothing could be captioned ({len(shard.bad)} bad sample(s)); no output written, a rerun "
+                    "retries the shard")
+            stats.written, stats.error = False, f"{shard.error}; {note}" if shard.error else note
         else:
-            listed["error"] += f"; {note}"
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self.stats.elapsed_s = time.perf_counter() - self.started
-        ranks = _gather(asdict(self.stats), trainer.world_size)
-        self.summary = build_summary(ranks, self.header, self.settings.max_listed_bad)
-        if trainer.is_global_zero:
-            atomic_write_text(self.output / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+            data = shard_output_bytes(name, rows, self.schema, self.settings.output_format)
+            stats.output_bytes = len(data)
+            self.stats.shards_written.append(name)
+        write_shard(self.output, stats, data, self.settings.output_format)
+        self.claims.release(name)
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -470,33 +554,69 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def build_summary(ranks: Sequence[dict[str, Any]], header: dict[str, Any], max_listed_bad: int) -> dict[str, Any]:
-    """The run summary from every rank's :class:`RankStats` (as dicts)."""
+def _output_rows(path: Path) -> int:
+    """Rows of an output file without stats (written by an older version): Parquet's footer, or JSON lines."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def summarize_output(shards: Sequence[Shard], output: Path, output_format: str, max_listed_bad: int,
+                     header: dict[str, Any], ranks: Sequence[dict[str, Any]], interrupted: bool = False
+                     ) -> dict[str, Any]:
+    """The summary of everything in ``output`` for these input shards, from each shard's stats, whichever
+    runs, resumes and workers wrote them; ``run`` describes this run (every rank's :class:`RankStats`, as
+    dicts). An output without matching stats (an older version's) counts its rows and is listed under
+    ``shards_without_stats``, since its bad samples are unknown."""
+    counts = {"total": len(shards), "written": 0, "not_written": 0, "pending": 0, "with_read_errors": 0}
+    samples = {"captioned": 0, "bad": 0, "bad_not_listed": 0}
+    repeated, listed, errors, without_stats = 0, [], [], []
+    for shard in shards:
+        path = output_path(output, shard.name, output_format)
+        stats = read_shard_stats(output, shard.name)
+        size = path.stat().st_size if path.exists() else None
+        if size is not None and (stats is None or not stats.written or stats.output_bytes != size):
+            counts["written"] += 1
+            samples["captioned"] += _output_rows(path)
+            without_stats.append(shard.name)
+            continue
+        if stats is None or (size is None and stats.written):
+            counts["pending"] += 1  # not yet done, or its output was deleted to redo it
+            continue
+        counts["written" if stats.written else "not_written"] += 1
+        samples["captioned"] += stats.captioned
+        samples["bad"] += stats.bad
+        repeated += stats.images_with_repeated_captions
+        listed += [{"shard": shard.name, **b} for b in stats.bad_samples]
+        if stats.error:
+            errors.append({"shard": shard.name, "error": stats.error})
+    counts["with_read_errors"] = len(errors)
+    listed = listed[:max_listed_bad]
+    samples["bad_not_listed"] = samples["bad"] - len(listed)
     images = sum(r["images"] for r in ranks)
     elapsed = max(r["elapsed_s"] for r in ranks)
-    bad = sum(r["bad"] for r in ranks)
-    listed = [b for r in ranks for b in r["bad_samples"]][:max_listed_bad]
-    errors = [e for r in ranks for e in r["shard_errors"]]
     return {
         **header,
-        "world_size": len(ranks),
-        "shards": {"total": sum(r["shards_assigned"] for r in ranks),
-                   "written": sum(len(r["shards_written"]) for r in ranks),
-                   "skipped_existing": sum(r["shards_skipped_existing"] for r in ranks),
-                   "with_read_errors": len(errors)},
-        "samples": {"captioned": images, "bad": bad, "bad_not_listed": bad - len(listed)},
-        "images_with_repeated_captions": sum(r["images_with_repeated_captions"] for r in ranks),
-        "elapsed_s": round(elapsed, 3),
-        "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
+        "shards": counts,
+        "samples": samples,
+        "images_with_repeated_captions": repeated,
         "bad_samples": listed,
         "shard_errors": errors,
-        "ranks": [{"rank": r["rank"], "shards_written": r["shards_written"], "images": r["images"],
-                   "elapsed_s": round(r["elapsed_s"], 3)} for r in ranks],
+        "shards_without_stats": without_stats,
+        "run": {"world_size": len(ranks), "interrupted": interrupted,
+                "shards_written": sum(len(r["shards_written"]) for r in ranks), "images": images,
+                "elapsed_s": round(elapsed, 3), "images_per_s": round(images / elapsed, 3) if elapsed > 0 else None,
+                "ranks": [{"rank": r["rank"], "shards_written": r["shards_written"], "images": r["images"],
+                           "elapsed_s": round(r["elapsed_s"], 3)} for r in ranks]},
     }
 
 
 class ProgressBar(Callback):
-    """Rank 0's shards done (fractions within a shard), its images/s and the ETA, on stderr."""
+    """Rank 0's shards done (fractions within a shard), its images/s and the ETA, on stderr. The total is the
+    run's share of the shards left: other runs on the same OUTPUT make it finish early."""
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.bar = None
@@ -504,7 +624,7 @@ class ProgressBar(Callback):
             return
         from tqdm.auto import tqdm
 
-        pending = len(trainer.datamodule.plan.pending)
+        pending = -(-len(trainer.datamodule.queue.unfinished()) // trainer.world_size)
         ranks = f" (rank 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
         self.bar = tqdm(total=pending, desc=f"recaption{ranks}", dynamic_ncols=True, file=sys.stderr,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} shards "
@@ -562,43 +682,86 @@ def recaption_shards(
                     alt_sources=s.alt_text_sources)
     check_manifest_columns(shards[0], fields)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"OUTPUT {str(output)!r} is a file; give a folder for the per-shard outputs")
     output.mkdir(parents=True, exist_ok=True)
+    check_existing_outputs(shards, output, s.output_format)
     header = {"model": model_name, "input": source, "output": str(output), "settings": asdict(s)}
-    writer = ShardWriter(output, s, header)
+    claims = ShardClaims(output, s.claim_expiry_s)
+    stop = threading.Event()
+    writer = ShardWriter(output, s, claims, stop)
     trainer = L.Trainer(
         accelerator=s.accelerator, devices=s.devices, num_nodes=s.num_nodes, strategy=s.strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=[writer, *([ProgressBar()] if s.progress_bar else [])],
     )
+    module = RecaptionModule(model, s, generation)
+    started = time.perf_counter()
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        queue = ShardQueue(shards, output, s.output_format, claims, started=claims.start())
+        _remove_stale_writes(output, claims)
+        interrupted = not _run_rounds(trainer, module, ShardData(queue, fields, s), queue, stop, s.claim_expiry_s)
+    except RecaptionInterrupted:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        claims.stop()
+    writer.stats.elapsed_s = time.perf_counter() - started
+    ranks = [asdict(writer.stats)] if interrupted else _gather(asdict(writer.stats), trainer.world_size)
+    summary = summarize_output(shards, output, s.output_format, s.max_listed_bad, header, ranks, interrupted)
+    if trainer.is_global_zero or interrupted:
+        atomic_write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    if interrupted:
+        stopped = RecaptionInterrupted("stopped by SIGTERM: shards in progress were abandoned, their claims "
+                                       "released; rerun the same command to finish")
+        stopped.summary = summary
+        raise stopped
+    return summary
+
+
+def _run_rounds(trainer: L.Trainer, module: RecaptionModule, data: ShardData, queue: ShardQueue,
+                stop: threading.Event, expiry_s: float) -> bool:
+    """Predict rounds until every shard is finished: each round claims what it can; between rounds, wait for
+    the shards other workers hold (taking over any whose worker dies). ``False`` when SIGTERM stopped it."""
     with warnings.catch_warnings():
         # Whole shards per worker are the unit of parallel reading; Lightning's "few workers" hint does not apply.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # The batch stays on the host on purpose (see RecaptionModule.transfer_batch_to_device).
         warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
-        trainer.predict(RecaptionModule(model, s, generation), datamodule=ShardData(shards, output, fields, s),
-                        return_predictions=False)
-    return writer.summary
+        while True:
+            trainer.predict(module, datamodule=data, return_predictions=False)
+            if stop.is_set():
+                return False
+            if not any(_gather(bool(queue.unfinished()), trainer.world_size)):  # every rank decides alike
+                return True
+            if stop.wait(min(expiry_s / 10, 30.0)):
+                return False
 
 
-def unwritten_shards(summary: dict[str, Any]) -> int:
-    """Shards of the run left without an output because nothing in them could be captioned."""
-    sh = summary["shards"]
-    return sh["total"] - sh["written"] - sh["skipped_existing"]
+def _remove_stale_writes(output: Path, claims: ShardClaims) -> None:
+    """Leftovers of writes interrupted longer ago than the claim expiry (summaries, shards whose claim no one
+    took since): any worker still writing them would have renewed its lease since."""
+    before = claims.now() - claims.expiry_s
+    for pattern in (SUMMARY_FILE, f"*{OUTPUT_SUFFIX}.*"):
+        remove_stale_temporaries(output, pattern, older_than=before)
 
 
 def describe(summary: dict[str, Any]) -> str:
-    """One line about a run, from its summary."""
-    n, sh = summary["samples"], summary["shards"]
-    failed = unwritten_shards(summary)
-    return (f"recaptioned {n['captioned']} images ({summary['images_per_s']} img/s) into {sh['written']} shard "
-            f"file(s); {sh['skipped_existing']} shard(s) already done; {n['bad']} bad sample(s); "
-            f"{sh['with_read_errors']} shard(s) with read errors"
-            + (f"; {failed} shard(s) not written: nothing in them could be captioned (see shard_errors)"
-               if failed else "")
+    """One line about the output and this run, from a summary."""
+    n, sh, run = summary["samples"], summary["shards"], summary["run"]
+    return (f"this run recaptioned {run['images']} images ({run['images_per_s']} img/s) into "
+            f"{run['shards_written']} shard file(s); OUTPUT now holds {sh['written']} of {sh['total']} shards "
+            f"({n['captioned']} images, {n['bad']} bad sample(s), {sh['with_read_errors']} shard(s) with read errors)"
+            + (f"; {sh['not_written']} shard(s) not written: nothing in them could be captioned (see shard_errors)"
+               if sh["not_written"] else "")
+            + (f"; {sh['pending']} shard(s) not done yet" if sh["pending"] else "")
             + f"; summary: {Path(summary['output']) / SUMMARY_FILE}")
 
 
 def main(argv: list[str]) -> int:
+    """The command: exit 0 when every shard is written, 1 when some held nothing captionable (a rerun
+    retries them), :data:`SIGTERM_EXIT_CODE` (143) when SIGTERM stopped it (rerun to finish)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("settings (key=value): " + ", ".join(f.name for f in dataclass_fields(RecaptionSettings)))
@@ -606,10 +769,14 @@ def main(argv: list[str]) -> int:
     if len(argv) < 3 or any("=" not in a for a in argv[3:]):
         raise ConfigError(f"expected MODEL INPUT OUTPUT then key=value settings, got {' '.join(argv)!r}\n{USAGE}")
     model, source, output, *overrides = argv
-    summary = recaption_shards(model, source, output, load_settings(overrides))
+    try:
+        summary = recaption_shards(model, source, output, load_settings(overrides))
+    except RecaptionInterrupted as stopped:
+        print(f"{stopped}\n{describe(stopped.summary)}", file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     if rank_zero_only.rank == 0:
         print(describe(summary))
-    return 1 if unwritten_shards(summary) else 0  # the run is not done: a rerun retries those shards
+    return 1 if summary["shards"]["not_written"] else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import run_cli
+from .cli import SIGTERM_EXIT_CODE, run_cli
 from .config import ConfigError, available_recipes, load_recipe, to_yaml
 
 USAGE = "usage: python -m altogether.train recipe=NAME [key=value ...]   (recipes: {})"
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
 
         run_demo(cfg)
     else:
-        from .training import SIGTERM_EXIT_CODE, TrainingInterrupted, fit
+        from .training import TrainingInterrupted, fit
 
         try:
             print(f"export: {fit(cfg)}")

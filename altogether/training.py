@@ -351,7 +351,6 @@ def _world_size(cfg: RecipeConfig) -> int:
 
 CHECKPOINT_DIR = "checkpoints"  # under the run folder
 LAST_CHECKPOINT = "last.ckpt"
-SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143, the shell's code for "ended by SIGTERM"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -373,7 +372,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class TrainingInterrupted(RuntimeError):
     """SIGTERM stopped training at an optimizer-step boundary after ``checkpoint`` was saved; nothing was exported.
 
-    ``python -m altogether.train`` exits with :data:`SIGTERM_EXIT_CODE` (143) so that a job script can requeue
+    ``python -m altogether.train`` exits with :data:`altogether.cli.SIGTERM_EXIT_CODE` (143) so that a job script can requeue
     the run with ``resume=auto``.
     """
 

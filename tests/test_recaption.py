@@ -115,12 +115,14 @@ def outputs(folder: Path) -> dict[str, bytes]:
 def test_end_to_end_one_output_per_shard_equal_to_the_recaptioner(export, shards, reference):
     pattern, truth, order = shards
     out, summary = reference
-    assert sorted(p.name for p in out.iterdir()) == [f"0000{i}.recaption.parquet" for i in range(3)] + [
-        "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"0000{i}.recaption.{kind}" for i in range(3) for kind in ("parquet", "stats.json")] + ["summary.json"])
     assert summary == json.loads((out / "summary.json").read_text())
-    assert summary["shards"] == {"total": 3, "written": 3, "skipped_existing": 0, "with_read_errors": 0}
+    assert summary["shards"] == {"total": 3, "written": 3, "not_written": 0, "pending": 0, "with_read_errors": 0}
     assert summary["samples"] == {"captioned": 15, "bad": 0, "bad_not_listed": 0}
-    assert summary["images_per_s"] > 0 and summary["bad_samples"] == [] and summary["world_size"] == 1
+    assert summary["bad_samples"] == [] and summary["shards_without_stats"] == []
+    assert summary["run"]["images_per_s"] > 0 and summary["run"]["world_size"] == 1
+    assert summary["run"]["shards_written"] == 3 and summary["run"]["images"] == 15
     captioner = Recaptioner.from_pretrained(export, device="cpu")
     for shard, keys in order.items():
         got = rows(out / f"{shard}.recaption.parquet")
@@ -149,12 +151,14 @@ def test_resume_after_sigkill_mid_shard_matches_an_uninterrupted_run(export, sha
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert "in memory: ['00001']" in marker.read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["00000.recaption.parquet"]  # the half-done shard left nothing
+    # the half-done shard left nothing but its claim, which the resumed run takes over (its worker is dead)
+    assert sorted(p.name for p in out.iterdir()) == [".claims", "00000.recaption.parquet",
+                                                     "00000.recaption.stats.json"]
     (out / ".00001.recaption.parquet.abc123.tmp").write_bytes(b"half")  # as if killed while renaming
 
     summary = recaption_shards(export, shards[0], out, **RUN)
-    assert summary["shards"]["skipped_existing"] == 1 and summary["shards"]["written"] == 2
-    assert summary["samples"]["captioned"] == 10
+    assert summary["run"]["shards_written"] == 2 and summary["run"]["images"] == 10
+    assert summary["shards"]["written"] == 3 and summary["samples"]["captioned"] == 15  # the whole output
     assert outputs(out) == outputs(reference[0])  # byte-identical files
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
@@ -168,8 +172,8 @@ def test_two_cpu_processes_cover_every_shard_exactly_once(export, shards, refere
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("recaptioned 15 images") == 1  # one line, from rank 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    written = [r["shards_written"] for r in summary["ranks"]]
+    assert summary["run"]["world_size"] == 2
+    written = [r["shards_written"] for r in summary["run"]["ranks"]]
     assert sorted(written[0] + written[1]) == ["00000", "00001", "00002"]  # each once, none twice
     assert written[0] and written[1]
     assert summary["samples"]["captioned"] == 15
@@ -269,9 +273,11 @@ def test_a_shard_with_nothing_captioned_gets_no_output_and_is_retried(export, tm
     for run in range(2):
         assert run_cli(main, args) == 1  # not done: a shard is left to retry
         assert "1 shard(s) not written: nothing in them could be captioned" in capsys.readouterr().out
-        assert sorted(p.name for p in out.iterdir()) == ["good.recaption.parquet", "summary.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["allbad.recaption.stats.json", "good.recaption.parquet",
+                                                         "good.recaption.stats.json", "summary.json"]
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["shards"] == {"total": 2, "written": 1 - run, "skipped_existing": run, "with_read_errors": 1}
+        assert summary["shards"] == {"total": 2, "written": 1, "not_written": 1, "pending": 0, "with_read_errors": 1}
+        assert summary["run"]["shards_written"] == 1 - run
         assert summary["samples"]["bad"] == 3  # the rerun read the failed shard again
         assert summary["shard_errors"] == [{"shard": "allbad", "error": "nothing could be captioned (3 bad "
                                             "sample(s)); no output written, a rerun retries the shard"}]
