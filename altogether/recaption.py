@@ -735,7 +735,7 @@ def _run_rounds(trainer: L.Trainer, module: RecaptionModule, data: ShardData, qu
                 return False
             if not any(_gather(bool(queue.unfinished()), trainer.world_size)):  # every rank decides alike
                 return True
-            if stop.wait(min(expiry_s / 10, 30.0)):
+            if stop.wait(min(expiry_s / 10, 5.0)):
                 return False
 
 

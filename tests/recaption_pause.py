@@ -3,12 +3,11 @@
 ``python tests/recaption_pause.py MARKER MODEL INPUT OUTPUT [key=value ...]``: once ``PAUSE_AFTER_SHARDS``
 (default 1) shards are written and
 the next shard already has captioned rows held in memory (not yet written), MARKER is created and the
-process sleeps until it is killed. This makes "killed mid-shard" a deterministic point rather than a race.
+process waits until it is killed (SIGKILL) or told to stop (SIGTERM). This makes "killed mid-shard" a deterministic point rather than a race.
 """
 
 import os
 import sys
-import time
 from pathlib import Path
 
 from altogether import recaption
@@ -23,7 +22,7 @@ def finish_batch_then_pause(self, trainer, pl_module, outputs, batch, *args, **k
     finish_batch(self, trainer, pl_module, outputs, batch, *args, **kwargs)
     if len(self.stats.shards_written) >= WRITTEN_FIRST and self.rows:
         marker.write_text(f"written: {self.stats.shards_written}; in memory: {sorted(self.rows)}\n")
-        time.sleep(600)
+        self.stop.wait(600)  # SIGKILL ends it here; SIGTERM lets the run stop at the next batch boundary
 
 
 recaption.ShardWriter.on_predict_batch_end = finish_batch_then_pause

@@ -5,6 +5,7 @@ the point."""
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -511,3 +512,112 @@ def test_output_into_an_img2dataset_folder_captions_and_keeps_the_metadata(expor
     err = capsys.readouterr().err
     assert "00000.recaption.parquet exists but is not a recaption output" in err and "Traceback" not in err
     assert pq.read_table(other / "00000.recaption.parquet").equals(metadata)
+
+
+# ---------------------------------------------------------------------------------------------- shared OUTPUT
+
+BAD_PER_SHARD = (6, 3, 3, 2)  # 14 bad samples; the first shard alone holds 6 (a resume that forgot it said 8)
+
+
+@pytest.fixture(scope="module")
+def faulty_shards(tmp_path_factory):
+    """4 tar shards, each 3 good samples and BAD_PER_SHARD undecodable ones; returns the brace pattern."""
+    folder = tmp_path_factory.mktemp("faulty")
+    for s, bad in enumerate(BAD_PER_SHARD):
+        samples = [(f"f{s}-good{j}", {"png": png(3 * s + j), "txt": f"alt {s} {j}".encode()}) for j in range(3)]
+        samples += [(f"f{s}-bad{j}", {"jpg": b"not an image", "txt": b"alt"}) for j in range(bad)]
+        write_tar(folder / f"{s:05d}.tar", samples)
+    return str(folder / "{00000..00003}.tar")
+
+
+@pytest.fixture(scope="module")
+def faulty_reference(export, faulty_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faulty_reference")
+    return out, recaption_shards(export, faulty_shards, out, **RUN)
+
+
+def whole_output(summary: dict) -> dict:
+    """What a summary says about the output, without what it says about the run that wrote it."""
+    return {k: summary[k] for k in ("shards", "samples", "images_with_repeated_captions", "bad_samples",
+                                    "shard_errors", "shards_without_stats")}
+
+
+def paused_worker(marker: Path, export, pattern: str, out: Path, written_first: int, *settings: str):
+    """The recaption command, stopped in the middle of a shard (after `written_first` shards) once `marker` exists."""
+    args = [str(export), pattern, str(out), *(f"{k}={v}" for k, v in RUN.items()), *settings]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "recaption_pause.py"), str(marker), *args],
+                            env={**ENV, "PAUSE_AFTER_SHARDS": str(written_first)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the worker never paused mid-shard: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def test_resume_after_a_kill_summarizes_the_whole_output(export, faulty_shards, faulty_reference, tmp_path):
+    ref, ref_summary = faulty_reference
+    assert ref_summary["samples"] == {"captioned": 12, "bad": 14, "bad_not_listed": 0}
+    out = tmp_path / "out"
+    proc = paused_worker(tmp_path / "paused", export, faulty_shards, out, 1)
+    proc.kill()
+    proc.communicate()
+    summary = recaption_shards(export, faulty_shards, out, **RUN)
+    assert summary["run"]["shards_written"] == 3 and summary["run"]["images"] == 9
+    assert whole_output(summary) == whole_output(ref_summary)  # 14 bad samples, not the resumed run's 8
+    assert summary["samples"]["bad"] == 14 and len(summary["bad_samples"]) == 14
+    assert outputs(out) == outputs(ref)
+
+
+def test_three_workers_share_one_output_and_survive_a_kill(export, faulty_shards, faulty_reference, tmp_path):
+    """Three independent commands on one OUTPUT; one is SIGKILLed in the middle of its shard while it holds the
+    claim. The other two do every other shard, wait for the claimed one, take it over once its worker is dead
+    (the claim expiry is 10 minutes: the takeover comes from seeing the process gone), and finish."""
+    ref, ref_summary = faulty_reference
+    out = tmp_path / "shared"
+    victim = paused_worker(tmp_path / "paused", export, faulty_shards, out, 0, "claim_expiry_s=600")
+    held = sorted(p.name for p in (out / ".claims").iterdir() if p.name != "workers")
+    assert held == ["00000.0"] and not list(out.glob("*.parquet"))
+    command = [sys.executable, "-m", "altogether.recaption", str(export), faulty_shards, str(out),
+               *(f"{k}={v}" for k, v in RUN.items()), "claim_expiry_s=600"]
+    workers = [subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("*.recaption.parquet"))) < 3:  # all but the victim's shard
+            assert all(w.poll() is None for w in workers), [w.communicate()[1][-2000:] for w in workers]
+            assert time.monotonic() < deadline, "the two workers did not finish the free shards"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert all(w.poll() is None for w in workers)  # waiting for the shard the victim holds
+        assert not (out / "00000.recaption.parquet").exists()
+    finally:
+        victim.kill()
+        victim.communicate()
+    results = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in results]
+    written = [int(re.search(r"into (\d+) shard file", stdout).group(1)) for stdout, _ in results]
+    assert sum(written) == 4  # every shard written once: none twice, none lost
+    assert outputs(out) == outputs(ref)  # outputs and their stats byte-identical to one clean run
+    summary = json.loads((out / "summary.json").read_text())
+    assert whole_output(summary) == whole_output(ref_summary)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no claims nor temporaries
+
+
+def test_sigterm_abandons_the_shard_in_progress_writes_the_summary_and_exits_143(export, shards, reference,
+                                                                                  tmp_path):
+    out = tmp_path / "out"
+    proc = paused_worker(tmp_path / "paused", export, shards[0], out, 1, "num_workers=1")
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the command and its data-loader worker
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["00000.recaption.parquet", "00000.recaption.stats.json",
+                                                     "summary.json"]  # claims released, nothing half-written
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] is True and summary["run"]["shards_written"] == 1
+    assert summary["shards"] == {"total": 3, "written": 1, "not_written": 0, "pending": 2, "with_read_errors": 0}
+    assert run_cli(main, [str(export), shards[0], str(out), *(f"{k}={v}" for k, v in RUN.items())]) == 0
+    assert outputs(out) == outputs(reference[0])

@@ -68,7 +68,9 @@ def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
         raise BadRecord(f"{where}image file not found: {image}") from None
     except _Refused as err:
         raise BadRecord(f"{where}image {_shown(image)} refused: {err}") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+    except UnidentifiedImageError:  # Pillow's message names the in-memory file object, a different text each run
+        raise BadRecord(f"{where}unreadable image {_shown(image)}: not an image format Pillow reads") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as err:
         raise BadRecord(f"{where}unreadable image {_shown(image)}: {err}") from None
 
 
