@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .cli import run_cli
@@ -52,9 +53,44 @@ def evaluation_files(export_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder
+
+
+def public_name(value: str) -> str:
+    """An absolute local path (``/home/me/data/ft.jsonl``, ``~/x``, ``C:\\x``, ``local-dir:/abs/clip``) as its
+    last component (``ft.jsonl``, ``local-dir:clip``); anything else (Hub ids, relative paths) unchanged."""
+    prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
+    path = value[len(prefix) :]
+    windows = re.match(r"^[A-Za-z]:[\\/]", path) is not None
+    if not (path.startswith(("/", "~")) or windows):
+        return value
+    name = (PureWindowsPath if windows else PurePosixPath)(path.rstrip("/\\")).name
+    return prefix + name if name else value
+
+
+def without_local_paths(value: Any) -> Any:
+    """``value`` (JSON-like) with every string that is an absolute local path replaced by :func:`public_name`."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    return value
+
+
 def finish_folder(folder: str | Path, source_export: str | Path, *, repo_id: str | None = None) -> Path:
-    """Copy the source's evaluation files into an export folder and write its ``README.md`` model card."""
+    """Copy the source's evaluation files into an export folder and write its ``README.md`` model card.
+
+    A copy (``folder`` is not ``source_export``) is made for others: its ``altogether.json`` names files and
+    folders without the absolute local paths the training machine had (:func:`without_local_paths`).
+    """
     folder = Path(folder)
+    if folder.resolve() != Path(source_export).resolve():
+        meta = read_export_config(folder)
+        public = without_local_paths(meta)
+        if public != meta:
+            atomic_write_text(folder / CONFIG_FILE, json.dumps(public, indent=2, default=str))
     evaluation: dict[str, Any] = {}
     for name, path in evaluation_files(source_export).items():
         try:

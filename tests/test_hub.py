@@ -145,3 +145,23 @@ def test_card_base_models_and_lora(tmp_path):
     # A decoder from a local folder is not a Hub model: it is not listed.
     meta["lora"]["base_decoder"] = str(tmp_path)
     assert base_models(meta) == ["timm/vit_huge_patch14_clip_224.metaclip_2pt5b"]
+
+
+def test_published_files_name_no_local_folders(run_dir, uploads, tmp_path):
+    """The uploader's folders stay home: altogether.json and the card carry names, and the export still loads."""
+    export = run_dir / "export"
+    meta = read_export_config(export)
+    meta["recipe"]["data"]["train"] = str(tmp_path / "corpora" / "altogether-ft.jsonl")
+    meta["recipe"]["output_dir"] = str(tmp_path / "runs" / "round3")
+    (export / "altogether.json").write_text(json.dumps(meta))
+    local = str(tmp_path)
+    assert local in (export / "altogether.json").read_text()
+    captioner = Recaptioner.from_pretrained(export)
+    captioner.push_to_hub(REPO, token=TOKEN)
+    _, upload = uploads
+    leaked = [name for name, data in upload["contents"].items() if local.encode() in data]
+    assert leaked == []
+    published = json.loads(upload["contents"]["altogether.json"])
+    assert published["recipe"]["data"]["train"] == "altogether-ft.jsonl"
+    assert published["recipe"]["output_dir"] == "round3"
+    assert "`altogether-ft.jsonl` (jsonl format)" in upload["contents"]["README.md"].decode()
