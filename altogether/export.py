@@ -29,13 +29,17 @@ Loading is strict: a missing or unexpected tensor is an error that names it. Onl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import typing
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
@@ -49,6 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENCODER_DIR = "encoder"
+ENCODER_WEIGHTS = "open_clip_model.safetensors"  # in ENCODER_DIR, as open_clip's local-dir: folders name it
 FORMAT_VERSION = 2  # 2: ClipCap's exact mapper (v1's had GELU, q/k/v biases and other tensor names)
 
 
@@ -240,7 +245,36 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != "altogether-export" or meta.get("version") != FORMAT_VERSION:
         raise ExportError(f"{path}: unsupported export format {meta.get('format')!r} v{meta.get('version')!r}; "
                           f"this altogether reads 'altogether-export' v{FORMAT_VERSION}")
+    unknown = _unknown_keys(ModelConfig, meta.get("model"), "model.") + _unknown_keys(
+        LayoutConfig, meta.get("layout"), "layout.")
+    if unknown:
+        raise ExportError(f"{path}: settings this altogether does not know: {', '.join(unknown)} (written by a newer "
+                          "version? upgrade altogether to load it)")
     return meta
+
+
+def _unknown_keys(schema: Any, values: Any, prefix: str) -> list[str]:
+    """Keys of ``values`` (nested dicts) that the config dataclass ``schema`` has no field for, as dotted names."""
+    if not (dataclasses.is_dataclass(schema) and isinstance(values, dict)):
+        return []
+    types = typing.get_type_hints(schema)
+    unknown = []
+    for key, value in values.items():
+        if key in types:
+            unknown += _unknown_keys(types[key], value, f"{prefix}{key}.")
+        else:
+            unknown.append(f"{prefix}{key}")
+    return unknown
+
+
+@contextmanager
+def _readable(path: Path | str) -> Iterator[None]:
+    """Turn safetensors' error for a damaged file (a copy or download cut short) into one naming ``path``."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ExportError(f"{path}: damaged or truncated safetensors file ({err}); copy or download it again"
+                          ) from None
 
 
 def export_model_config(directory: str | Path, meta: dict[str, Any], *, base_decoder: str | None = None) -> ModelConfig:
@@ -300,14 +334,18 @@ def load_export(
     if resize_mode is not None:
         cfg.encoder.resize_mode = resize_mode
     tokenizer = load_tokenizer(cfg.decoder)
-    model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder,
-                                                    dtype=dtype)
+    own = cfg.encoder.name == f"local-dir:{directory.resolve() / ENCODER_DIR}"
+    encoder = directory / ENCODER_DIR / ENCODER_WEIGHTS if own else f"{cfg.encoder.name} ({cfg.encoder.pretrained})"
+    with _readable(encoder):
+        model, preprocess = AltogetherModel.from_config(cfg, tokenizer, device=device, with_encoder=with_encoder,
+                                                        dtype=dtype)
     lora = meta.get("lora")
     parts = {"mapper": model.mapper}
     if not (lora and lora.get("base_decoder")):
         parts["decoder"] = model.decoder
     try:
-        load_model(nn.ModuleDict(parts), str(weights), strict=True, device=str(device))
+        with _readable(weights):
+            load_model(nn.ModuleDict(parts), str(weights), strict=True, device=str(device))
     except RuntimeError as err:
         raise ExportError(f"{weights} does not match its config: {err}") from None
     if lora:

@@ -205,3 +205,54 @@ def test_the_resize_policy_is_stored_and_old_exports_load_with_crop(tiny_parts, 
     resaved = Recaptioner.from_pretrained(old).save_pretrained(tmp_path / "old-resaved")
     assert read_export_config(resaved)["model"]["encoder"]["resize_mode"] == "crop"
     assert "resize_mode" not in read_export_config(copy_export(old, tmp_path / "old-copy"))["model"]["encoder"]
+
+
+def one_image_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "a.png")
+    return folder
+
+
+def damaged_copy(export, tmp_path, name: str):
+    """A copy of the export whose file `name` lost its second half (a download or a copy cut short)."""
+    target = tmp_path / "damaged"
+    shutil.copytree(export, target)
+    data = (target / name).read_bytes()
+    (target / name).write_bytes(data[: len(data) // 2])
+    return target
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, "encoder/open_clip_model.safetensors"])
+def test_a_truncated_export_file_is_one_line_naming_it(export, tmp_path, capsys, name):
+    damaged = damaged_copy(export, tmp_path, name)
+    with pytest.raises(ExportError, match="damaged or truncated") as err:
+        load_export(damaged)
+    assert str(damaged / name) in str(err.value) and "\n" not in str(err.value)
+    from altogether.cli import main as cli_main
+
+    args = [str(one_image_folder(tmp_path)), str(tmp_path / "out"), "accelerator=cpu", "progress_bar=false"]
+    assert cli_main(["recaption", str(damaged), *args]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and str(damaged / name) in line and "\n" not in line
+
+
+def test_an_export_from_a_newer_version_names_the_keys_it_adds(export, tmp_path, capsys):
+    newer = tmp_path / "newer"
+    shutil.copytree(export, newer)
+    meta = json.loads((newer / "altogether.json").read_text())
+    meta["model"]["decoder"]["rope_scaling_v9"] = {"factor": 2}
+    meta["layout"]["image_grid"] = 4
+    (newer / "altogether.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError) as err:
+        load_export(newer)
+    message = str(err.value)
+    assert "model.decoder.rope_scaling_v9, layout.image_grid" in message and "newer" in message
+    assert "\n" not in message
+    from altogether.cli import main as cli_main
+
+    args = [str(one_image_folder(tmp_path)), str(tmp_path / "out"), "accelerator=cpu", "progress_bar=false"]
+    assert cli_main(["recaption", str(newer), *args]) == 2
+    assert "model.decoder.rope_scaling_v9" in capsys.readouterr().err
