@@ -31,7 +31,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_write_text, process_start
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +54,6 @@ def machine_id() -> str:
     except OSError:
         namespace = ""
     return f"{socket.gethostname()}/{boot}/{namespace}"
-
-
-def process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or ``None`` if it
-    does not exist or is a zombie; ``"?"`` where ``/proc`` cannot tell. Together with the pid this names one
-    process even after its pid is reused."""
-    if not Path("/proc/self/stat").exists():  # no procfs: only whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "?"
-    stat = _read(Path(f"/proc/{pid}/stat"))
-    if stat is None:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
-    return None if fields[0] == "Z" else fields[19]
 
 
 @dataclass(frozen=True)

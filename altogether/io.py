@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,21 +105,79 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or ``None`` if it
+    does not exist or is a zombie; ``"?"`` where ``/proc`` cannot tell. Together with the pid this names one
+    process even after its pid is reused."""
+    if not Path("/proc/self/stat").exists():  # no procfs: only whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _writer_tag() -> str:
+    """``<host>-<pid>``, put in the names of temporary folders so a later run can tell a dead writer's."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead_writer(tag: str) -> bool:
+    """Whether the process named by a :func:`_writer_tag` is gone; ``False`` when that cannot be told here (a
+    writer on another machine, or a name without a tag)."""
+    host, _, pid = tag.rpartition("-")
+    return host == socket.gethostname() and pid.isdigit() and process_start(int(pid)) is None
+
+
+def recover_replaced_dir(target: str | Path) -> list[Path]:
+    """Clear what :func:`replacing_dir` calls on ``target`` killed on this machine left beside it; returns the
+    folders removed.
+
+    A kill between its two renames leaves ``target`` missing and the previous version in ``.NAME.old.TAG.X``:
+    that version is put back (the write did not happen, all or nothing). Leftovers of live writers and of
+    writers on other machines are kept.
+    """
+    target = Path(target)
+    removed = []
+    for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
+        rest = leftover.name[len(target.name) + 2 :]
+        previous = rest.startswith("old.")
+        tag = (rest[4:] if previous else rest).rpartition(".")[0]  # mkdtemp's random part holds no dot
+        if not leftover.is_dir() or not _dead_writer(tag):
+            continue
+        if previous and not target.exists() and (leftover / target.name).exists():
+            os.replace(leftover / target.name, target)
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    return removed
+
+
 @contextmanager
 def replacing_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; on success it replaces ``target`` whole.
 
-    On an error the temporary folder is removed and ``target`` is left as it was. The folder gets the
-    permissions ``target`` had, or 0777 less the umask for a new one.
+    On an error the temporary folder is removed and ``target`` is left as it was; what a killed call left is
+    cleared by the next one (:func:`recover_replaced_dir`). The folder gets the permissions ``target`` had, or
+    0777 less the umask for a new one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    recover_replaced_dir(target)
+    tag = _writer_tag()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}.", dir=target.parent))
     try:
         tmp.chmod(_mode_for(target, 0o777))  # mkdtemp makes it private; what we write is meant to be shared
         yield tmp
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.{tag}.", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

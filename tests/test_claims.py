@@ -7,7 +7,8 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 
-from altogether.claims import ShardClaims, Worker, process_start
+from altogether.claims import ShardClaims, Worker
+from altogether.io import process_start
 
 
 def foreign_claim(claims: ShardClaims, shard: str, worker: Worker, renewed_ago: float) -> None:

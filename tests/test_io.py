@@ -1,11 +1,14 @@
 """Atomic writes: new files get the umask's permissions, a file replaced in place keeps its own; only stale
-temporaries are removed."""
+temporaries are removed, and a killed folder replacement is undone by the next."""
 
 import os
+import socket
 import stat
+import subprocess
+import sys
 import time
 
-from altogether.io import atomic_write_text, remove_stale_temporaries, replacing_dir
+from altogether.io import atomic_write_text, recover_replaced_dir, remove_stale_temporaries, replacing_dir
 
 
 def mode(path) -> int:
@@ -40,3 +43,24 @@ def test_only_temporaries_older_than_the_limit_are_removed(tmp_path):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert remove_stale_temporaries(tmp_path, "summary.json", older_than=time.time() - 600) == [old]
     assert fresh.exists() and not old.exists()
+
+
+def test_a_killed_folder_replacement_is_undone_or_cleared_by_the_next(tmp_path):
+    """Leftovers of replacing_dir calls killed on this machine: the previous version put back when the kill fell
+    between the two renames, half-written folders removed; a live writer's folder kept."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead, live = f"{socket.gethostname()}-{child.pid}", f"{socket.gethostname()}-{os.getpid()}"
+    previous = tmp_path / f".export.old.{dead}.abcd1234" / "export"
+    previous.mkdir(parents=True)
+    (previous / "model.safetensors").write_text("v1")  # the export, moved aside; the kill came before the swap
+    (tmp_path / f".export.{dead}.efgh5678").mkdir()  # the new version, never put in place
+    (tmp_path / f".export.{live}.ijkl9012").mkdir()  # a write in progress
+    assert not (tmp_path / "export").exists()
+    assert len(recover_replaced_dir(tmp_path / "export")) == 2
+    assert (tmp_path / "export" / "model.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".export.{live}.ijkl9012", "export"]
+    with replacing_dir(tmp_path / "export") as tmp:
+        (tmp / "model.safetensors").write_text("v2")
+    assert (tmp_path / "export" / "model.safetensors").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".export.{live}.ijkl9012", "export"]
