@@ -4,7 +4,8 @@ Each worker process holds a *lease*, ``<folder>/.claims/workers/<id>``, whose mo
 thread renews every ``expiry_s / 10`` seconds. A claim on shard ``S`` is the file ``<folder>/.claims/S.<n>``
 naming its worker's lease; the claim with the highest generation ``n`` is the shard's. A claim is made by
 hard-linking a fully written temporary file to that name (``link`` fails when the name exists: atomic on a
-local filesystem and on NFS, the classic NFS-safe lock, and a reader never sees a half-written claim).
+local filesystem and on NFS, the classic NFS-safe lock, and a reader never sees a half-written claim; where
+a filesystem has no hard links, an exclusive create).
 
 A claim is *stale*, and may be taken over, when its worker is gone:
 
@@ -176,8 +177,11 @@ class ShardClaims:
             return False  # removed meanwhile: the shard was finished or released, the caller looks again
         try:
             holder = Worker(**json.loads(text))
-        except (ValueError, TypeError):
-            return True  # not written by this code
+        except (ValueError, TypeError):  # being written (an exclusive create), or not written by this code
+            try:
+                return now - path.stat().st_mtime > self.expiry_s
+            except FileNotFoundError:
+                return False
         if holder.machine == self.worker.machine and process_start(holder.pid) not in (holder.start, "?"):
             return True
         try:
@@ -193,8 +197,9 @@ class ShardClaims:
         if held is not None and not self.is_stale(held, now):
             return False
         target = self.root / f"{shard}.{generation + 1}"
+        content = (json.dumps(asdict(self.worker)) + "\n").encode()
         tmp = self.root / f".{target.name}.{self.worker.lease}"
-        tmp.write_text(json.dumps(asdict(self.worker)) + "\n")
+        tmp.write_bytes(content)
         try:
             os.link(tmp, target)
         except FileExistsError:
@@ -202,6 +207,13 @@ class ShardClaims:
             # temporary file has a second name.
             if tmp.stat().st_nlink != 2:
                 return False
+        except OSError:  # a filesystem without hard links (some FUSE and object-store mounts): exclusive create
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
         finally:
             tmp.unlink(missing_ok=True)
         return True

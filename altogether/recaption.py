@@ -1,11 +1,12 @@
 """Recaptioning at scale: shards in, one caption file per shard out, on one CPU or many GPU nodes.
 
 ``python -m altogether.recaption MODEL INPUT OUTPUT [key=value ...]`` (settings: :class:`RecaptionSettings`;
-guide: ``docs/recaption.md``). The run is Lightning's predict loop: every rank takes the shards whose index
-in the input list is congruent to its global rank (so each shard is processed exactly once, whatever has
-been done before), reads a shard whole, caption batches sorted by prompt length, and writes
-``OUTPUT/<shard>.recaption.parquet|.jsonl`` atomically once the shard is complete. A shard whose output exists is
-skipped, so rerunning the same command resumes. Captions go through :class:`Recaptioner`'s one inference path:
+guide: ``docs/recaption.md``). The run is Lightning's predict loop: every rank (and every independent run on
+the same OUTPUT) claims the shards it works on (:mod:`altogether.claims`), so each shard is processed once
+and a dead worker's shard is taken over; it reads a shard whole, captions batches sorted by prompt length,
+and writes ``OUTPUT/<shard>.recaption.stats.json`` then ``OUTPUT/<shard>.recaption.parquet|.jsonl``
+atomically once the shard is complete. A shard whose output exists is skipped, so rerunning the same command
+resumes; ``summary.json`` is computed from every shard's stats. SIGTERM stops at a batch boundary (exit 143). Captions go through :class:`Recaptioner`'s one inference path:
 data-loader workers run its prepare step (the training prompt rule, image decoding and the encoder's own
 transform, once per image), the rank's main process its caption step. Best-of-N reranks sampled candidates by CLIP
 score (LAION-COCO); ``num_captions=K`` keeps K sampled captions per image (LaCLIP-style augmentation).
@@ -417,20 +418,28 @@ def output_schema(s: RecaptionSettings):
     return pa.schema(columns)
 
 
-def shard_output_bytes(shard: str, rows: Sequence[dict[str, Any]], schema, output_format: str) -> bytes:
-    """One shard's output file (rows in input order): JSON lines, or Parquet with the ``altogether.recaption``
-    schema metadata."""
-    rows = [{name: row[name] for name in schema.names} for row in rows]
-    if output_format == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def write_shard_output(path: Path, rows: Sequence[dict[str, Any]], schema, stats: ShardStats | None = None) -> Path:
+    """Write one shard's rows (in input order) atomically: a temporary file beside ``path``, then a rename. JSON
+    lines for ``.jsonl``, else Parquet with the ``altogether.recaption`` schema metadata.
 
-    marker = json.dumps({"version": OUTPUT_VERSION, "shard": shard})
-    schema = schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARKER: marker.encode()})
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
-    return buffer.getvalue()
+    ``stats`` (with ``output_bytes`` set here) are written first, beside it: the output's appearance commits them.
+    """
+    rows = [{name: row[name] for name in schema.names} for row in rows]
+    if path.suffix == ".jsonl":
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        marker = json.dumps({"version": OUTPUT_VERSION, "shard": path.name.removesuffix(f"{OUTPUT_SUFFIX}.parquet")})
+        schema = schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARKER: marker.encode()})
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+        data = buffer.getvalue()
+    if stats is not None:
+        stats.output_bytes = len(data)
+        atomic_write_text(stats_path(path.parent, stats.shard), stats.to_json())
+    return atomic_write_bytes(path, data)
 
 
 @dataclass
@@ -461,13 +470,6 @@ def read_shard_stats(output: Path, shard: str) -> ShardStats | None:
         return ShardStats(**json.loads(stats_path(output, shard).read_bytes()))
     except (OSError, ValueError, TypeError):  # absent, half-written by a foreign tool, or not ours
         return None
-
-
-def write_shard(output: Path, stats: ShardStats, data: bytes | None, output_format: str) -> None:
-    """Write a shard's stats, then (unless nothing was captioned) its output, each atomically."""
-    atomic_write_text(stats_path(output, stats.shard), stats.to_json())
-    if data is not None:
-        atomic_write_bytes(output_path(output, stats.shard, output_format), data)
 
 
 @dataclass
@@ -531,16 +533,14 @@ class ShardWriter(Callback):
         listed = [{"key": k, "reason": r} for k, r in shard.bad[: self.settings.max_listed_bad]]
         stats = ShardStats(name, written=True, captioned=len(rows), bad=len(shard.bad), bad_samples=listed,
                            error=shard.error, images_with_repeated_captions=sum(row["repeated"] for row in rows))
-        data = None
         if not rows and (shard.bad or shard.error):
             note = (f"nothing could be captioned ({len(shard.bad)} bad sample(s)); no output written, a rerun "
                     "retries the shard")
             stats.written, stats.error = False, f"{shard.error}; {note}" if shard.error else note
+            atomic_write_text(stats_path(self.output, name), stats.to_json())
         else:
-            data = shard_output_bytes(name, rows, self.schema, self.settings.output_format)
-            stats.output_bytes = len(data)
+            write_shard_output(output_path(self.output, name, self.settings.output_format), rows, self.schema, stats)
             self.stats.shards_written.append(name)
-        write_shard(self.output, stats, data, self.settings.output_format)
         self.claims.release(name)
 
 
