@@ -79,14 +79,15 @@ def without_local_paths(value: Any) -> Any:
     return value
 
 
-def finish_folder(folder: str | Path, source_export: str | Path, *, repo_id: str | None = None) -> Path:
+def finish_folder(folder: str | Path, source_export: str | Path, *, repo_id: str | None = None,
+                  publish: bool = False) -> Path:
     """Copy the source's evaluation files into an export folder and write its ``README.md`` model card.
 
-    A copy (``folder`` is not ``source_export``) is made for others: its ``altogether.json`` names files and
-    folders without the absolute local paths the training machine had (:func:`without_local_paths`).
+    ``publish`` (a copy for the Hub): its ``altogether.json`` and card name files and folders without the
+    absolute local paths the training machine had (:func:`without_local_paths`).
     """
     folder = Path(folder)
-    if folder.resolve() != Path(source_export).resolve():
+    if publish:
         meta = read_export_config(folder)
         public = without_local_paths(meta)
         if public != meta:
@@ -106,10 +107,11 @@ def finish_folder(folder: str | Path, source_export: str | Path, *, repo_id: str
 
 def stage_run(run_or_export: str | Path, target: str | Path, *, repo_id: str | None = None,
               include_encoder: bool = False) -> Path:
-    """Write exactly what :func:`push_run` uploads into ``target``: the export, evaluation files, model card."""
+    """Write exactly what :func:`push_run` uploads into ``target``: the export, evaluation files, model card,
+    naming files and folders without absolute local paths."""
     export = find_export(run_or_export)
     copy_export(export, target, include_encoder=include_encoder)
-    return finish_folder(target, export, repo_id=repo_id)
+    return finish_folder(target, export, repo_id=repo_id, publish=True)
 
 
 def upload_folder(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -308,12 +308,13 @@ class Recaptioner:
     # -- saving and sharing -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, *, include_encoder: bool = False,
-                        repo_id: str | None = None) -> Path:
+                        repo_id: str | None = None, publish: bool = False) -> Path:
         """Write an export folder (weights, configs, tokenizer, evaluation files, ``README.md`` model card).
 
         The encoder is referenced by its open_clip name + tag unless ``include_encoder`` (or it has no portable
         reference); a LoRA adapter is saved as an adapter unless it was merged on load. ``repo_id`` is only
-        used in the model card's usage snippet.
+        used in the model card's usage snippet. ``publish`` writes what :meth:`push_to_hub` uploads: absolute
+        local paths in ``altogether.json`` and the card become names (:func:`altogether.hub.without_local_paths`).
         """
         from .hub import finish_folder
 
@@ -328,7 +329,7 @@ class Recaptioner:
             encoder_source=self.meta.get("encoder_source"),
             extra={k: v for k, v in self.meta.items() if k not in _EXPORT_KEYS},
         )
-        return finish_folder(directory, self.directory, repo_id=repo_id)
+        return finish_folder(directory, self.directory, repo_id=repo_id, publish=publish)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     include_encoder: bool = False, commit_message: str = "Upload Altogether captioner") -> str:
@@ -339,7 +340,8 @@ class Recaptioner:
         from .hub import upload_folder
 
         with tempfile.TemporaryDirectory(prefix="altogether-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "repo", include_encoder=include_encoder, repo_id=repo_id)
+            folder = self.save_pretrained(Path(tmp) / "repo", include_encoder=include_encoder, repo_id=repo_id,
+                                          publish=True)
             return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
 
