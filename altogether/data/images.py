@@ -23,9 +23,14 @@ decided once:
   white as Pillow's own ``convert`` does. Floating point (``F``) is read as 0..1 (``round(v * 255)``,
   clipped), the display range of float image formats. 16-bit colour PNGs come from Pillow as 8-bit ``RGB`` or
   ``RGBA`` holding each sample's high byte (``v >> 8``, at most one level below ``round(v / 257)``).
+* **Colour profiles.** An embedded ICC profile (``icc_profile``: phone photos in Display P3, Adobe RGB exports,
+  print CMYK, grey profiles) is applied as a colour-managed viewer applies it: colours are converted to sRGB
+  with LittleCMS (:mod:`PIL.ImageCms`) under the profile's own rendering intent, alpha kept as it was. An
+  image without a profile, a profile that cannot be read, or one whose colour space does not match the image
+  (a grey profile on an RGB image) is taken as sRGB, as browsers do. 16-bit and float images are not
+  converted.
 * **Other modes** use Pillow's conversion: ``L`` and ``1`` repeat the grey value, ``P`` looks up its palette,
-  ``CMYK`` is ``R = (255 - C) (255 - K) / 255`` (likewise G from M and B from Y). Embedded ICC profiles are not
-  applied: values are taken as sRGB.
+  ``CMYK`` without a profile is ``R = (255 - C) (255 - K) / 255`` (likewise G from M and B from Y).
 
 Anything that cannot be decoded (not an image, a truncated file, a missing file, a refused size) raises
 :class:`~altogether.data.records.BadRecord` naming the record, so callers skip it, count it and list the reason.
@@ -36,7 +41,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from .records import BadRecord, ImageRef
 
@@ -45,6 +50,9 @@ MAX_ASPECT_RATIO = 50  # long side / short side; see the module docstring for wh
 WHITE = (255, 255, 255)
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# The ICC colour space an image mode's values are in, for the modes whose profile is applied.
+_PROFILE_SPACES = {"RGB": "RGB", "RGBA": "RGB", "P": "RGB", "L": "GRAY", "LA": "GRAY", "CMYK": "CMYK"}
+_SRGB = ImageCms.createProfile("sRGB")
 
 
 class _Refused(ValueError):
@@ -90,7 +98,33 @@ def _as_viewed(img: Image.Image, *, opened: bool) -> Image.Image:
         ImageOps.exif_transpose(img, in_place=True)
     else:
         img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    return _to_rgb(_in_srgb(img))
+
+
+def _in_srgb(img: Image.Image) -> Image.Image:
+    """``img`` with its embedded ICC profile applied: ``RGB`` (``RGBA`` if it has transparency) in sRGB; ``img``
+    itself when it has no profile, or one that cannot be read or does not fit its mode."""
+    icc = img.info.get("icc_profile")
+    space = _PROFILE_SPACES.get(img.mode)
+    if not icc or space is None:
+        return img
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space.strip() != space:
+            return img
+        alpha = None
+        if img.mode in _ALPHA_MODES or "transparency" in img.info or img.mode == "P":
+            with_alpha = img.convert("LA" if space == "GRAY" else "RGBA")
+            alpha = with_alpha.getchannel("A")
+            img = with_alpha
+        colours = img.convert({"GRAY": "L", "RGB": "RGB", "CMYK": "CMYK"}[space])
+        out = ImageCms.profileToProfile(colours, profile, _SRGB, renderingIntent=ImageCms.getDefaultIntent(profile),
+                                        outputMode="RGB")
+    except (OSError, ImageCms.PyCMSError):  # an unreadable profile: a viewer shows the values as sRGB
+        return img
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        out.putalpha(alpha)
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
