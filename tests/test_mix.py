@@ -531,3 +531,45 @@ def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, cap
     err = _error_line(capsys)
     assert "row 'k': its recaption output is for shard '00001', which --images-from does not have" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_open_clips_own_trainer_trains_on_every_sample_of_mix_output(tmp_path):
+    """The last joint, with the real tool: `python -m open_clip_train.main --dataset-type webdataset` (as its
+    README runs it) trains a tiny CLIP on the shards `mix --images-from` makes from an img2dataset folder."""
+    import re
+    import subprocess
+    import sys
+    import tarfile
+
+    from altogether.tiny import write_tiny_clip
+
+    folder, keys = tmp_path / "downloads", [f"{i:09d}" for i in range(8)]
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i, key in enumerate(keys):
+            buffer = io.BytesIO()
+            Image.new("RGB", (40, 32), (30 * i, 100, 200 - 20 * i)).save(buffer, "JPEG")
+            for name, data in ((f"{key}.jpg", buffer.getvalue()), (f"{key}.txt", f"web alt {key}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    _img2dataset_metadata(folder / "00000.parquet", keys)
+    source = _recaption_output(folder / "00000.recaption.parquet", [
+        {"key": key, "alt_text": f"web alt {key}", "caption": f"a photo of colour {i}"} for i, key in enumerate(keys)])
+    shards = tmp_path / "clip_train"
+    assert mix.main([str(source), "--out", str(shards), "--p", "0.5", "--images-from", str(folder)]) == 0
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "open_clip_train.main", "--dataset-type", "webdataset",
+               "--train-data", str(shards / "shard-000000.tar"), "--train-num-samples", "8", "--batch-size", "4",
+               "--epochs", "1", "--workers", "0", "--model", f"local-dir:{clip}", "--precision", "fp32",
+               "--lr", "1e-3", "--warmup", "1", "--save-frequency", "0", "--report-to", "", "--logs", str(logs),
+               "--name", "run", "--log-every-n-steps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (logs / "run" / "out.log").read_text()
+    steps = re.findall(r"Train Epoch: 0 \[(\d+)/8 .*? Loss: ([0-9.]+)", log)
+    assert [seen for seen, _ in steps] == ["4", "8"]  # every sample read, none skipped by open_clip's filter
+    assert all(0.0 < float(loss) < 10.0 for _, loss in steps)
+
