@@ -149,7 +149,7 @@ class Command:
         lines += ["", "settings (key=value):"]
         for spec in dataclasses.fields(self.settings):
             given = spec.default is not dataclasses.MISSING
-            shown = f"{spec.name}={spec.default}" if given else f"{spec.name}=... (required)"
+            shown = f"{spec.name}={_as_typed(spec.default)}" if given else f"{spec.name}=... (required)"
             lines.append(f"  {shown:<22} {spec.metadata.get('help', '')}".rstrip())
         return "\n".join(lines)
 
@@ -161,15 +161,23 @@ class Command:
             return 0
         positional, overrides = split_args(argv)
         flags = [arg for arg in positional if arg.startswith("-")]
-        if flags:
-            raise ConfigError(f"{prog}: settings are key=value, not flags ({flags[0]}); a path that starts with '-' "
-                              f"can be given as ./{flags[0]} (see {prog} --help)")
+        if flags:  # the old argparse spelling, most likely; a file named -x can be given as ./-x
+            key = flags[0].lstrip("-").replace("-", "_")
+            raise ConfigError(f"{prog}: settings are key=value, not flags ({flags[0]}: write {key}=...; "
+                              f"see {prog} --help)")
         names = list(self.positional)
         variadic = any(name.endswith("...") for name in names)
         if len(positional) < len(names) or (not variadic and len(positional) > len(names)):
             raise ConfigError(f"{prog}: expected {' '.join(names)} then key=value settings, got "
                               f"{len(positional)} positional argument(s) (see {prog} --help)")
         return self.run(positional, load_settings(self.settings, overrides))
+
+
+def _as_typed(value: Any) -> str:
+    """A default as it is typed on the command line (``true``, ``null``), not as Python prints it."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def run_action(prog: str, argv: Sequence[str], actions: dict[str, Command]) -> int:

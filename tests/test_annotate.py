@@ -525,6 +525,6 @@ def test_flags_are_refused_with_the_key_value_form(tmp_path, capsys):
     argv = ["next-round", str(EXAMPLES), str(tmp_path / "t.jsonl"), "--vendors", "A,B"]
     assert run_cli(annotate.main, argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "settings are key=value, not flags (--vendors)" in err
+    assert err.count("\n") == 1 and "settings are key=value, not flags (--vendors: write vendors=...;" in err
     assert run_cli(annotate.main, ["next-round", str(EXAMPLES), str(tmp_path / "t.jsonl"), "vendor=A"]) == 2
     assert "key 'vendor'" in capsys.readouterr().err and not (tmp_path / "t.jsonl").exists()
