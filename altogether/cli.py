@@ -5,7 +5,8 @@ mistakes as one line.
 runs the same function. Subcommand modules are imported only when chosen, so ``altogether --help`` is fast.
 
 The grammar: ``POSITIONAL ... [key=value ...]``. An argument that starts with a setting's name and ``=``
-(``seed=3``, ``demo.seed=3``) is a setting, anything else (paths, Hub ids) is positional. A command declares its
+(``seed=3``, ``demo.seed=3``) is a setting, anything else (paths, Hub ids) is positional: a file named
+``x=1.txt`` is given as ``./x=1.txt``, one named ``-x`` as ``./-x``. A command declares its
 settings once, as a dataclass (:class:`Command`); values are parsed and type-checked by OmegaConf, as recipe
 overrides are (``swap=true``, ``p=0.5``, ``alt_text_sources=[alt,title]``).
 """
@@ -144,14 +145,7 @@ class Command:
 
     def usage(self, prog: str) -> str:
         """The ``--help`` text: the line to type, the positional arguments, every setting with its default."""
-        lines = [f"usage: {prog} {' '.join(self.positional)} [key=value ...]", "", self.summary, ""]
-        lines += [f"  {name:<22} {text}" for name, text in self.positional.items()]
-        lines += ["", "settings (key=value):"]
-        for spec in dataclasses.fields(self.settings):
-            given = spec.default is not dataclasses.MISSING
-            shown = f"{spec.name}={_as_typed(spec.default)}" if given else f"{spec.name}=... (required)"
-            lines.append(f"  {shown:<22} {spec.metadata.get('help', '')}".rstrip())
-        return "\n".join(lines)
+        return command_usage(prog, self.summary, self.positional, self.settings)
 
     def __call__(self, prog: str, argv: Sequence[str]) -> int:
         """Parse ``argv`` and run; ``-h`` / ``--help`` anywhere prints :meth:`usage`. A wrong argument count or
@@ -171,6 +165,18 @@ class Command:
             raise ConfigError(f"{prog}: expected {' '.join(names)} then key=value settings, got "
                               f"{len(positional)} positional argument(s) (see {prog} --help)")
         return self.run(positional, load_settings(self.settings, overrides))
+
+
+def command_usage(prog: str, summary: str, positional: dict[str, str], settings: type) -> str:
+    """``--help`` of a command: the line to type, its positional arguments, every setting with its default."""
+    lines = [f"usage: {' '.join([prog, *positional])} [key=value ...]", "", summary, ""]
+    lines += [f"  {name:<22} {text}" for name, text in positional.items()] + [""] * bool(positional)
+    lines += ["settings (key=value):"]
+    for spec in dataclasses.fields(settings):
+        given = spec.default is not dataclasses.MISSING
+        shown = f"{spec.name}={_as_typed(spec.default)}" if given else f"{spec.name}=... (required)"
+        lines.append(f"  {shown:<22} {spec.metadata.get('help', '')}".rstrip())
+    return "\n".join(lines)
 
 
 def _as_typed(value: Any) -> str:
