@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .cli import setting
 from .config import LEGACY_RESIZE_MODE
 from .data.images import load_image
 from .data.records import BadRecord, Record
@@ -203,22 +205,33 @@ def iter_records(train: Sequence[Record] | None, val: Sequence[Record] | None, c
                 on_bad(str(err))
 
 
+@dataclass
+class CacheSettings:
+    """The command's own ``key=value`` settings; every other ``key=value`` overrides the recipe."""
+
+    recipe: str = setting(help="recipe name or YAML path whose data (and encoder) to cache")
+    cache_dir: str = setting(help="folder the embedding shards are written to")
+    batch_size: int = setting(64, "images per encoder call")
+
+
 def main(argv: list[str]) -> int:
-    """``python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [key=value ...]``."""
+    """``altogether cache-embeddings recipe=NAME cache_dir=PATH [batch_size=64] [recipe key=value ...]``."""
+    from .cli import command_usage, load_settings, split_args
     from .config import ConfigError, load_recipe, to_container
     from .data.datamodule import open_sources
     from .model import ImageEncoder
 
-    usage = "usage: python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [batch_size=64] [key=value ...]"
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+    if "-h" in argv or "--help" in argv:
+        print(command_usage("altogether cache-embeddings", "cache image embeddings of a recipe's data; every other "
+                    "key=value overrides the recipe", {}, CacheSettings))
         return 0
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "recipe" not in args or "cache_dir" not in args:
-        raise ConfigError(usage)
-    cache_dir = args.pop("cache_dir")
-    batch_size = int(args.pop("batch_size", 64))
-    cfg = load_recipe(args.pop("recipe"), [f"{k}={v}" for k, v in args.items()])
+    positional, settings = split_args(argv)
+    if positional:
+        raise ConfigError(f"arguments must be key=value, got {' '.join(positional)!r}")
+    own = [a for a in settings if a.split("=", 1)[0] in CacheSettings.__dataclass_fields__]
+    s = load_settings(CacheSettings, own)
+    cache_dir, batch_size = s.cache_dir, s.batch_size
+    cfg = load_recipe(s.recipe, [a for a in settings if a not in own])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder, transform = ImageEncoder.from_config(cfg.model.encoder, device)
     train, val = open_sources(cfg)

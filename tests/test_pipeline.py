@@ -88,10 +88,8 @@ def test_img2dataset_to_recaption_to_mix_to_open_clip(photo_server, tiny_parts, 
 
     # 3. mix: every sample synthetic-or-alt, the images taken from the original tars by shard and key.
     shards = tmp_path / "clip_train"
-    originals = sorted(map(str, downloads.glob("?????.parquet")))  # img2dataset's metadata, as the shell expands it
-    assert len(originals) == 2
-    argv = [*map(str, outputs), "--originals", *originals, "--alt-column", "caption",
-            "--images-from", str(downloads), "--p", "0.5", "--out", str(shards)]
+    argv = [*map(str, outputs), f"originals={downloads}/?????.parquet", "alt_column=caption",
+            f"images_from={downloads}", "p=0.5", f"out={shards}"]
     assert mix.main(argv) == 0
     with tarfile.open(shards / "shard-000000.tar") as tar:
         members = tar.getnames()

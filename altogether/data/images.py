@@ -67,6 +67,22 @@ class _Refused(ValueError):
     """An image whose size alone makes it too costly to decode or resize."""
 
 
+def image_file(img_path: str, image_root: str | Path | None, *, key: str = "",
+               allow_outside_root: bool = False) -> Path:
+    """The file a row's ``img_path`` names, relative to ``image_root`` (default: the current folder); it may not
+    exist.
+
+    Raises :class:`BadRecord` naming ``key`` when the path (after ``..`` and symbolic links) leaves ``image_root``,
+    unless ``allow_outside_root``: a row must not be able to copy ``/etc/passwd`` into a training set.
+    """
+    root = Path(image_root or ".").resolve()
+    path = (root / img_path).resolve()
+    if not allow_outside_root and not path.is_relative_to(root):
+        raise BadRecord(f"record {key!r}: img_path {img_path!r} is outside the image root {root} "
+                        "(set allow_outside_root=true to allow)")
+    return path
+
+
 def load_image(image: ImageRef, *, key: str = "") -> Image.Image:
     """Decode a path, encoded bytes, PIL image or pixel array into the RGB PIL image a viewer shows (module
     docstring).
