@@ -6,35 +6,38 @@ handed to an annotator: the previous caption is copied into ``caption`` as the s
 and the annotator edits it. The Altogether-FT layout (``{"data": [{"alt", "url", "img_path", "round2",
 "round3"}]}``) converts to and from records.
 
-CLI::
+Command line (``python -m altogether.annotate`` is the same; ``ACTION --help`` lists each action's settings)::
 
-    python -m altogether.annotate next-round RECORDS OUT [--vendors A,B] [--swap] [--seed N]
-    python -m altogether.annotate merge RECORDS TASKS [TASKS ...] OUT [--skip-incomplete]
-    python -m altogether.annotate stats RECORDS [--clip-model NAME --clip-pretrained TAG] [--image-root DIR]
-                                                [--json OUT]
-    python -m altogether.annotate prefill RECORDS OUT --model EXPORT_DIR_OR_HUB_ID [--image-root DIR]
-    python -m altogether.annotate from-ft FT_JSON OUT / to-ft RECORDS OUT_JSON
+    altogether annotate next-round RECORDS OUT [vendors=A,B] [swap=true] [seed=N]
+    altogether annotate merge RECORDS TASKS ... OUT [skip_incomplete=true]
+    altogether annotate stats RECORDS [clip_model=NAME clip_pretrained=TAG] [image_root=DIR] [json=OUT]
+    altogether annotate prefill MODEL RECORDS OUT [image_root=DIR] [vendors=A,B] [swap=true]
+    altogether annotate from-ft FT_JSON OUT   /   altogether annotate to-ft RECORDS OUT_JSON
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from jsonschema import Draft202012Validator, FormatChecker
 from rapidfuzz.distance import Levenshtein
 
-from .io import jsonl_lines
+from .cli import Command, run_action, run_cli, setting
+from .clip_score import CLIPSCORE_FORMULA, ClipScorer, score_image_files
+from .data.images import image_file
+from .data.readers import table_rows
+from .data.records import IMAGE_FIELDS
+from .io import atomic_open, atomic_write_text
 
 # The schema lives in the repository's annotations/; a wheel carries it as altogether/annotations/.
 _PACKAGE = Path(__file__).resolve().parent
@@ -143,56 +146,38 @@ def validate_record(record: Any, where: str = "") -> None:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """``(line_number, value)`` for every non-blank line; unreadable JSON names the file and line."""
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line_number, object)`` for every non-blank line; a line that is not a UTF-8 JSON object names the file
+    and line."""
     rows = []
     try:
-        for number, value, problem in jsonl_lines(path):
+        for number, value, problem in table_rows(path):
             if problem:
                 raise AnnotationError(f"{path}:{number}: {problem}")
             rows.append((number, value))
     except OSError as err:
         raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise AnnotationError(f"{path}: not UTF-8 text") from None
     return rows
 
 
-def atomic_write_texts(files: dict[str | os.PathLike, str]) -> None:
-    """Write each ``{path: text}`` to a temporary name in its folder, then rename them all into place.
+def write_jsonl_files(files: dict[str | os.PathLike, Iterable[dict]]) -> None:
+    """Write each ``{path: rows}`` as JSONL (one object per line), all files or none.
 
-    Readers never see half a file, and if anything fails before the renames no target is touched.
+    Each file is written beside its target and renamed into place (:func:`altogether.io.atomic_open`); the renames
+    wait until every file is written, so a failure while writing (a full disk, a row that is not JSON) leaves every
+    target as it was.
     """
-    staged = []
-    try:
-        for path, text in files.items():
-            folder = Path(path).resolve().parent
-            if not folder.is_dir():
-                raise AnnotationError(f"{path}: folder {folder} does not exist")
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomically write one text file (see :func:`atomic_write_texts`)."""
-    atomic_write_texts({path: text})
-
-
-def _jsonl_text(rows: Iterable[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with ExitStack() as stack:
+        for path, rows in files.items():
+            if Path(path).is_dir():
+                raise AnnotationError(f"{path}: is a folder, not a file to write")
+            handle = stack.enter_context(atomic_open(path))
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Atomically write one JSON object per line."""
-    atomic_write_text(path, _jsonl_text(rows))
+    write_jsonl_files({path: rows})
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -223,7 +208,7 @@ def round_texts(record: dict) -> dict[int, str]:
 
 
 def _image_fields(record: dict) -> dict:
-    return {name: record[name] for name in ("url", "img_path") if name in record}
+    return {name: record[name] for name in IMAGE_FIELDS if name in record}
 
 
 # ---------------------------------------------------------------------------------------------- next round
@@ -239,11 +224,11 @@ def assign_vendors(
     revises the other's work; all other records are split evenly between vendors in a seeded random order.
     """
     if not vendors:
-        raise AnnotationError("--vendors: give at least one vendor name")
+        raise AnnotationError("vendors: give at least one vendor name")
     if len(set(vendors)) != len(vendors) or not all(vendors):
-        raise AnnotationError(f"--vendors: names must be distinct and non-empty, got {list(vendors)}")
+        raise AnnotationError(f"vendors: names must be distinct and non-empty, got {list(vendors)}")
     if swap and len(vendors) < 2:
-        raise AnnotationError("--swap needs at least two vendors")
+        raise AnnotationError("swap=true needs at least two vendors")
     assigned: list[str | None] = [None] * len(previous)
     free = []
     for index, vendor in enumerate(previous):
@@ -263,7 +248,7 @@ def make_tasks(
     """The next-round task of every record, its previous caption prefilled as the starting text."""
     previous_vendors = [record["rounds"][-1]["vendor"] if record["rounds"] else None for record in records]
     if swap and not vendors:
-        raise AnnotationError("--swap needs --vendors")
+        raise AnnotationError("swap=true needs vendors=")
     assigned = assign_vendors(previous_vendors, vendors, swap=swap, seed=seed) if vendors else [None] * len(records)
     tasks = []
     for record, previous_vendor, vendor in zip(records, previous_vendors, assigned):
@@ -293,12 +278,12 @@ def write_tasks(path: str, tasks: Sequence[dict]) -> list[str]:
         write_jsonl(path, tasks)
         return [path]
     if any(task["vendor"] is None for task in tasks):
-        raise AnnotationError(f"{path}: the {{vendor}} placeholder needs --vendors")
+        raise AnnotationError(f"{path}: the {{vendor}} placeholder needs vendors=")
     by_vendor: dict[str, list[dict]] = {}
     for task in tasks:
         by_vendor.setdefault(task["vendor"], []).append(task)
-    files = {path.replace("{vendor}", vendor): _jsonl_text(group) for vendor, group in sorted(by_vendor.items())}
-    atomic_write_texts(files)  # all vendors' files or none
+    files = {path.replace("{vendor}", vendor): group for vendor, group in sorted(by_vendor.items())}
+    write_jsonl_files(files)  # all vendors' files or none
     return list(files)
 
 
@@ -451,34 +436,14 @@ def stats_markdown(stats: Sequence[RoundStats]) -> str:
 
 
 def resolve_image(record: dict, image_root: str | os.PathLike | None) -> Path | None:
-    """The local image of a record (``img_path`` under ``image_root``), or ``None`` if it has none on disk."""
+    """The local image of a record (``img_path`` under ``image_root``), or ``None`` if it has none on disk.
+
+    Annotation only reads its images, so ``img_path`` may lead outside ``image_root``.
+    """
     if "img_path" not in record:
         return None
-    path = Path(image_root or ".") / record["img_path"]
+    path = image_file(record["img_path"], image_root, key=record["id"], allow_outside_root=True)
     return path if path.is_file() else None
-
-
-def clip_score_files(scorer: Any, images: Sequence[Path], texts: Sequence[str], batch_size: int = 64) -> list[float]:
-    """CLIPScore (0-100, see :mod:`altogether.clip_score`) of ``texts[i]`` against the image file ``images[i]``.
-
-    Images are decoded as every path decodes them (:func:`altogether.data.images.load_image`), a batch at a time
-    so memory stays flat on large files.
-    """
-    from .data.images import load_image
-    from .data.records import BadRecord
-
-    scores: list[float] = []
-    for start in range(0, len(images), batch_size):
-        opened: dict[Path, Any] = {}
-        for path in images[start : start + batch_size]:
-            if path not in opened:
-                try:
-                    opened[path] = load_image(path)
-                except BadRecord as err:
-                    raise AnnotationError(str(err)) from None  # names the file and what is wrong
-        batch = [opened[path] for path in images[start : start + batch_size]]
-        scores.extend(scorer.score(batch, list(texts[start : start + batch_size])).clip_score.tolist())
-    return scores
 
 
 def clip_scores_for_records(
@@ -494,7 +459,7 @@ def clip_scores_for_records(
             keys.append((record["id"], number))
             images.append(image)
             texts.append(text)
-    return dict(zip(keys, clip_score_files(scorer, images, texts)))
+    return dict(zip(keys, score_image_files(scorer, images, texts)))
 
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -511,7 +476,7 @@ def draft_captions(
 ) -> list[str]:
     """The single place the model is called: drafts for ``images`` given their alt-texts, in batches."""
     if batch_size < 1:
-        raise AnnotationError(f"--batch-size must be >= 1, got {batch_size}")
+        raise AnnotationError(f"batch_size must be >= 1, got {batch_size}")
     drafts: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start : start + batch_size])
@@ -560,9 +525,6 @@ def prefill_tasks(
 # ---------------------------------------------------------------------------------------------- Altogether-FT
 
 
-_FT_IMAGE_KEYS = ("url", "img_path")
-
-
 def records_from_ft(
     ft: Any, *, timestamp: str, annotator: str = "unknown", vendor: str = "unknown", id_prefix: str = "ft-"
 ) -> list[dict]:
@@ -584,9 +546,9 @@ def records_from_ft(
                 raise AnnotationError(f"data[{index}].{key}: rounds must run round2, round3, ... without gaps")
             provenance = {"annotator": annotator, "vendor": vendor, "timestamp": timestamp}
             rounds.append({"round": number, "caption": item[key], **provenance})
-        known = {"id", "alt", *_FT_IMAGE_KEYS, *(key for _, key in round_keys)}
+        known = {"id", "alt", *IMAGE_FIELDS, *(key for _, key in round_keys)}
         record = {"id": str(item.get("id", f"{id_prefix}{index:06d}"))}
-        record.update({k: item[k] for k in _FT_IMAGE_KEYS if k in item})
+        record.update({k: item[k] for k in IMAGE_FIELDS if k in item})
         record.update({"alt": item.get("alt"), "rounds": rounds})
         extra = {k: v for k, v in item.items() if k not in known}
         if extra:
@@ -610,203 +572,186 @@ def records_to_ft(records: Sequence[dict]) -> dict:
     return {"data": data}
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class VendorSettings:
+    """How ``next-round`` and ``prefill`` split the records between annotation vendors."""
+
+    vendors: Optional[str] = setting(None, "comma-separated vendor names to split the records between, e.g. A,B")
+    swap: bool = setting(False, "give each record to the vendor after the one that did its previous round")
+    seed: int = setting(0, "seed of the vendor split")
+
+
+@dataclass
+class MergeSettings:
+    skip_incomplete: bool = setting(False, "leave out tasks not yet done instead of failing")
+
+
+@dataclass
+class StatsSettings:
+    clip_model: Optional[str] = setting(None, "open_clip model name for image-text alignment, e.g. ViT-B-32")
+    clip_pretrained: Optional[str] = setting(None, "open_clip pretrained tag or checkpoint file")
+    device: str = setting("cpu", "device for the CLIP model")
+    image_root: Optional[str] = setting(None, "folder that img_path is relative to (default: the current folder)")
+    json: Optional[str] = setting(None, "also write the table as JSON here")
+
+
+@dataclass
+class PrefillSettings(VendorSettings):
+    image_root: Optional[str] = setting(None, "folder that img_path is relative to (default: the current folder)")
+    batch_size: int = setting(16, "images per captioner call")
+
+
+@dataclass
+class FromFtSettings:
+    annotator: str = setting("unknown", "annotator recorded for every round")
+    vendor: str = setting("unknown", "vendor recorded for every round")
+    timestamp: Optional[str] = setting(None, "ISO 8601 time recorded for every round (default: the file's "
+                                             "modification time)")
+
+
+@dataclass
+class NoSettings:
+    pass
 
 
 def _load_recaptioner(model: str) -> Captioner:
-    try:
-        from altogether import Recaptioner
-    except ImportError:
-        raise AnnotationError("prefill needs altogether.Recaptioner, which this installation lacks") from None
+    from .recaptioner import Recaptioner
+
     try:
         return Recaptioner.from_pretrained(model)
     except (OSError, ValueError) as err:
-        raise AnnotationError(f"--model {model}: cannot load ({err})") from None
-
-
-def load_clip_scorer(name: str, pretrained: str | None = None, device: str = "cpu") -> Any:
-    """``altogether.clip_score.ClipScorer.from_open_clip``, with load failures as :class:`AnnotationError`."""
-    from altogether.clip_score import ClipScorer
-
-    try:
-        return ClipScorer.from_open_clip(name, pretrained=pretrained, device=device)
-    except (OSError, ValueError, RuntimeError) as err:  # ClipWeightsUnavailableError is a RuntimeError
-        raise AnnotationError(str(err)) from None
+        raise AnnotationError(f"MODEL {model}: cannot load ({err})") from None
 
 
 def _vendor_list(text: str | None) -> list[str] | None:
-    return [name.strip() for name in text.split(",")] if text else None
+    return [name.strip() for name in str(text).split(",")] if text is not None else None
 
 
-def _cmd_next_round(args: argparse.Namespace, **_: Any) -> int:
-    records = read_records(args.records)
-    tasks = make_tasks(records, vendors=_vendor_list(args.vendors), swap=args.swap, seed=args.seed)
-    paths = write_tasks(args.out, tasks)
+def _next_round(paths: list[str], s: VendorSettings) -> int:
+    records_path, out = paths
+    tasks = make_tasks(read_records(records_path), vendors=_vendor_list(s.vendors), swap=s.swap, seed=s.seed)
+    written = write_tasks(out, tasks)
     rounds = sorted({task["round"] for task in tasks})
-    print(f"wrote {len(tasks)} task(s) for round(s) {rounds} to {', '.join(paths)}")
+    print(f"wrote {len(tasks)} task(s) for round(s) {rounds} to {', '.join(written)}")
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace, **_: Any) -> int:
-    records = read_records(args.records)
-    tasks = [(f"{path}:{number}", task) for path in args.tasks for number, task in read_jsonl(path)]
-    merged, summary = merge_tasks(records, tasks, skip_incomplete=args.skip_incomplete)
-    write_jsonl(args.out, merged)
-    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in asdict(summary).items()))
+def _merge(paths: list[str], s: MergeSettings) -> int:
+    records_path, *task_paths, out = paths
+    records = read_records(records_path)
+    tasks = [(f"{path}:{number}", task) for path in task_paths for number, task in read_jsonl(path)]
+    merged, summary = merge_tasks(records, tasks, skip_incomplete=s.skip_incomplete)
+    write_jsonl(out, merged)
+    print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in asdict(summary).items()))
     return 0
 
 
-def _cmd_stats(args: argparse.Namespace, *, load_scorer: Callable[..., Any], **_: Any) -> int:
-    records = read_records(args.records)
+def _stats(paths: list[str], s: StatsSettings, *, load_scorer: Callable[..., Any]) -> int:
+    (records_path,) = paths
+    records = read_records(records_path)
     if not records:
-        raise AnnotationError(f"{args.records}: no records")
-    if args.clip_pretrained and not args.clip_model:
-        raise AnnotationError("--clip-pretrained needs --clip-model")
-    from .clip_score import CLIPSCORE_FORMULA  # not at module level: it imports torch, which annotate needs only here
-
+        raise AnnotationError(f"{records_path}: no records")
+    if s.clip_pretrained and not s.clip_model:
+        raise AnnotationError("clip_pretrained needs clip_model")
     scores = None
-    if args.clip_model:
-        scorer = load_scorer(args.clip_model, args.clip_pretrained, args.device)
-        scores = clip_scores_for_records(records, scorer, args.image_root)
+    if s.clip_model:
+        scores = clip_scores_for_records(records, load_scorer(s.clip_model, s.clip_pretrained, s.device), s.image_root)
     stats = round_stats(records, scores)
     print(stats_markdown(stats), end="")
     if scores is not None:
         scored = len({record_id for record_id, _ in scores})
         print(f"CLIPScore ({CLIPSCORE_FORMULA}) for {scored} of {len(records)} record(s); the others have no local image")
-    if args.json:
+    if s.json:
         payload = {
             "records": len(records),
             "length_unit": "words (whitespace-separated)",
             "edit_distance_unit": "characters (Levenshtein, unit costs) to the same record's previous round",
-            "clip_score": f"CLIPScore = {CLIPSCORE_FORMULA} with the model below" if args.clip_model else None,
-            "clip_model": args.clip_model,
-            "clip_pretrained": args.clip_pretrained,
+            "clip_score": f"CLIPScore = {CLIPSCORE_FORMULA} with the model below" if s.clip_model else None,
+            "clip_model": s.clip_model,
+            "clip_pretrained": s.clip_pretrained,
             "rounds": [asdict(row) for row in stats],
         }
-        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(s.json, json.dumps(payload, indent=2) + "\n")
     return 0
 
 
-def _cmd_prefill(args: argparse.Namespace, *, load_captioner: Callable[[str], Captioner], **_: Any) -> int:
-    records = read_records(args.records)
-    local_images(records, args.image_root)  # fail on a missing image before the (slow) model load
-    captioner = load_captioner(args.model)
-    tasks = prefill_tasks(
-        records,
-        captioner,
-        model_name=args.model,
-        image_root=args.image_root,
-        vendors=_vendor_list(args.vendors),
-        swap=args.swap,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    paths = write_tasks(args.out, tasks)
-    print(f"wrote {len(tasks)} model-drafted task(s) to {', '.join(paths)}")
+def _prefill(paths: list[str], s: PrefillSettings, *, load_captioner: Callable[[str], Captioner]) -> int:
+    model, records_path, out = paths
+    records = read_records(records_path)
+    local_images(records, s.image_root)  # fail on a missing image before the (slow) model load
+    tasks = prefill_tasks(records, load_captioner(model), model_name=model, image_root=s.image_root,
+                          vendors=_vendor_list(s.vendors), swap=s.swap, seed=s.seed, batch_size=s.batch_size)
+    written = write_tasks(out, tasks)
+    print(f"wrote {len(tasks)} model-drafted task(s) to {', '.join(written)}")
     return 0
 
 
-def _cmd_from_ft(args: argparse.Namespace, **_: Any) -> int:
+def _from_ft(paths: list[str], s: FromFtSettings) -> int:
+    ft_path, out = paths
     try:
-        ft = json.loads(Path(args.ft).read_text(encoding="utf-8"))
-        stamp = args.timestamp or datetime.fromtimestamp(Path(args.ft).stat().st_mtime, timezone.utc).isoformat()
+        ft = json.loads(Path(ft_path).read_bytes().decode("utf-8"))
+        stamp = s.timestamp or datetime.fromtimestamp(Path(ft_path).stat().st_mtime, timezone.utc).isoformat()
     except OSError as err:
-        raise AnnotationError(f"{args.ft}: cannot read ({err.strerror})") from None
+        raise AnnotationError(f"{ft_path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:  # worded as JSONL lines are (altogether.io.jsonl_lines)
+        line, column = err.object.count(b"\n", 0, err.start) + 1, err.start - err.object.rfind(b"\n", 0, err.start)
+        raise AnnotationError(f"{ft_path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column "
+                              f"{column})") from None
     except json.JSONDecodeError as err:
-        raise AnnotationError(f"{args.ft}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise AnnotationError(f"{ft_path}:{err.lineno}: not valid JSON ({err.msg})") from None
     try:
-        records = records_from_ft(ft, timestamp=stamp, annotator=args.annotator, vendor=args.vendor)
+        records = records_from_ft(ft, timestamp=stamp, annotator=s.annotator, vendor=s.vendor)
     except AnnotationError as err:
-        raise AnnotationError(f"{args.ft}: {err}") from None
-    write_jsonl(args.out, records)
-    print(f"wrote {len(records)} record(s) to {args.out}")
+        raise AnnotationError(f"{ft_path}: {err}") from None
+    write_jsonl(out, records)
+    print(f"wrote {len(records)} record(s) to {out}")
     return 0
 
 
-def _cmd_to_ft(args: argparse.Namespace, **_: Any) -> int:
-    ft = records_to_ft(read_records(args.records))
-    atomic_write_text(args.out, json.dumps(ft, ensure_ascii=False, indent=1) + "\n")
-    print(f"wrote {len(ft['data'])} item(s) to {args.out}")
+def _to_ft(paths: list[str], s: NoSettings) -> int:
+    records_path, out = paths
+    ft = records_to_ft(read_records(records_path))
+    atomic_write_text(out, json.dumps(ft, ensure_ascii=False, indent=1) + "\n")
+    print(f"wrote {len(ft['data'])} item(s) to {out}")
     return 0
 
 
-def _add_vendor_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vendors", help="comma-separated vendor names to split the records between, e.g. A,B")
-    parser.add_argument(
-        "--swap", action="store_true", help="give each record to the vendor after the one that did its previous round"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the vendor split (default 0)")
+_RECORDS = {"RECORDS": "records JSONL"}
+_TASKS_OUT = {"OUT": "task JSONL to write; a {vendor} placeholder writes one file per vendor"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m altogether.annotate`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m altogether.annotate", description="Multi-round re-alignment annotation tools."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("next-round", help="write the next round's task file (previous caption prefilled)")
-    p.add_argument("records", help="records JSONL")
-    p.add_argument("out", help="task JSONL to write; a {vendor} placeholder writes one file per vendor")
-    _add_vendor_options(p)
-    p.set_defaults(func=_cmd_next_round)
-
-    p = commands.add_parser("merge", help="fold completed tasks back into the records")
-    p.add_argument("records", help="records JSONL")
-    p.add_argument("tasks", nargs="+", help="completed task JSONL file(s)")
-    p.add_argument("out", help="records JSONL to write (may be RECORDS itself)")
-    p.add_argument("--skip-incomplete", action="store_true", help="leave out tasks not yet done instead of failing")
-    p.set_defaults(func=_cmd_merge)
-
-    p = commands.add_parser("stats", help="per-round length, edit distance and CLIP alignment (paper §5.1)")
-    p.add_argument("records", help="records JSONL")
-    p.add_argument("--clip-model", help="open_clip model name for image-text alignment, e.g. ViT-B-32")
-    p.add_argument("--clip-pretrained", help="open_clip pretrained tag or checkpoint file")
-    p.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
-    p.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
-    p.add_argument("--json", help="also write the table as JSON here")
-    p.set_defaults(func=_cmd_stats)
-
-    p = commands.add_parser("prefill", help="draft the next round with a trained captioner")
-    p.add_argument("records", help="records JSONL")
-    p.add_argument("out", help="task JSONL to write; a {vendor} placeholder writes one file per vendor")
-    p.add_argument("--model", required=True, help="Recaptioner export folder or Hub id")
-    p.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
-    p.add_argument("--batch-size", type=int, default=16)
-    _add_vendor_options(p)
-    p.set_defaults(func=_cmd_prefill)
-
-    p = commands.add_parser("from-ft", help="convert an Altogether-FT JSON file to records JSONL")
-    p.add_argument("ft", help='Altogether-FT JSON ({"data": [...]})')
-    p.add_argument("out", help="records JSONL to write")
-    p.add_argument("--annotator", default="unknown", help="annotator recorded for every round (default unknown)")
-    p.add_argument("--vendor", default="unknown", help="vendor recorded for every round (default unknown)")
-    p.add_argument("--timestamp", help="ISO 8601 time recorded for every round (default: the file's modification time)")
-    p.set_defaults(func=_cmd_from_ft)
-
-    p = commands.add_parser("to-ft", help="convert records JSONL to the Altogether-FT JSON layout")
-    p.add_argument("records", help="records JSONL")
-    p.add_argument("out", help="Altogether-FT JSON to write")
-    p.set_defaults(func=_cmd_to_ft)
-    return parser
-
-
-def main(
-    argv: Sequence[str] | None = None,
-    *,
+def actions(
     load_captioner: Callable[[str], Captioner] = _load_recaptioner,
-    load_scorer: Callable[..., Any] = load_clip_scorer,
-) -> int:
-    """Run the CLI; user mistakes print one ``error:`` line and return 2. The loaders are injectable for tests."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args, load_captioner=load_captioner, load_scorer=load_scorer)
-    except AnnotationError as err:
-        if os.environ.get("ALTOGETHER_DEBUG"):  # same switch as altogether.cli: show the traceback
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    load_scorer: Callable[..., Any] = ClipScorer.from_open_clip,
+) -> dict[str, Command]:
+    """The actions of ``altogether annotate``; the loaders (model name -> captioner, ``(clip_model,
+    clip_pretrained, device)`` -> scorer) are injectable for tests."""
+    return {
+        "next-round": Command("write the next round's task file (previous caption prefilled)",
+                              {**_RECORDS, **_TASKS_OUT}, VendorSettings, _next_round),
+        "merge": Command("fold completed tasks back into the records",
+                         {**_RECORDS, "TASKS...": "completed task JSONL file(s)",
+                          "OUT": "records JSONL to write (may be RECORDS itself)"}, MergeSettings, _merge),
+        "stats": Command("per-round length, edit distance and CLIP alignment (paper §5.1)", _RECORDS, StatsSettings,
+                         partial(_stats, load_scorer=load_scorer)),
+        "prefill": Command("draft the next round with a trained captioner",
+                           {"MODEL": "Recaptioner export folder or Hub id", **_RECORDS, **_TASKS_OUT},
+                           PrefillSettings, partial(_prefill, load_captioner=load_captioner)),
+        "from-ft": Command("convert an Altogether-FT JSON file to records JSONL",
+                           {"FT_JSON": 'Altogether-FT JSON ({"data": [...]})', "OUT": "records JSONL to write"},
+                           FromFtSettings, _from_ft),
+        "to-ft": Command("convert records JSONL to the Altogether-FT JSON layout",
+                         {**_RECORDS, "OUT": "Altogether-FT JSON to write"}, NoSettings, _to_ft),
+    }
+
+
+def main(argv: Sequence[str], **loaders: Any) -> int:
+    """``altogether annotate ACTION ...``; ``loaders`` go to :func:`actions`."""
+    return run_action("altogether annotate", argv, actions(**loaders))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from .cli import setting
 from .config import LEGACY_RESIZE_MODE
 from .data.images import load_image
 from .data.records import BadRecord, Record
@@ -54,16 +57,22 @@ def write_cache(
     batch_size: int = 64,
     shard_size: int = 100_000,
     device: str | torch.device = "cpu",
+    skipped: list[str] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Embed every record's image and write the cache folder atomically; returns its ``cache.json`` content.
 
-    Unreadable images are skipped and counted (``skipped`` in the metadata, with reasons for the first 100).
+    ``records`` is consumed once, as a stream: memory holds one shard of vectors, never the records. Unreadable
+    images are skipped and counted (``skipped`` in the metadata, with reasons for the first 100), as are the
+    reasons in ``skipped`` passed in (records the reader could not read). A key seen twice, or no image embedded
+    at all, is a ValueError and leaves ``directory`` as it was.
     """
+    skipped = skipped if skipped is not None else []
     with replacing_dir(directory) as tmp:
         shard, keys, pixels = 0, [], []
         shard_keys: list[str] = []
         shard_vectors: list[torch.Tensor] = []
-        skipped: list[str] = []
+        seen: set[str] = set()
         total = 0
 
         def flush_batch() -> None:
@@ -84,9 +93,12 @@ def write_cache(
                 shard_keys.clear()
                 shard_vectors.clear()
 
-        for record in records:
+        for record in tqdm(records, desc="cache_embeddings", unit="img", disable=not progress):
             if "\n" in record.key:
                 raise ValueError(f"record key {record.key!r} contains a newline")
+            if record.key in seen:  # training looks vectors up by key: a second image under it would be lost
+                raise ValueError(f"record key {record.key!r} appears twice in {source}: keys must be unique")
+            seen.add(record.key)
             try:
                 pixels.append(transform(load_image(record.image, key=record.key)))
             except BadRecord as err:
@@ -99,6 +111,9 @@ def write_cache(
             if len(shard_keys) + len(keys) >= shard_size:
                 flush_shard()
         flush_shard()
+        if total == 0:  # raised inside: the folder is not replaced by an empty cache
+            raise ValueError(f"no image of {source} could be embedded ({len(skipped)} skipped"
+                             + (f", e.g. {skipped[0]}" if skipped else "") + "); nothing was cached")
         meta = {"encoder": encoder_spec, "source": source, "dim": getattr(encoder, "embed_dim", None),
                 "dtype": "float16", "shards": shard, "records": total, "skipped": len(skipped),
                 "skipped_reasons": skipped[:100]}
@@ -139,6 +154,14 @@ class EmbeddingCache:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.vectors[self.index[key]]
 
+    def attach(self, record: Record) -> Record:
+        """``record`` carrying its cached embedding in ``extra["image_embeds"]`` (``(dim,)`` float16), so training
+        skips decoding its image; :class:`BadRecord` when the cache has no vector for its key."""
+        if record.key not in self.index:
+            raise BadRecord(f"record {record.key!r} has no cached embedding")
+        record.extra["image_embeds"] = self[record.key]
+        return record
+
 
 def _spec(encoder: dict) -> tuple:
     return encoder.get("name"), encoder.get("pretrained")
@@ -161,46 +184,62 @@ class CachedSource(Sequence):
         return len(self.source)
 
     def __getitem__(self, index: int) -> Record:
-        record = self.source[index]
-        if record.key not in self.cache.index:
-            raise BadRecord(f"record {record.key!r} has no cached embedding")
-        record.extra["image_embeds"] = self.cache[record.key]
-        return record
+        return self.cache.attach(self.source[index])
 
 
-def iter_all(source: Sequence[Record]) -> Iterator[Record]:
-    """Every record of a random-access source; records that fail to read are skipped with a warning."""
-    for i in range(len(source)):
-        try:
-            yield source[i]
-        except BadRecord as err:
-            log.warning("skipping: %s", err)
+def iter_records(train: Sequence[Record] | None, val: Sequence[Record] | None, cfg, on_bad) -> Iterator[Record]:
+    """Every record of a recipe's data, streamed: the table sources ``train`` and ``val`` in order, or
+    ``cfg.data.train``'s tar shards when ``train`` is None (webdataset). A record that cannot be read goes to
+    ``on_bad(reason)`` and is skipped."""
+    from .data.datamodule import data_fields
+    from .data.readers import iter_webdataset
+
+    if train is None:
+        yield from iter_webdataset(cfg.data.train, data_fields(cfg), on_bad=lambda key, reason: on_bad(
+            reason if repr(key) in reason else f"sample {key!r}: {reason}"))
+    for source in (train, val):
+        for i in range(len(source) if source is not None else 0):
+            try:
+                yield source[i]
+            except BadRecord as err:
+                on_bad(str(err))
+
+
+@dataclass
+class CacheSettings:
+    """The command's own ``key=value`` settings; every other ``key=value`` overrides the recipe."""
+
+    recipe: str = setting(help="recipe name or YAML path whose data (and encoder) to cache")
+    cache_dir: str = setting(help="folder the embedding shards are written to")
+    batch_size: int = setting(64, "images per encoder call")
 
 
 def main(argv: list[str]) -> int:
-    """``python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [key=value ...]``."""
+    """``altogether cache-embeddings recipe=NAME cache_dir=PATH [batch_size=64] [recipe key=value ...]``."""
+    from .cli import command_usage, load_settings, split_args
     from .config import ConfigError, load_recipe, to_container
     from .data.datamodule import open_sources
     from .model import ImageEncoder
 
-    usage = "usage: python -m altogether.cache_embeddings recipe=NAME cache_dir=PATH [batch_size=64] [key=value ...]"
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+    if "-h" in argv or "--help" in argv:
+        print(command_usage("altogether cache-embeddings", "cache image embeddings of a recipe's data; every other "
+                    "key=value overrides the recipe", {}, CacheSettings))
         return 0
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "recipe" not in args or "cache_dir" not in args:
-        raise ConfigError(usage)
-    cache_dir = args.pop("cache_dir")
-    batch_size = int(args.pop("batch_size", 64))
-    cfg = load_recipe(args.pop("recipe"), [f"{k}={v}" for k, v in args.items()])
+    positional, settings = split_args(argv)
+    if positional:
+        raise ConfigError(f"arguments must be key=value, got {' '.join(positional)!r}")
+    own = [a for a in settings if a.split("=", 1)[0] in CacheSettings.__dataclass_fields__]
+    s = load_settings(CacheSettings, own)
+    cache_dir, batch_size = s.cache_dir, s.batch_size
+    cfg = load_recipe(s.recipe, [a for a in settings if a not in own])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder, transform = ImageEncoder.from_config(cfg.model.encoder, device)
     train, val = open_sources(cfg)
-    if train is None:
-        raise ConfigError("cache_embeddings reads table sources (annotations/JSONL/Parquet); got webdataset")
-    records = [*iter_all(train), *(iter_all(val) if val is not None else [])]
+    skipped: list[str] = []
+    records = iter_records(train, val, cfg, skipped.append)
     meta = write_cache(cache_dir, records, encoder, transform, encoder_spec=to_container(cfg.model.encoder),
-                       source=str(cfg.data.train), batch_size=batch_size, device=device)
+                       source=str(cfg.data.train), batch_size=batch_size, device=device, skipped=skipped,
+                       progress=sys.stderr.isatty())
     print(f"cached {meta['records']} embeddings ({meta['skipped']} skipped) in {meta['shards']} shard(s) at {cache_dir}")
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,25 @@ class ClipScorer:
         longer = self.tokenizer(texts, context_length=self.context_length + 1)
         pad_id = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
         return longer[:, -1] != (0 if pad_id is None else pad_id)
+
+
+def score_image_files(scorer: ClipScorer, images: Sequence[Path], texts: Sequence[str],
+                      batch_size: int = 64) -> list[float]:
+    """CLIPScore (0-100) of ``texts[i]`` against the image file ``images[i]``.
+
+    Images are decoded as every path decodes them (:func:`altogether.data.images.load_image`), a batch at a time
+    so memory stays flat on large files; a file listed several times in a batch is decoded once. An unreadable
+    image raises :class:`~altogether.data.records.BadRecord` naming the file.
+    """
+    from .data.images import load_image
+
+    scores: list[float] = []
+    for start in range(0, len(images), batch_size):
+        files = list(images[start : start + batch_size])
+        opened = {path: load_image(path) for path in dict.fromkeys(files)}
+        scores.extend(scorer.score([opened[path] for path in files],
+                                   list(texts[start : start + batch_size])).clip_score.tolist())
+    return scores
 
 
 def _non_empty(items: Sequence, name: str) -> list:

@@ -1,23 +1,23 @@
 """Hugging Face Hub round trip: stage an export with its model card, upload it, and the ``push`` CLI.
 
-``python -m altogether.hub push RUN_DIR REPO_ID [--private] [--include-encoder] [--dry-run]`` uploads a run's
+``altogether hub push RUN_DIR REPO_ID [private=true] [include_encoder=true] [dry_run=true]`` uploads a run's
 export (``RUN_DIR/export``, or RUN_DIR itself when it is an export) with a generated ``README.md`` and the
 run's evaluation files. The token comes from ``HF_TOKEN`` or ``hf auth login``; it is never printed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from .cli import run_cli
+from .cli import Command, run_action, run_cli, setting
 from .export import CONFIG_FILE, ExportError, copy_export, read_export_config
 from .io import atomic_write_text
 from .model_card import render_card
@@ -136,40 +136,46 @@ def push_run(run_or_export: str | Path, repo_id: str, *, private: bool | None = 
         return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m altogether.hub", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="upload a run's export to the Hugging Face Hub")
-    push.add_argument("run_dir", help="training run directory (holding export/) or an export folder")
-    push.add_argument("repo_id", help="Hub repo, e.g. you/altogether-opt1.3b")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--include-encoder", action="store_true",
-                      help="upload a copy of the frozen image encoder instead of only its open_clip reference")
-    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and the model card; upload nothing")
-    push.add_argument("--message", default=DEFAULT_COMMIT, help="commit message")
-    return parser
+@dataclass
+class PushSettings:
+    private: bool = setting(False, "create the repo as private")
+    include_encoder: bool = setting(False, "upload a copy of the frozen image encoder instead of only its open_clip "
+                                           "reference")
+    dry_run: bool = setting(False, "list what would be uploaded and the model card; upload nothing")
+    message: str = setting(DEFAULT_COMMIT, "commit message")
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.dry_run:
+def _push(paths: list[str], s: PushSettings) -> int:
+    run_dir, repo_id = paths
+    if s.dry_run:
         with tempfile.TemporaryDirectory(prefix="altogether-push-") as tmp:
-            folder = stage_run(args.run_dir, Path(tmp) / "repo", repo_id=args.repo_id,
-                               include_encoder=args.include_encoder)
+            folder = stage_run(run_dir, Path(tmp) / "repo", repo_id=repo_id, include_encoder=s.include_encoder)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 print(f"{path.stat().st_size:>12,d}  {path.relative_to(folder)}")
             print((folder / "README.md").read_text())
         return 0
     try:
-        url = push_run(args.run_dir, args.repo_id, private=args.private or None,
-                       include_encoder=args.include_encoder, commit_message=args.message)
+        url = push_run(run_dir, repo_id, private=s.private or None, include_encoder=s.include_encoder,
+                       commit_message=s.message)
     except OSError as err:  # huggingface_hub's HTTP and connection errors
         if isinstance(err, FileNotFoundError):
             raise
-        print(f"error: upload to {args.repo_id} failed: {err}", file=sys.stderr)
+        print(f"error: upload to {repo_id} failed: {err}", file=sys.stderr)
         return 1
     print(f"uploaded: {url}")
     return 0
+
+
+ACTIONS = {
+    "push": Command("upload a run's export to the Hugging Face Hub",
+                    {"RUN_DIR": "training run directory (holding export/) or an export folder",
+                     "REPO_ID": "Hub repo, e.g. you/altogether-opt1.3b"}, PushSettings, _push),
+}
+
+
+def main(argv: list[str]) -> int:
+    """``altogether hub push RUN_DIR REPO_ID [key=value ...]``."""
+    return run_action("altogether hub", argv, ACTIONS)
 
 
 if __name__ == "__main__":

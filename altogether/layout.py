@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence, TypedDict
+from typing import Any, Iterable, Sequence, TypedDict
 
 import torch
 
@@ -62,19 +62,33 @@ class Batch(TypedDict, total=False):
 
 
 def clean_alt_texts(alt_texts: str | Sequence[str] | None) -> list[str]:
-    """Alt-texts as a list: whitespace collapsed, empty ones dropped, duplicates removed keeping the first."""
-    if alt_texts is None:
+    """Alt-texts as a list: whitespace collapsed, empty ones dropped, duplicates removed keeping the first.
+
+    ``None`` and NaN (pandas' mark of a missing value) are no alt-text. Anything else that is not a string or a
+    list of strings raises TypeError: a number is not taken as text silently.
+    """
+    if _missing(alt_texts):
         return []
     if isinstance(alt_texts, str):
         alt_texts = [alt_texts]
+    elif not isinstance(alt_texts, (list, tuple)):
+        raise TypeError(f"alt-text must be a string, a list of strings or None, got {type(alt_texts).__name__}: "
+                        f"{alt_texts!r}" + (" (pass str(...) if the number is the alt-text)"
+                                            if isinstance(alt_texts, (int, float)) else ""))
     seen: dict[str, None] = {}
     for text in alt_texts:
+        if _missing(text):
+            continue
         if not isinstance(text, str):
             raise TypeError(f"alt-text must be a string, got {type(text).__name__}: {text!r}")
         text = " ".join(text.split())
         if text:
             seen.setdefault(text, None)
     return list(seen)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or isinstance(value, float) and value != value
 
 
 def build_prompt(alt_texts: str | Sequence[str] | None, separator: str = "; ") -> str:

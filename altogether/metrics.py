@@ -5,8 +5,11 @@ implemented by pycocoevalcap, so a perfect caption can exceed 100) and NP-P / NP
 
 - BLEU is corpus-level (pycocoevalcap, closest reference length); METEOR is the corpus score of the
   METEOR 1.5 jar; ROUGE-L (beta 1.2) and the NP metrics are means over examples.
-- CIDEr's IDF weights come from the references of the evaluated set itself, so CIDEr numbers are
-  comparable only between runs scored on the same set (and are 0 for a one-example set).
+- CIDEr's IDF weights come from the references of the evaluated set itself (``log N - log df`` for an
+  n-gram found in the references of ``df`` of the ``N`` examples), so CIDEr numbers are comparable only between
+  runs scored on the same set. When every reference n-gram is in every example's references (always so for
+  one example) every weight is 0 and any caption, perfect or not, would score 0: CIDEr is then None with the
+  reason, never a 0.
 - Tokenization is Stanford's PTB tokenizer (lower-cases, strips punctuation) as in the COCO caption
   evaluation. It and METEOR run Java. Without ``java`` on PATH, METEOR is skipped (None, with a
   warning) and tokenization falls back to :func:`simple_tokenize` (with a warning); numbers from the
@@ -76,6 +79,10 @@ def score_captions(
     gts = dict(enumerate(tokenized_refs))
     res = {i: [pred] for i, pred in enumerate(tokenized_preds)}
     result.scores.update(_ngram_scores(gts, res))
+    if result.scores["CIDEr"] is None:
+        _skip(result, ("CIDEr",), f"the {len(gts)} example(s) are too few: every reference n-gram is in every "
+                                  "example's references, so CIDEr-D's IDF weights are all 0 (it needs at least 2 "
+                                  "examples whose references differ)")
     if java_found:
         try:
             result.scores["METEOR"] = _meteor(gts, res)
@@ -222,11 +229,20 @@ def _ngram_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
     scores = {key: 100.0 * float(value) for key, value in zip(BLEU_KEYS, bleu)}
     scores["ROUGE-L"] = 100.0 * float(rouge)
-    scores["CIDEr"] = 100.0 * float(cider)
+    if _cider_has_weights(gts):
+        cider, _ = Cider().compute_score(gts, res)
+        scores["CIDEr"] = 100.0 * float(cider)
     return scores
+
+
+def _cider_has_weights(gts: dict[int, list[str]]) -> bool:
+    """Whether some reference n-gram (n = 1..4, pycocoevalcap's CIDEr-D) is missing from some example's
+    references, i.e. has a non-zero IDF weight ``log N - log df``; without one, CIDEr is 0 for any caption."""
+    seen = [{tuple(words[i : i + n]) for ref in refs for words in [ref.split()] for n in range(1, 5)
+             for i in range(len(words) - n + 1)} for refs in gts.values()]
+    return bool(set().union(*seen) - set.intersection(*seen))
 
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:

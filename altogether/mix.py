@@ -8,49 +8,49 @@ Inputs are recaption outputs (``<shard>.recaption.parquet|.jsonl``, see :mod:`al
 file is refused, so a downloader's metadata Parquet is never taken for captions). Rows have ``key``,
 ``alt_text`` and ``caption`` (a string, or a list of strings when several captions were kept), optionally
 ``alt_clip_score`` / ``caption_clip_score`` (a number, or a list matching a caption list), ``img_path`` and
-``url`` (strings). ``--originals`` takes the alt-texts from the original data instead (img2dataset's
-metadata Parquet, a manifest), from the column ``--alt-column`` names.
+``url`` (strings). ``originals=`` takes the alt-texts from the original data instead (img2dataset's
+metadata Parquet, a manifest), from the column ``alt_column=`` names.
 
 Every random choice is drawn from a hash of ``(seed, key)``, so a row's outcome depends only on the seed
 and its key: not on row order, sharding or the other rows.
 
-CLI::
+Command line (``python -m altogether.mix`` is the same; ``--help`` lists every setting of :class:`MixSettings`)::
 
-    python -m altogether.mix RECAPTIONS [...] --out train.parquet|OUT_DIR [--target clip|t2i] [--p P]
-        [--both-columns] [--originals FILE ... [--alt-column NAME]] [--alt-threshold T | --alt-top F]
-        [--caption-threshold T | --caption-top F] [--clip-model NAME --clip-pretrained TAG]
-        [--image-root DIR [--allow-outside-root]] [--with-images | --images-from SHARDS] [--shard-size N] [--seed N]
+    altogether mix RECAPTIONS ... out=train.parquet|OUT_DIR [target=clip|t2i] [p=P] [both_columns=true]
+        [originals=FILE_OR_PATTERN [alt_column=NAME]] [alt_threshold=T | alt_top=F]
+        [caption_threshold=T | caption_top=F] [clip_model=NAME clip_pretrained=TAG]
+        [image_root=DIR [allow_outside_root=true]] [with_images=true | images_from=SHARDS] [shard_size=N] [seed=N]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from altogether.annotate import AnnotationError, atomic_write_text, clip_score_files, load_clip_scorer
-from altogether.data.images import load_image
-from altogether.data.inputs import discover_shards
-from altogether.data.readers import IMAGE_EXTENSIONS, DamagedShard, iter_tar_samples
-from altogether.data.records import BadRecord
-from altogether.io import jsonl_lines
-from altogether.recaption import recaption_output_problem
+from .cli import Command, run_cli, setting
+from .clip_score import ClipScorer, score_image_files
+from .data.images import image_file, load_image
+from .data.inputs import discover_shards
+from .data.readers import IMAGE_EXTENSIONS, DamagedShard, expand_shards, iter_tar_samples, table_rows
+from .data.records import IMAGE_FIELDS, BadRecord
+from .io import atomic_open, replacing_dir
+from .recaption import recaption_output_problem
 
 TARGET_P = {"clip": 0.15, "t2i": 1.0}
 ALT, CAPTION = "alt", "caption"
 TEXT_COLUMN = {ALT: "alt_text", CAPTION: "caption"}
 SCORE_COLUMN = {ALT: "alt_clip_score", CAPTION: "caption_clip_score"}
-PASSTHROUGH = ("url", "img_path")
+PASSTHROUGH = IMAGE_FIELDS  # carried from the recaption rows (or the originals) into every sample
 DEFAULT_ALT_COLUMN = "alt_text"
 # open_clip's webdataset loader reads images under these extensions only (open_clip_train/data.py); others
 # are re-encoded as PNG rather than silently lost.
@@ -65,41 +65,17 @@ class MixError(ValueError):
 
 
 def _read_one(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise MixError(f"{path}: cannot read Parquet ({err})") from None
-        if "key" not in table.column_names:
-            raise MixError(f"{path}: no 'key' column (columns: {', '.join(table.column_names)})")
-        return table.to_pylist()
     rows = []
     try:
-        for number, row, problem in jsonl_lines(path):
+        for number, row, problem in table_rows(path):
             if problem:
                 raise MixError(f"{path}:{number}: {problem}")
-            if not isinstance(row, dict) or row.get("key") is None:
-                raise MixError(f"{path}:{number}: expected a JSON object with a 'key'")
+            if row.get("key") is None:
+                raise MixError(f"{path}: no 'key' column in row {number} (columns: {', '.join(map(str, row))})")
             rows.append(row)
     except OSError as err:
         raise MixError(f"{path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise MixError(f"{path}:{_first_non_utf8_line(path)}") from None
     return rows
-
-
-def _first_non_utf8_line(path: Path) -> str:
-    """``"<line>: not UTF-8 text (...)"`` for the first line that does not decode (text reads decode in chunks,
-    so the error itself does not know its line)."""
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                return f"{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line)"
-    return "1: not UTF-8 text"
 
 
 def read_rows(
@@ -136,7 +112,7 @@ def read_recaptions(paths: Sequence[str | os.PathLike], origins: dict[str, Path]
     for path in map(Path, paths):
         if path.exists() and (problem := recaption_output_problem(path)):
             raise MixError(f"{path}: not a recaption output ({problem}); mix reads what altogether.recaption writes, "
-                           "and takes original alt-texts with --originals")
+                           "and takes original alt-texts with originals=")
     return read_rows(paths, origins=origins)
 
 
@@ -232,7 +208,7 @@ def _filter_candidates(
             if score is None:
                 raise MixError(
                     f"row {row['key']!r}: no {SCORE_COLUMN[kind]}; filtering needs a score for every {kind} text "
-                    "(add the column, or pass --clip-model with --image-root to compute it)"
+                    "(add the column, or set clip_model= with image_root= to compute it)"
                 )
             scores.append(float(score))
     keep = iter(filter_by_score(scores, threshold=score_filter.threshold, top_fraction=score_filter.top_fraction))
@@ -331,18 +307,11 @@ def mix_captions(
 # ---------------------------------------------------------------------------------------------- scores
 
 
-def image_file(row: dict, image_root: str | os.PathLike | None, *, allow_outside_root: bool = False) -> Path:
-    """The file a row's ``img_path`` names, relative to ``image_root`` (default: the current folder).
-
-    Raises :class:`MixError` when the path (after ``..`` and symbolic links) leaves ``image_root``, unless
-    ``allow_outside_root``: a row must not be able to copy ``/etc/passwd`` into a training set.
-    """
-    root = Path(image_root or ".").resolve()
-    path = (root / row["img_path"]).resolve()
-    if not allow_outside_root and not path.is_relative_to(root):
-        raise MixError(f"row {row['key']!r}: img_path {row['img_path']!r} is outside the image root {root} "
-                       "(pass --allow-outside-root to allow)")
-    return path
+def _image_file(row: dict, image_root: str | os.PathLike | None, allow_outside_root: bool) -> Path:
+    try:
+        return image_file(row["img_path"], image_root, key=row["key"], allow_outside_root=allow_outside_root)
+    except BadRecord as err:
+        raise MixError(str(err).replace("record ", "row ", 1)) from None
 
 
 def add_clip_scores(
@@ -356,11 +325,12 @@ def add_clip_scores(
     """Fill missing ``alt_clip_score`` / ``caption_clip_score`` (CLIPScore, 0-100) from local images, in place.
 
     Only rows with an ``img_path`` that exists under ``image_root`` are scored (one outside it is an error,
-    see :func:`image_file`); a text list gets a list of scores. Returns how many rows got new scores.
+    see :func:`altogether.data.images.image_file`); a text list gets a list of scores. Returns how many rows got new
+    scores.
     """
     jobs, images, texts = [], [], []
     for index, row in enumerate(rows):
-        path = image_file(row, image_root, allow_outside_root=allow_outside_root) if row.get("img_path") else None
+        path = _image_file(row, image_root, allow_outside_root) if row.get("img_path") else None
         if path is None or not path.is_file():
             continue
         for kind in kinds:
@@ -374,7 +344,7 @@ def add_clip_scores(
                     jobs.append((index, kind, position if isinstance(value, list) else None))
                     images.append(path)
                     texts.append(text)
-    scores = clip_score_files(scorer, images, texts)
+    scores = score_image_files(scorer, images, texts)
     for (index, kind, position), score in zip(jobs, scores):
         if position is None:
             rows[index][SCORE_COLUMN[kind]] = score
@@ -394,23 +364,25 @@ def _parquet_schema(samples: Sequence[dict], both_columns: bool):
     return pa.schema([(name, pa.string()) for name in columns])
 
 
-def write_parquet(samples: Sequence[dict], path: str | os.PathLike, *, both_columns: bool = False) -> None:
-    """Atomically write samples as one Parquet file (all columns strings)."""
+def summary_path(parquet: str | os.PathLike) -> Path:
+    """Where :func:`write_parquet` puts a Parquet output's summary: ``train.summary.json`` for ``train.parquet``."""
+    return Path(parquet).with_suffix(".summary.json")
+
+
+def write_parquet(samples: Sequence[dict], path: str | os.PathLike, *, both_columns: bool = False,
+                  summary: dict | None = None) -> None:
+    """Write samples as one Parquet file (all columns strings) and, given ``summary``, :func:`summary_path` beside
+    it: both files or neither, each written beside its target and renamed into place once both are written
+    (:func:`altogether.io.atomic_open`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise MixError(f"{path}: folder {folder} does not exist")
     table = pa.Table.from_pylist(list(samples), schema=_parquet_schema(samples, both_columns))
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with ExitStack() as stack:
+        pq.write_table(table, stack.enter_context(atomic_open(path)))
+        if summary is not None:
+            text = json.dumps(summary, indent=2) + "\n"
+            stack.enter_context(atomic_open(summary_path(path))).write(text.encode("utf-8"))
 
 
 def _check_key(key: str) -> None:
@@ -444,8 +416,8 @@ def image_files(image_root: str | os.PathLike | None, *, allow_outside_root: boo
     def image(sample: dict) -> tuple[str, bytes]:
         key = sample["key"]
         if not sample.get("img_path"):
-            raise MixError(f"row {key!r}: --with-images needs an img_path")
-        path = image_file(sample, image_root, allow_outside_root=allow_outside_root)
+            raise MixError(f"row {key!r}: with_images=true needs an img_path")
+        path = _image_file(sample, image_root, allow_outside_root)
         try:
             data = path.read_bytes()
         except OSError as err:
@@ -471,7 +443,7 @@ class TarImages:
         key, shard = sample["key"], self.key_shard[sample["key"]]
         if shard != self.current:
             if shard not in self.shards:
-                raise MixError(f"row {key!r}: its recaption output is for shard {shard!r}, which --images-from "
+                raise MixError(f"row {key!r}: its recaption output is for shard {shard!r}, which images_from "
                                f"does not have (it has {len(self.shards)} shard(s))")
             try:
                 self.members = {s["__key__"]: {e: s[e] for e in IMAGE_EXTENSIONS if e in s}
@@ -523,141 +495,144 @@ def write_webdataset(
 
     target = Path(out_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise MixError(f"{target}: already exists and is not an empty folder; remove it or choose another --out")
-    if not target.resolve().parent.is_dir():
-        raise MixError(f"{target}: folder {target.resolve().parent} does not exist")
+        raise MixError(f"{target}: already exists and is not an empty folder; remove it or choose another out=")
     if shard_size < 1:
-        raise MixError(f"--shard-size must be >= 1, got {shard_size}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.resolve().parent))
-    try:
+        raise MixError(f"shard_size must be >= 1, got {shard_size}")
+    with replacing_dir(target) as staging:
         with ShardWriter(str(staging / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
             for sample in samples:
                 writer.write(_tar_sample(sample, images))
         shards = sorted(path.name for path in staging.glob("shard-*.tar"))
         summary_text = json.dumps({**summary, "shards": shards}, indent=2) + "\n"
         (staging / "summary.json").write_text(summary_text, encoding="utf-8")
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return shards
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class MixSettings:
+    """The ``key=value`` settings of ``altogether mix`` (the keyword arguments of :func:`mix_files`)."""
+
+    out: str = setting(help="OUT.parquet: one Parquet file (and OUT.summary.json); else a new webdataset folder")
+    target: str = setting("clip", "clip (p=0.15) or t2i (p=1.0)")
+    p: Optional[float] = setting(None, "probability of using the synthetic caption (default: by target)")
+    seed: int = setting(0, "seed of every random choice (drawn per row from a hash of seed and key)")
+    both_columns: bool = setting(False, "emit alt_text and caption, not one drawn text")
+    originals: Optional[str] = setting(None, "original data for the alt-texts: a .parquet / JSONL file with key, "
+                                             "or a pattern of them ('downloads/*.parquet')")
+    alt_column: str = setting(DEFAULT_ALT_COLUMN, "alt-text column of originals (img2dataset: caption; manifests: alt)")
+    alt_threshold: Optional[float] = setting(None, f"keep alt-texts with {SCORE_COLUMN[ALT]} >= this")
+    alt_top: Optional[float] = setting(None, f"keep this fraction of alt-texts, highest {SCORE_COLUMN[ALT]} first")
+    caption_threshold: Optional[float] = setting(None, f"keep captions with {SCORE_COLUMN[CAPTION]} >= this")
+    caption_top: Optional[float] = setting(None, f"keep this fraction of captions, highest {SCORE_COLUMN[CAPTION]} "
+                                                 "first")
+    clip_model: Optional[str] = setting(None, "open_clip model to compute missing scores from local images")
+    clip_pretrained: Optional[str] = setting(None, "open_clip pretrained tag or checkpoint file")
+    device: str = setting("cpu", "device for the CLIP model")
+    image_root: Optional[str] = setting(None, "folder that img_path is relative to (default: the current folder)")
+    allow_outside_root: bool = setting(False, "let img_path name files outside image_root (absolute paths, '..')")
+    with_images: bool = setting(False, "copy each image file into the webdataset shards")
+    images_from: Optional[str] = setting(None, "the recaptioned tar shards (as given to recaption): copy each image "
+                                               "from its shard, found by the output's shard name and the key")
+    shard_size: int = setting(10000, "samples per webdataset shard")
 
 
 def _score_filter(threshold: float | None, top: float | None, kind: str) -> ScoreFilter | None:
     if threshold is not None and top is not None:
-        raise MixError(f"--{kind}-threshold and --{kind}-top are alternatives; give one")
+        raise MixError(f"{kind}_threshold and {kind}_top are alternatives; give one")
     return None if threshold is None and top is None else ScoreFilter(threshold, top)
 
 
-def run(args: argparse.Namespace, load_scorer: Callable[..., Any] = load_clip_scorer) -> dict:
-    """Do what the command line asks; returns the summary that was printed and written."""
-    p = TARGET_P[args.target] if args.p is None else args.p
-    alt_filter = _score_filter(args.alt_threshold, args.alt_top, "alt")
-    caption_filter = _score_filter(args.caption_threshold, args.caption_top, "caption")
-    if args.clip_pretrained and not args.clip_model:
-        raise MixError("--clip-pretrained needs --clip-model")
-    if args.clip_model and not (alt_filter or caption_filter):
-        raise MixError(
-            "--clip-model only computes scores for filtering; "
-            "add --alt-threshold/--alt-top or --caption-threshold/--caption-top"
-        )
-    if args.alt_column != DEFAULT_ALT_COLUMN and not args.originals:
-        raise MixError("--alt-column names the alt-text column of --originals; add --originals")
-    if args.images_from and (args.with_images or str(args.out).endswith(".parquet")):
-        raise MixError("--images-from writes images into webdataset shards: give a folder as --out, "
-                       "without --with-images")
+def _check_settings(s: MixSettings) -> None:
+    if s.target not in TARGET_P:
+        raise MixError(f"target={s.target!r} is not one of {', '.join(sorted(TARGET_P))}")
+    if s.clip_pretrained and not s.clip_model:
+        raise MixError("clip_pretrained needs clip_model")
+    if s.clip_model and not any(v is not None for v in (s.alt_threshold, s.alt_top, s.caption_threshold,
+                                                         s.caption_top)):
+        raise MixError("clip_model only computes scores for filtering; "
+                       "add alt_threshold/alt_top or caption_threshold/caption_top")
+    if s.alt_column != DEFAULT_ALT_COLUMN and not s.originals:
+        raise MixError("alt_column names the alt-text column of originals; add originals=")
+    if s.images_from and (s.with_images or str(s.out).endswith(".parquet")):
+        raise MixError("images_from writes images into webdataset shards: give a folder as out=, "
+                       "without with_images")
+
+
+def mix_files(
+    inputs: Sequence[str | os.PathLike], settings: MixSettings, load_scorer: Callable[..., Any] = ClipScorer.from_open_clip
+) -> dict:
+    """Read recaption outputs, mix (and filter) their texts, write ``settings.out``; returns the summary written.
+
+    ``load_scorer(clip_model, clip_pretrained, device)`` gives the CLIP scorer when ``clip_model`` is set.
+    Raises :class:`MixError` (a ``ValueError``) naming the file, row or setting for bad input; nothing is written
+    then.
+    """
+    s = settings
+    _check_settings(s)
+    p = TARGET_P[s.target] if s.p is None else s.p
+    alt_filter = _score_filter(s.alt_threshold, s.alt_top, ALT)
+    caption_filter = _score_filter(s.caption_threshold, s.caption_top, CAPTION)
     origins: dict[str, Path] = {}
-    rows = read_recaptions(args.inputs, origins)
+    rows = read_recaptions(inputs, origins)
     missing = 0
-    if args.originals:
-        originals = read_rows(args.originals, require=args.alt_column)
-        rows, missing = join_originals(rows, originals, args.alt_column)
+    if s.originals:
+        originals = expand_shards(s.originals)
+        if not originals:
+            raise MixError(f"originals={s.originals}: matches no file")
+        rows, missing = join_originals(rows, read_rows(originals, require=s.alt_column), s.alt_column)
     scored = 0
-    if args.clip_model:
+    if s.clip_model:
         kinds = [kind for kind, score_filter in ((ALT, alt_filter), (CAPTION, caption_filter)) if score_filter]
-        scorer = load_scorer(args.clip_model, args.clip_pretrained, args.device)
-        scored = add_clip_scores(rows, scorer, args.image_root, kinds, allow_outside_root=args.allow_outside_root)
+        scorer = load_scorer(s.clip_model, s.clip_pretrained, s.device)
+        scored = add_clip_scores(rows, scorer, s.image_root, kinds, allow_outside_root=s.allow_outside_root)
     samples, mix_summary = mix_captions(
-        rows, p, args.seed, both_columns=args.both_columns, alt_filter=alt_filter, caption_filter=caption_filter
+        rows, p, s.seed, both_columns=s.both_columns, alt_filter=alt_filter, caption_filter=caption_filter
     )
     mix_summary.missing_original = missing
     summary = {
-        "target": args.target,
+        "target": s.target,
         **asdict(mix_summary),
         "alt_filter": asdict(alt_filter) if alt_filter else None,
         "caption_filter": asdict(caption_filter) if caption_filter else None,
         "rows_scored_with_clip": scored,
-        "inputs": [str(path) for path in args.inputs],
-        "out": str(args.out),
+        "inputs": [str(path) for path in inputs],
+        "out": str(s.out),
     }
-    if str(args.out).endswith(".parquet"):
-        write_parquet(samples, args.out, both_columns=args.both_columns)
-        atomic_write_text(Path(args.out).with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
-    else:
-        images = None
-        if args.with_images:
-            images = image_files(args.image_root, allow_outside_root=args.allow_outside_root)
-        elif args.images_from:
-            try:
-                found = discover_shards(args.images_from, input_format="webdataset")
-                shards = {shard.name: shard.path for shard in found}
-            except (OSError, ValueError) as err:
-                raise MixError(f"--images-from {args.images_from}: {err}") from None
-            images = TarImages(shards, {key: output_shard(path) for key, path in origins.items()})
-        summary["shards"] = write_webdataset(samples, args.out, summary, shard_size=args.shard_size, images=images)
+    if str(s.out).endswith(".parquet"):
+        write_parquet(samples, s.out, both_columns=s.both_columns, summary=summary)
+        return summary
+    images = None
+    if s.with_images:
+        images = image_files(s.image_root, allow_outside_root=s.allow_outside_root)
+    elif s.images_from:
+        try:
+            shards = {shard.name: shard.path for shard in discover_shards(s.images_from, input_format="webdataset")}
+        except (OSError, ValueError) as err:
+            raise MixError(f"images_from={s.images_from}: {err}") from None
+        images = TarImages(shards, {key: output_shard(path) for key, path in origins.items()})
+    summary["shards"] = write_webdataset(samples, s.out, summary, shard_size=s.shard_size, images=images)
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m altogether.mix`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m altogether.mix", description="Mix alt-texts and synthetic captions into a training set."
-    )
-    parser.add_argument("inputs", nargs="+", help="recaption outputs: <shard>.recaption.parquet or .jsonl")
-    parser.add_argument("--out", required=True, help="OUT.parquet: one Parquet file; else a new webdataset folder")
-    parser.add_argument("--target", choices=sorted(TARGET_P), default="clip", help="clip (p=0.15) or t2i (p=1.0)")
-    parser.add_argument("--p", type=float, help="probability of using the synthetic caption (default: by --target)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--both-columns", action="store_true", help="emit alt_text and caption, not one drawn text")
-    parser.add_argument("--originals", nargs="+", help="original data (.parquet / JSONL with key) for alt-texts")
-    parser.add_argument("--alt-column", default=DEFAULT_ALT_COLUMN,
-                        help="alt-text column of --originals (img2dataset: caption; manifests: alt; default alt_text)")
-    for kind in (ALT, CAPTION):
-        column = SCORE_COLUMN[kind]
-        parser.add_argument(f"--{kind}-threshold", type=float, help=f"keep {kind} texts with {column} >= this")
-        parser.add_argument(f"--{kind}-top", type=float, help=f"keep this fraction of {kind} texts, highest {column} first")
-    parser.add_argument("--clip-model", help="open_clip model to compute missing scores from local images")
-    parser.add_argument("--clip-pretrained", help="open_clip pretrained tag or checkpoint file")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-root", help="folder that img_path is relative to (default: current folder)")
-    parser.add_argument("--allow-outside-root", action="store_true",
-                        help="let img_path name files outside --image-root (absolute paths, '..')")
-    parser.add_argument("--with-images", action="store_true", help="copy each image file into the webdataset shards")
-    parser.add_argument("--images-from", help="the recaptioned tar shards (as given to recaption): copy each image "
-                        "from its shard, found by the output's shard name and the key")
-    parser.add_argument("--shard-size", type=int, default=10000, help="samples per webdataset shard (default 10000)")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, *, load_scorer: Callable[..., Any] = load_clip_scorer) -> int:
-    """Run the CLI; user mistakes print one ``error:`` line and return 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run(args, load_scorer)
-    except (MixError, AnnotationError) as err:  # AnnotationError: unreadable images, CLIP model failing to load
-        if os.environ.get("ALTOGETHER_DEBUG"):  # same switch as altogether.cli: show the traceback
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _run(inputs: list[str], settings: MixSettings, *, load_scorer: Callable[..., Any]) -> int:
+    summary = mix_files(inputs, settings, load_scorer)
     print(json.dumps(summary, indent=2))
     if summary["missing_original"]:
-        print(f"warning: {summary['missing_original']} recaption row(s) had no row in --originals and were dropped",
+        print(f"warning: {summary['missing_original']} recaption row(s) had no row in originals and were dropped",
               file=sys.stderr)
     return 0
 
 
+def main(argv: Sequence[str], *, load_scorer: Callable[..., Any] = ClipScorer.from_open_clip) -> int:
+    """``altogether mix RECAPTIONS ... out=PATH [key=value ...]``; ``load_scorer`` is injectable for tests."""
+    command = Command("mix alt-texts and synthetic captions into a training set (docs/annotation.md)",
+                      {"RECAPTIONS...": "recaption outputs: <shard>.recaption.parquet or .jsonl"}, MixSettings,
+                      partial(_run, load_scorer=load_scorer))
+    return command("altogether mix", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""Training curves from a run's Lightning CSV logs: ``python -m altogether.plot RUN_DIR [--out PNG]``.
+"""Training curves from a run's Lightning CSV logs: ``altogether plot RUN_DIR [out=PNG]``.
 
 Every ``metrics.csv`` under RUN_DIR is read (CSVLogger writes ``RUN_DIR/logs/version_N/metrics.csv``);
 versions are joined in version order, as a resumed run continues its steps. A run of several stages, each
@@ -13,15 +13,17 @@ logged other values are skipped. The PNG's ``Series`` text chunk lists the plott
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+from .cli import Command, run_cli, setting
 from .io import atomic_write_bytes
 
 LOSS_SERIES = ("train/loss", "val/loss")
@@ -157,18 +159,24 @@ def _natural(text: str) -> list:
     return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", text)]
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m altogether.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="training run directory (holds logs/version_N/metrics.csv)")
-    parser.add_argument("--out", default=None, help=f"PNG to write (default: RUN_DIR/{DEFAULT_NAME})")
-    args = parser.parse_args(argv)
-    print(plot_run(args.run_dir, args.out))
+@dataclass
+class PlotSettings:
+    out: Optional[str] = setting(None, f"PNG to write (default: RUN_DIR/{DEFAULT_NAME})")
+
+
+def _plot(paths: list[str], s: PlotSettings) -> int:
+    print(plot_run(paths[0], s.out))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``altogether plot RUN_DIR [out=PNG]``."""
+    command = Command(__doc__.splitlines()[0], {"RUN_DIR": "training run directory (holds logs/version_N/metrics.csv)"},
+                      PlotSettings, _plot)
+    return command("altogether plot", argv)
 
 
 if __name__ == "__main__":
     import sys
-
-    from .cli import run_cli
 
     sys.exit(run_cli(main))

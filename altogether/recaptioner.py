@@ -268,10 +268,12 @@ class Recaptioner:
         progress: bool | str = False,
         **generation_kwargs: Any,
     ) -> list[str] | list[list[str]]:
-        """Captions of ``images`` (PIL images, file paths or encoded bytes), one list entry per image.
+        """Captions of ``images`` (PIL images, file paths, encoded bytes, or numpy arrays / torch tensors of pixels,
+        ``N x ...`` for a batch; :func:`~altogether.data.images.load_image` says which), one list entry per image.
 
         ``alt_texts``: ``None`` (caption from scratch) or one entry per image, each a string, a list of strings
-        (several alt-texts of one image, joined by the training prompt rule) or ``None``. A single image may be
+        (several alt-texts of one image, joined by the training prompt rule), or ``None`` / NaN for none; a
+        number is a TypeError naming its entry. A single image may be
         passed on its own, with its alt-text(s) on their own. ``num_captions > 1`` returns a list of lists.
         Generation keywords use Hugging Face names (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_p``, ``top_k``, ``num_beams``, ...; :class:`~altogether.generation.GenerationConfig`) and default
@@ -285,7 +287,12 @@ class Recaptioner:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         generation = self.settings(generation_kwargs, num_captions=num_captions)
-        prompts = [self.prepare.prompt(alt) for alt in alt_texts]
+        prompts = []
+        for i, alt in enumerate(alt_texts):
+            try:
+                prompts.append(self.prepare.prompt(alt))
+            except TypeError as err:
+                raise TypeError(f"alt_texts[{i}]: {err}") from None
         captions: list[list[str]] = [[] for _ in images]
         label = progress if isinstance(progress, str) else "recaption"
         with tqdm(total=len(images), desc=label, unit="img", disable=not progress) as bar:
@@ -373,8 +380,8 @@ def _per_image(images, alt_texts) -> tuple[list[ImageRef], list[AltTexts]]:
     """Images and their alt-text entries as equal-length lists; a lone image takes its alt-text(s) as given."""
     from PIL import Image
 
-    if isinstance(images, (str, Path, bytes, Image.Image)):
-        return [images], [alt_texts]
+    if isinstance(images, (str, Path, bytes, Image.Image)) or getattr(images, "ndim", 4) <= 3:
+        return [images], [alt_texts]  # one image (an array of up to 3 dimensions is one image, 4 are a batch)
     images = list(images)
     if alt_texts is None:
         return images, [None] * len(images)

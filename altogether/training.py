@@ -511,6 +511,7 @@ def fit(
     if cfg.trainer.activation_checkpointing:
         checkpoint_activations(model)
     train_source, val_source = sources if sources is not None else open_sources(cfg)
+    cache = None
     if cfg.data.use_cache:
         from .cache_embeddings import CachedSource, EmbeddingCache
 
@@ -518,7 +519,7 @@ def fit(
         train_source, val_source = (CachedSource(s, cache) if s is not None else None for s in (train_source, val_source))
     accumulate = accumulation_steps(cfg, _world_size(cfg))
     datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,
-                                   val_source=val_source)
+                                   val_source=val_source, cache=cache)
     module = CaptionerModule(model, cfg)
     if cfg.trainer.compile:
         # In place, and the module hidden_states calls: weight names stay the export's.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from altogether import annotate
 from altogether.annotate import AnnotationError
+from altogether.cli import run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "annotations" / "examples.jsonl"
 STAMP = "2024-06-01T12:00:00Z"
@@ -119,7 +121,7 @@ def test_unreadable_json_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n\n" + '{"id": "x", \n', encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"broken\.jsonl:3: not valid JSON"):
         annotate.read_records(path)
-    assert annotate.main(["stats", str(path)]) == 2
+    assert run_cli(annotate.main, ["stats", str(path)]) == 2
 
 
 def test_duplicate_ids_are_rejected(tmp_path):
@@ -151,7 +153,7 @@ def test_next_round_merge_round_trip_through_cli(tmp_path, capsys):
     records_path.write_text(EXAMPLES.read_text(encoding="utf-8"), encoding="utf-8")
     before = annotate.read_records(records_path)
     tasks_path = tmp_path / "tasks.jsonl"
-    assert annotate.main(["next-round", str(records_path), str(tasks_path), "--vendors", "A,B", "--swap"]) == 0
+    assert annotate.main(["next-round", str(records_path), str(tasks_path), "vendors=A,B", "swap=true"]) == 0
     tasks = _read_jsonl(tasks_path)
     assert [t["id"] for t in tasks] == [r["id"] for r in before]
     done = [_complete(task, suffix=f" Detail {i}.") for i, task in enumerate(tasks)]
@@ -193,7 +195,7 @@ def test_merge_error_names_task_and_field_and_leaves_out_untouched(tmp_path, cap
     tasks_path = _write_jsonl(tmp_path / "tasks.jsonl", tasks)
     out = tmp_path / "out.jsonl"
     out.write_text("sentinel\n", encoding="utf-8")
-    assert annotate.main(["merge", str(records_path), str(tasks_path), str(out)]) == 2
+    assert run_cli(annotate.main, ["merge", str(records_path), str(tasks_path), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "tasks.jsonl:3" in err and expected in err
@@ -217,7 +219,7 @@ def test_merge_skip_incomplete_and_duplicate_tasks():
 def test_merge_accepts_several_task_files(tmp_path):
     records_path = _write_jsonl(tmp_path / "records.jsonl", annotate.read_records(EXAMPLES))
     pattern = str(tmp_path / "tasks_{vendor}.jsonl")
-    assert annotate.main(["next-round", str(records_path), pattern, "--vendors", "A,B", "--seed", "3"]) == 0
+    assert annotate.main(["next-round", str(records_path), pattern, "vendors=A,B", "seed=3"]) == 0
     files = sorted(tmp_path.glob("tasks_*.jsonl"))
     assert [f.name for f in files] == ["tasks_A.jsonl", "tasks_B.jsonl"]
     for f in files:
@@ -265,14 +267,14 @@ def test_two_rounds_alternate_vendors(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--swap"], "--swap needs --vendors"),
-        (["--vendors", "A", "--swap"], "at least two vendors"),
-        (["--vendors", "A,A"], "distinct"),
+        (["swap=true"], "swap=true needs vendors="),
+        (["vendors=A", "swap=true"], "at least two vendors"),
+        (["vendors=A,A"], "distinct"),
     ],
 )
 def test_next_round_option_errors(tmp_path, capsys, extra, expected):
     out = tmp_path / "t.jsonl"
-    assert annotate.main(["next-round", str(EXAMPLES), str(out), *extra]) == 2
+    assert run_cli(annotate.main, ["next-round", str(EXAMPLES), str(out), *extra]) == 2
     assert expected in capsys.readouterr().err and not out.exists()
 
 
@@ -332,8 +334,8 @@ def test_stats_cli_with_clip_scores_markdown_and_json(tmp_path, capsys):
     records = _write_jsonl(tmp_path / "r.jsonl", STATS_RECORDS)
     scorer = FakeScorer()
     loaded = []
-    argv = ["stats", str(records), "--clip-model", "fake-model", "--clip-pretrained", "tag"]
-    argv += ["--image-root", str(tmp_path), "--json", str(tmp_path / "s.json")]
+    argv = ["stats", str(records), "clip_model=fake-model", "clip_pretrained=tag"]
+    argv += [f"image_root={tmp_path}", f"json={tmp_path / 's.json'}"]
     assert annotate.main(argv, load_scorer=lambda *a: loaded.append(a) or scorer) == 0
     assert loaded == [("fake-model", "tag", "cpu")]
     out = capsys.readouterr().out
@@ -350,8 +352,8 @@ def test_stats_cli_with_clip_scores_markdown_and_json(tmp_path, capsys):
 
 
 def test_stats_clip_pretrained_without_model_is_an_error(capsys):
-    assert annotate.main(["stats", str(EXAMPLES), "--clip-pretrained", "x"]) == 2
-    assert "--clip-pretrained needs --clip-model" in capsys.readouterr().err
+    assert run_cli(annotate.main, ["stats", str(EXAMPLES), "clip_pretrained=x"]) == 2
+    assert "clip_pretrained needs clip_model" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ prefill
@@ -395,7 +397,7 @@ def test_prefill_cli_and_errors(tmp_path, capsys):
     path = _write_jsonl(tmp_path / "r.jsonl", records)
     out = tmp_path / "drafts_{vendor}.jsonl"
     fake = FakeCaptioner()
-    argv = ["prefill", str(path), str(out), "--model", "some/export", "--image-root", str(tmp_path), "--vendors", "A,B", "--swap"]
+    argv = ["prefill", "some/export", str(path), str(out), f"image_root={tmp_path}", "vendors=A,B", "swap=true"]
     assert annotate.main(argv, load_captioner=lambda model: fake if model == "some/export" else None) == 0
     written = _read_jsonl(tmp_path / "drafts_A.jsonl") + _read_jsonl(tmp_path / "drafts_B.jsonl")
     assert sorted(t["id"] for t in written) == ["p0", "p1", "p2"]
@@ -403,7 +405,8 @@ def test_prefill_cli_and_errors(tmp_path, capsys):
     assert next(t for t in written if t["id"] == "p1")["vendor"] == "B"  # p1's round 2 was vendor A
     # A record whose image is not on disk: one clear line before the model is loaded, nothing written.
     (tmp_path / "im2.png").unlink()
-    assert annotate.main([*argv[:2], str(tmp_path / "x.jsonl"), *argv[3:]], load_captioner=pytest.fail) == 2
+    failing = partial(annotate.main, load_captioner=pytest.fail)
+    assert run_cli(failing, [*argv[:3], str(tmp_path / "x.jsonl"), *argv[4:]]) == 2
     assert "record 'p2': img_path 'im2.png' not found" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -448,7 +451,7 @@ def test_altogether_ft_errors(tmp_path, capsys):
         annotate.records_from_ft({"data": [{"alt": "x", "round2": "y"}]}, timestamp=STAMP)
     path = tmp_path / "ft.json"
     path.write_text(json.dumps([1, 2]), encoding="utf-8")
-    assert annotate.main(["from-ft", str(path), str(tmp_path / "r.jsonl")]) == 2
+    assert run_cli(annotate.main, ["from-ft", str(path), str(tmp_path / "r.jsonl")]) == 2
     assert 'Altogether-FT layout {"data": [...]}' in capsys.readouterr().err
 
 
@@ -456,7 +459,7 @@ def test_from_ft_cli_uses_file_time_by_default(tmp_path):
     path = tmp_path / "ft.json"
     path.write_text(json.dumps({"data": [{"alt": "x", "url": "u", "round2": "A photo of x."}]}), encoding="utf-8")
     out = tmp_path / "r.jsonl"
-    assert annotate.main(["from-ft", str(path), str(out), "--vendor", "V1"]) == 0
+    assert annotate.main(["from-ft", str(path), str(out), "vendor=V1"]) == 0
     (record,) = annotate.read_records(out)
     assert record["rounds"][0]["vendor"] == "V1" and record["rounds"][0]["timestamp"].endswith("+00:00")
 
@@ -469,7 +472,7 @@ def test_stats_with_a_real_tiny_open_clip_model(tiny_dirs, tmp_path, capsys):
     Image.new("RGB", (40, 30), (20, 20, 200)).save(tmp_path / "s2.png")
     records = _write_jsonl(tmp_path / "r.jsonl", STATS_RECORDS)
     model = f"local-dir:{tiny_dirs[0]}"
-    argv = ["stats", str(records), "--clip-model", model, "--image-root", str(tmp_path), "--json", str(tmp_path / "s.json")]
+    argv = ["stats", str(records), f"clip_model={model}", f"image_root={tmp_path}", f"json={tmp_path / 's.json'}"]
     assert annotate.main(argv) == 0  # the default loader: ClipScorer.from_open_clip
     rounds = {row["round"]: row for row in json.loads((tmp_path / "s.json").read_text())["rounds"]}
     scorer = ClipScorer.from_open_clip(model)
@@ -479,3 +482,49 @@ def test_stats_with_a_real_tiny_open_clip_model(tiny_dirs, tmp_path, capsys):
         expected = scorer.score(images, texts).clip_score.mean().item()
         assert rounds[number]["clip_n"] == 2 and rounds[number]["mean_clip_score"] == pytest.approx(expected, abs=1e-4)
     assert "CLIPScore (100 * max(cos, 0)) for 2 of 3 record(s)" in capsys.readouterr().out
+
+
+def test_from_ft_non_utf8_file_is_one_line_naming_it(tmp_path, capsys):
+    path = tmp_path / "ft.json"
+    path.write_bytes(b'{"data": [\n {"alt": "caf\xe9", "url": "u", "round2": "x"}]}')  # Latin-1, as some exports are
+    out = tmp_path / "r.jsonl"
+    assert run_cli(annotate.main, ["from-ft", str(path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}:2: not UTF-8 text (byte 0xe9 at column 14)\n" and not out.exists()
+
+
+def test_next_round_vendor_files_all_or_nothing(tmp_path, capsys):
+    """One vendor's file cannot be written: no vendor's file appears (was: A's file written, then a traceback)."""
+    records_path = _write_jsonl(tmp_path / "records.jsonl", annotate.read_records(EXAMPLES))
+    (tmp_path / "round2_B.jsonl").mkdir()  # B's target is taken by a folder
+    argv = ["next-round", str(records_path), str(tmp_path / "round2_{vendor}.jsonl"), "vendors=A,B"]
+    assert run_cli(annotate.main, argv) == 2
+    assert "round2_B.jsonl: is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl", "round2_B.jsonl"]  # no A, no temporaries
+
+
+def test_next_round_write_failure_leaves_no_vendor_file(tmp_path, monkeypatch):
+    """The disk fills while the second vendor's file is flushed: neither file is renamed into place."""
+    from altogether import io as altogether_io
+
+    records_path = _write_jsonl(tmp_path / "records.jsonl", annotate.read_records(EXAMPLES))
+    calls = []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:  # the last file opened is flushed first
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(altogether_io.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        annotate.main(["next-round", str(records_path), str(tmp_path / "r2_{vendor}.jsonl"), "vendors=A,B"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+
+
+def test_flags_are_refused_with_the_key_value_form(tmp_path, capsys):
+    argv = ["next-round", str(EXAMPLES), str(tmp_path / "t.jsonl"), "--vendors", "A,B"]
+    assert run_cli(annotate.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "settings are key=value, not flags (--vendors: write vendors=...;" in err
+    assert run_cli(annotate.main, ["next-round", str(EXAMPLES), str(tmp_path / "t.jsonl"), "vendor=A"]) == 2
+    assert "key 'vendor'" in capsys.readouterr().err and not (tmp_path / "t.jsonl").exists()

@@ -100,3 +100,57 @@ def _flat(cfg):
     return {"data.format": cfg.data.format, "data.train": cfg.data.train, "model.encoder.name": cfg.model.encoder.name,
             "model.encoder.pretrained": "null", "model.mapper.num_visual_tokens": 4, "init_from": "null",
             "model.decoder.tokenizer": cfg.model.decoder.tokenizer}
+
+
+def test_metaclip_shards_are_cached_by_the_command_and_pretrain_trains_from_the_cache(hub_world, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """The pretrain recipe's own format: webdataset shards (MetaCLIP layout) -> the command -> a streamed pretrain
+    that reads vectors, never pixels."""
+    from altogether import train
+    from altogether.cli import run_cli
+    from altogether.config import EncoderConfig
+    from altogether.data import datamodule
+    from altogether.model import ImageEncoder
+
+    w = hub_world
+    cache_dir = tmp_path / "cache"
+    argv = ["recipe=pretrain", *w.model_overrides(), f"data.train={w.shard_pattern}", f"cache_dir={cache_dir}",
+            "batch_size=5"]
+    assert run_cli(main, argv) == 0
+    meta = json.loads((cache_dir / "cache.json").read_text())
+    assert (meta["records"], meta["skipped"], meta["dim"]) == (len(w.pretrain_images), 0, 1024)
+    cache = EmbeddingCache(cache_dir)
+    assert sorted(cache.index) == sorted(image.uuid for image in w.pretrain_images)  # MetaCLIP's uuids are the keys
+    encoder, transform = ImageEncoder.from_config(EncoderConfig(name=f"local-dir:{w.encoder}", pretrained=None))
+    first = w.pretrain_images[0]
+    with torch.no_grad():
+        direct = encoder(transform(load_image(first.image()))[None])[0]
+    torch.testing.assert_close(cache[first.uuid].float(), direct, atol=2e-3, rtol=0)
+
+    decoded = []
+    real_load = datamodule.load_image
+    monkeypatch.setattr(datamodule, "load_image", lambda *a, **k: decoded.append(1) or real_load(*a, **k))
+    run = tmp_path / "run"
+    assert run_cli(train.main, ["recipe=pretrain", *w.model_overrides(), f"data.train={w.shard_pattern}",
+                                "data.use_cache=true", f"data.cache_dir={cache_dir}", "data.shuffle_buffer=8",
+                                f"output_dir={run}", "optim.max_steps=2", "optim.warmup_steps=1",
+                                "optim.global_batch_size=8", "data.micro_batch_size=4", "data.num_workers=0",
+                                "trainer.progress_bar=false"]) == 0, capsys.readouterr().err[-2000:]
+    training = json.loads((run / "export" / "altogether.json").read_text())["training"]
+    assert training["steps"] == 2 and training["skipped"] == 0
+    assert decoded == []  # every training sample came from the cache
+
+
+def test_the_command_refuses_duplicate_keys_and_an_empty_result_leaving_nothing(tmp_path, tiny_parts):
+    from altogether.data.records import Record
+    from tests.conftest import draw
+
+    model, _, transform = tiny_parts
+    spec = {"name": "x", "pretrained": None}
+    twice = [Record("a", draw("red", "square"), []), Record("a", draw("blue", "circle"), [])]
+    with pytest.raises(ValueError, match="record key 'a' appears twice in test"):
+        write_cache(tmp_path / "c", twice, model.encoder, transform, encoder_spec=spec, source="test")
+    with pytest.raises(ValueError, match=r"no image of test could be embedded \(1 skipped, e.g. .*missing.png"):
+        write_cache(tmp_path / "c", [Record("b", str(tmp_path / "missing.png"), [])], model.encoder, transform,
+                    encoder_spec=spec, source="test")
+    assert not (tmp_path / "c").exists()

@@ -48,14 +48,45 @@ def test_user_mistake_is_one_line_exit_2_and_debug_shows_the_traceback(monkeypat
 
 
 def test_subcommands_reach_their_modules(capsys):
-    """Each subcommand answers ``--help`` from its own module (argparse ones exit 0 through SystemExit)."""
+    """Each subcommand answers ``--help`` from its own module."""
     for name in cli.SUBCOMMANDS:
-        try:
-            code = cli.main([name, "--help"])
-        except SystemExit as stop:
-            code = stop.code
+        code = cli.main([name, "--help"])
         out = capsys.readouterr().out
         assert code == 0 and "usage" in out, name
+
+
+@pytest.mark.parametrize("argv", [
+    ["mix", "a.recaption.jsonl", "--out", "x.parquet"],
+    ["annotate", "next-round", "records.jsonl", "tasks.jsonl", "--vendors", "A,B"],
+    ["hub", "push", "runs/r", "you/model", "--private"],
+    ["plot", "runs/r", "--out", "c.png"],
+])
+def test_every_subcommand_takes_key_value_settings_not_flags(argv, capsys):
+    """One grammar: a flag is a user mistake, one line naming it, exit 2, before any file is read."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    flag = next(arg for arg in argv if arg.startswith("--"))
+    key = flag.removeprefix("--").replace("-", "_")
+    assert err.count("\n") == 1 and f"settings are key=value, not flags ({flag}: write {key}=..." in err
+
+
+def test_action_help_lists_settings_with_defaults_and_required_keys(capsys):
+    assert cli.main(["annotate", "prefill", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: altogether annotate prefill MODEL RECORDS OUT [key=value ...]")
+    assert "  batch_size=16 " in out and "  vendors=null " and "  swap=false " in out in out
+    assert cli.main(["mix", "--help"]) == 0
+    assert "  out=... (required) " in capsys.readouterr().out
+    assert cli.main(["annotate"]) == 2 and "next-round" in capsys.readouterr().err
+    assert cli.main(["annotate", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: altogether annotate: unknown action 'nope'; choose one of:")
+
+
+def test_settings_are_type_checked_and_required_ones_named(tmp_path, capsys):
+    assert cli.main(["mix", str(tmp_path / "a.recaption.jsonl")]) == 2
+    assert capsys.readouterr().err == "error: key 'out' is required: add out=...\n"
+    assert cli.main(["mix", str(tmp_path / "a.recaption.jsonl"), "out=x.parquet", "seed=abc"]) == 2
+    assert capsys.readouterr().err.startswith("error: key 'seed': ")
 
 
 def test_training_run_logs_each_line_once_and_no_advertisement(tiny_dirs, jsonl_data, tmp_path):

@@ -279,3 +279,14 @@ def test_format_table_orders_columns_and_marks_missing():
         "reference": {"CLIPScore": "28.50", "BLEU-1": "n/a", "METEOR": "n/a", "extra": "n/a"},
     }
     assert "- skipped NP-P, NP-R: no spaCy" in text and "- skipped METEOR: no java" in text
+
+
+def test_a_one_record_set_reports_cider_unavailable_not_zero(export, ft_json, tmp_path, no_java, capsys):
+    out = tmp_path / "eval"
+    assert run_cli(main, [str(export), str(ft_json), f"output_dir={out}", "progress=false", "limit=1",
+                          "conditions=w/ alt"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["data"]["evaluated"] == 1
+    assert summary["metrics"]["w/ alt"]["CIDEr"] is None and "IDF" in summary["skipped"]["CIDEr"]
+    assert summary["baselines"]["alt-text"]["CIDEr"] is None
+    assert markdown_rows(capsys.readouterr().out)["w/ alt"]["CIDEr"] == "n/a"

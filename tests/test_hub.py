@@ -89,14 +89,14 @@ def test_hub_round_trip_gives_identical_captions(run_dir, uploads, tmp_path, mon
 
 
 def test_cli_push_matches_push_to_hub(run_dir, uploads, capsys):
-    assert hub.main(["push", str(run_dir), REPO, "--private"]) == 0
+    assert hub.main(["push", str(run_dir), REPO, "private=true"]) == 0
     create, upload = uploads
     assert create["private"] is True and create["token"] is None  # the token comes from HF_TOKEN / login
     assert upload["files"] == sorted(EXPORT_FILES + ["README.md", "metrics.json"])
     assert upload["contents"]["model.safetensors"] == (run_dir / "export" / "model.safetensors").read_bytes()
     assert f"uploaded: https://huggingface.co/{REPO}" in capsys.readouterr().out
 
-    assert hub.main(["push", str(run_dir / "export"), REPO, "--dry-run"]) == 0
+    assert hub.main(["push", str(run_dir / "export"), REPO, "dry_run=true"]) == 0
     out = capsys.readouterr().out
     assert "README.md" in out and "encoder/open_clip_model.safetensors" in out and "library_name: altogether" in out
     assert len(uploads) == 2  # the dry run uploaded nothing

@@ -220,6 +220,85 @@ def test_32_bit_integer_and_float_images():
     assert pixels(load_image(data)) == [BLACK, BLACK, (51,) * 3, (128,) * 3, WHITE, WHITE]  # 0..1, clipped
 
 
+# ------------------------------------------------------------------------------------------ colour profiles
+# ICC v2 display profiles (ICC.1:2001-04), written here byte by byte: a matrix/TRC RGB profile whose red and blue
+# colorants are sRGB's blue and red (so a colour-managed viewer shows stored red as blue), and a grey profile with
+# a linear tone curve. Colorants are sRGB's primaries adapted to D50, the profile connection space's white.
+SRGB_D50 = {"red": (0.4361, 0.2225, 0.0139), "green": (0.3851, 0.7169, 0.0971), "blue": (0.1431, 0.0606, 0.7141)}
+D50 = (0.9642, 1.0, 0.8249)
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _icc_profile(colour_space: bytes, tags: dict[bytes, bytes]) -> bytes:
+    """A profile of device class ``mntr`` with PCS XYZ: header, tag table, tag data (4-byte aligned)."""
+    tags = {b"desc": b"desc" + bytes(4) + struct.pack(">I", 5) + b"test\0" + bytes(8 + 3 + 67), **tags}
+    table, data = b"", b""
+    start = 128 + 4 + 12 * len(tags)
+    for signature, body in tags.items():
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", start + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", start + len(data)) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"mntr" + colour_space
+              + b"XYZ " + bytes(12) + b"acsp" + bytes(28) + b"".join(map(_s15, D50)) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _xyz(values) -> bytes:
+    return b"XYZ " + bytes(4) + b"".join(map(_s15, values))
+
+
+def _gamma(gamma: float) -> bytes:
+    return b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
+
+
+SWAPPED_RGB = _icc_profile(b"RGB ", {
+    b"wtpt": _xyz(D50), b"rXYZ": _xyz(SRGB_D50["blue"]), b"gXYZ": _xyz(SRGB_D50["green"]),
+    b"bXYZ": _xyz(SRGB_D50["red"]), b"rTRC": _gamma(2.2), b"gTRC": _gamma(2.2), b"bTRC": _gamma(2.2),
+})
+LINEAR_GREY = _icc_profile(b"GRAY", {b"wtpt": _xyz(D50), b"kTRC": _gamma(1.0)})
+
+
+def _srgb_encoded(linear: float) -> int:
+    """IEC 61966-2-1's transfer function, 0..1 linear light to 0..255."""
+    value = 12.92 * linear if linear <= 0.0031308 else 1.055 * linear ** (1 / 2.4) - 0.055
+    return round(255 * value)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_embedded_rgb_profile_is_applied(fmt):
+    """Stored (200, 30, 60) under a profile that swaps red and blue is shown about (60, 30, 200): the tone curves
+    differ a little (gamma 2.2 against sRGB's), hence the tolerance."""
+    options = {"quality": 100} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    stored = Image.new("RGB", (8, 8), (200, 30, 60))
+    shown = load_image(encoded(stored, fmt, icc_profile=SWAPPED_RGB, **options))
+    assert shown.mode == "RGB" and close(shown.getpixel((4, 4)), (60, 30, 200), tol=8)
+
+
+def test_a_profile_keeps_transparency_and_is_matted_after():
+    stored = Image.new("RGBA", (2, 1), (200, 30, 60, 255))
+    stored.putpixel((1, 0), (200, 30, 60, 0))
+    shown = load_image(encoded(stored, "PNG", icc_profile=SWAPPED_RGB))
+    assert close(shown.getpixel((0, 0)), (60, 30, 200), tol=8) and shown.getpixel((1, 0)) == WHITE
+
+
+def test_a_grey_profile_with_a_linear_curve_is_brightened_to_srgb():
+    for mode, value in (("L", 64), ("LA", (64, 255))):
+        shown = load_image(encoded(Image.new(mode, (4, 4), value), "PNG", icc_profile=LINEAR_GREY))
+        assert close(shown.getpixel((1, 1)), (_srgb_encoded(64 / 255),) * 3, tol=2)  # 137, not 64
+
+
+def test_srgb_missing_unreadable_and_mismatched_profiles_leave_the_values():
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    stored = Image.new("RGB", (4, 4), (200, 30, 60))
+    for profile in (srgb, b"not a profile" * 20, LINEAR_GREY):  # a grey profile does not describe RGB values
+        assert close(load_image(encoded(stored, "PNG", icc_profile=profile)).getpixel((1, 1)), (200, 30, 60), tol=1)
+
+
 def frames(colours):
     return [Image.new("RGB", (8, 8), c) for c in colours]
 

@@ -157,6 +157,24 @@ def test_cider_of_exact_copies_is_its_maximum(no_java):
     assert scores["BLEU-4"] == pytest.approx(100.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("captions", [
+    ["a brown dog runs on grass"],  # one example: every IDF weight is log 1 - log 1 = 0
+    ["a brown dog runs on grass", "a brown dog runs on grass"],  # two examples, the same references
+])
+def test_cider_is_unavailable_not_zero_when_the_set_gives_it_no_weights(no_java, captions):
+    with pytest.warns(RuntimeWarning, match="CIDEr skipped"):
+        result = score_captions(captions, captions, noun_phrases=lambda texts: [set() for _ in texts])
+    assert result.scores["CIDEr"] is None and "IDF" in result.skipped["CIDEr"]
+    assert result.scores["BLEU-4"] == pytest.approx(100.0, rel=1e-6)  # the other metrics still score
+
+
+def test_cider_of_two_examples_that_differ_is_a_number(no_java):
+    captions = ["a brown dog runs on grass", "a brown dog runs on sand"]
+    with pytest.warns(RuntimeWarning):
+        result = score_captions(captions, captions, noun_phrases=lambda texts: [set() for _ in texts])
+    assert "CIDEr" not in result.skipped and result.scores["CIDEr"] > 100.0
+
+
 def test_noun_phrase_scores_by_hand():
     predicted = [{"brown dog", "grass"}, {"red car", "tree", "road"}, set()]
     reference = [{"brown dog", "green grass"}, {"red car", "tree"}, {"cat"}]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from altogether import mix
+from altogether.cli import run_cli
 from altogether.mix import MixError, ScoreFilter
 from altogether.recaption import write_shard_output
 
@@ -213,7 +214,7 @@ def test_cli_parquet_output_reads_back(tmp_path, capsys):
     source = tmp_path / "recaptions.recaption.parquet"  # as recaption writes it, with score columns added
     write_shard_output(source, rows, pa.Table.from_pylist(rows).schema)
     out = tmp_path / "train.parquet"
-    assert mix.main([str(source), "--out", str(out), "--seed", "4", "--caption-top", "0.5"]) == 0
+    assert mix.main([str(source), f"out={out}", "seed=4", "caption_top=0.5"]) == 0
     printed = json.loads(capsys.readouterr().out)
     table = pq.read_table(out)
     assert table.column_names == ["key", "text", "source", "img_path"]
@@ -237,7 +238,7 @@ def test_cli_webdataset_output_reads_back(tmp_path):
     rows = _rows(25)
     source = _write_jsonl(tmp_path / "recaptions.recaption.jsonl", rows)
     out = tmp_path / "shards"
-    assert mix.main([str(source), "--out", str(out), "--target", "t2i", "--shard-size", "10"]) == 0
+    assert mix.main([str(source), f"out={out}", "target=t2i", "shard_size=10"]) == 0
     shards = sorted(out.glob("shard-*.tar"))
     assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     read = {}
@@ -251,7 +252,7 @@ def test_cli_webdataset_output_reads_back(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_out"] == 25 and summary["kept_caption"] == 25 and summary["shards"] == [s.name for s in shards]
     # A second run into the same folder is refused and leaves it as it was.
-    assert mix.main([str(source), "--out", str(out)]) == 2
+    assert run_cli(mix.main, [str(source), f"out={out}"]) == 2
     assert sorted(p.name for p in out.iterdir()) == [*(s.name for s in shards), "summary.json"]
 
 
@@ -263,7 +264,7 @@ def test_webdataset_both_columns_with_images_and_webdataset_reader(tmp_path):
     rows[1]["caption"] = None
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
     out = tmp_path / "wds"
-    assert mix.main([str(source), "--out", str(out), "--both-columns", "--with-images", "--image-root", str(tmp_path)]) == 0
+    assert mix.main([str(source), f"out={out}", "both_columns=true", "with_images=true", f"image_root={tmp_path}"]) == 0
     read = _read_tar(out / "shard-000000.tar")
     assert read["000000"]["alt_text.txt"] == b"alt 0" and read["000000"]["caption.txt"] == b"caption 0"
     assert "caption.txt" not in read["000001"]
@@ -296,8 +297,8 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
     rows[3]["alt_clip_score"] = 99.0  # given scores are kept
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
     out = tmp_path / "o.parquet"
-    argv = [str(source), "--out", str(out), "--p", "0", "--alt-threshold", "30", "--caption-threshold", "35"]
-    argv += ["--clip-model", "m", "--image-root", str(tmp_path)]
+    argv = [str(source), f"out={out}", "p=0", "alt_threshold=30", "caption_threshold=35"]
+    argv += ["clip_model=m", f"image_root={tmp_path}"]
     assert mix.main(argv, load_scorer=lambda *args: FakeScorer()) == 0
     by_key = {s["key"]: s for s in pq.read_table(out).to_pylist()}
     # alt scores: 0+40, 1+10, 2+40, 99 -> rows 0, 2, 3 keep their alt; row 1 falls back to the 4-word caption (41).
@@ -314,16 +315,16 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--alt-threshold", "1", "--alt-top", "0.5"], "--alt-threshold and --alt-top are alternatives"),
-        (["--caption-top", "2"], "top fraction must be in (0, 1]"),
-        (["--clip-model", "m"], "--clip-model only computes scores for filtering"),
-        (["--clip-pretrained", "t"], "--clip-pretrained needs --clip-model"),
+        (["alt_threshold=1", "alt_top=0.5"], "alt_threshold and alt_top are alternatives"),
+        (["caption_top=2"], "top fraction must be in (0, 1]"),
+        (["clip_model=m"], "clip_model only computes scores for filtering"),
+        (["clip_pretrained=t"], "clip_pretrained needs clip_model"),
     ],
 )
 def test_cli_option_errors_are_one_line(tmp_path, capsys, extra, expected):
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", _rows(3))
     out = tmp_path / "o.parquet"
-    assert mix.main([str(source), "--out", str(out), *extra]) == 2
+    assert run_cli(mix.main, [str(source), f"out={out}", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1
     assert not out.exists()
@@ -331,7 +332,7 @@ def test_cli_option_errors_are_one_line(tmp_path, capsys, extra, expected):
 
 def test_webdataset_rejects_keys_with_dots_and_leaves_nothing(tmp_path, capsys):
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", [{"key": "a.b", "alt_text": "x", "caption": "y"}])
-    assert mix.main([str(source), "--out", str(tmp_path / "wds")]) == 2
+    assert run_cli(mix.main, [str(source), f"out={tmp_path / 'wds'}"]) == 2
     assert "row 'a.b': webdataset keys cannot contain '.'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.recaption.jsonl"]
 
@@ -339,7 +340,7 @@ def test_webdataset_rejects_keys_with_dots_and_leaves_nothing(tmp_path, capsys):
 def test_cli_output_is_deterministic(tmp_path):
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", _rows(100))
     for name in ("a.parquet", "b.parquet"):
-        assert mix.main([str(source), "--out", str(tmp_path / name), "--seed", "9"]) == 0
+        assert mix.main([str(source), f"out={tmp_path / name}", "seed=9"]) == 0
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
 
 
@@ -373,10 +374,10 @@ def test_mix_refuses_files_that_are_not_recaption_outputs(tmp_path, capsys):
     keys = [f"00000000{i}" for i in range(3)]
     metadata = _img2dataset_metadata(tmp_path / "00000.parquet", keys)
     out = tmp_path / "train.parquet"
-    assert mix.main([str(metadata), "--out", str(out)]) == 2  # was: 3/3 rows "source: caption", the alt-texts
+    assert run_cli(mix.main, [str(metadata), f"out={out}"]) == 2  # was: 3/3 rows "source: caption", the alt-texts
     assert "00000.parquet: not a recaption output (no 'altogether.recaption' schema metadata" in _error_line(capsys)
     manifest = _write_jsonl(tmp_path / "manifest.jsonl", [{"key": k, "caption": "x"} for k in keys])
-    assert mix.main([str(manifest), "--out", str(out)]) == 2
+    assert run_cli(mix.main, [str(manifest), f"out={out}"]) == 2
     assert "manifest.jsonl: not a recaption output (not named *.recaption.jsonl" in _error_line(capsys)
     assert not out.exists()
     # The real output is accepted, under its own name or renamed (the Parquet metadata travels with it).
@@ -385,7 +386,7 @@ def test_mix_refuses_files_that_are_not_recaption_outputs(tmp_path, capsys):
     renamed = tmp_path / "renamed.parquet"
     renamed.write_bytes(source.read_bytes())
     for path in (source, renamed):
-        assert mix.main([str(path), "--out", str(out), "--p", "1"]) == 0
+        assert mix.main([str(path), f"out={out}", "p=1"]) == 0
         assert [r["text"] for r in pq.read_table(out).to_pylist()] == [f"synthetic {k}" for k in keys]
 
 
@@ -403,18 +404,18 @@ def test_originals_alt_text_column_is_a_setting_and_a_missing_one_is_an_error(tm
         columns = "key, alt"
     out = tmp_path / "train.parquet"
     # Without the column named: was exit 0, 100 % synthetic; now one line naming the file and its columns.
-    assert mix.main([str(source), "--out", str(out), "--originals", str(originals)]) == 2
+    assert run_cli(mix.main, [str(source), f"out={out}", f"originals={originals}"]) == 2
     assert f"{originals}: no column 'alt_text' (columns: {columns})" in _error_line(capsys)
     assert not out.exists()
-    argv = [str(source), "--out", str(out), "--originals", str(originals), "--alt-column", column, "--p", "0"]
+    argv = [str(source), f"out={out}", f"originals={originals}", f"alt_column={column}", "p=0"]
     assert mix.main(argv) == 0
     assert [(r["key"], r["text"], r["source"]) for r in pq.read_table(out).to_pylist()] == [
         (k, f"web alt {k}", "alt") for k in keys[:3]]
     captured = capsys.readouterr()
     assert json.loads(captured.out)["missing_original"] == 1
-    assert "warning: 1 recaption row(s) had no row in --originals and were dropped" in captured.err
-    assert mix.main([str(source), "--out", str(tmp_path / "x.parquet"), "--alt-column", "alt"]) == 2
-    assert "--alt-column names the alt-text column of --originals" in _error_line(capsys)
+    assert "warning: 1 recaption row(s) had no row in originals and were dropped" in captured.err
+    assert run_cli(mix.main, [str(source), f"out={tmp_path / 'x.parquet'}", "alt_column=alt"]) == 2
+    assert "alt_column names the alt-text column of originals" in _error_line(capsys)
 
 
 def _open_clip_samples(shard: Path) -> list[tuple[str, tuple[int, int], str]]:
@@ -445,11 +446,11 @@ def test_with_images_reads_only_inside_the_image_root(tmp_path, capsys):
             {"key": "good", "alt_text": "a", "caption": "c", "img_path": "ok.png"},
             {"key": "evil", "alt_text": "a", "caption": "c", "img_path": img_path}])
         out = tmp_path / f"wds-{name}"
-        argv = [str(source), "--out", str(out), "--with-images", "--image-root", str(root)]
-        assert mix.main(argv) == 2  # was: the outside file copied into the training shard
+        argv = [str(source), f"out={out}", "with_images=true", f"image_root={root}"]
+        assert run_cli(mix.main, argv) == 2  # was: the outside file copied into the training shard
         assert f"row 'evil': img_path {img_path!r} is outside the image root {root.resolve()}" in _error_line(capsys)
         assert not out.exists()
-        assert mix.main([*argv, "--allow-outside-root"]) == 0  # the user's explicit choice
+        assert mix.main([*argv, "allow_outside_root=true"]) == 0  # the user's explicit choice
         assert [s[:2] for s in _open_clip_samples(out / "shard-000000.tar")] == [("good", (10, 20, 30)),
                                                                                 ("evil", (1, 2, 3))]
 
@@ -457,7 +458,7 @@ def test_with_images_reads_only_inside_the_image_root(tmp_path, capsys):
 @pytest.mark.parametrize("key", ["/abs/evil", "dir/evil", "a\\b", "", "tab\there"])
 def test_keys_never_become_paths_in_the_tar(tmp_path, capsys, key):
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", [{"key": key, "alt_text": "a", "caption": "c"}])
-    assert mix.main([str(source), "--out", str(tmp_path / "wds")]) == 2  # was: member "/abs/evil.txt"
+    assert run_cli(mix.main, [str(source), f"out={tmp_path / 'wds'}"]) == 2  # was: member "/abs/evil.txt"
     err = _error_line(capsys)
     assert f"row {key!r}:" in err and ("cannot contain '.'" in err or "must be a non-empty name without '/'" in err)
     assert not (tmp_path / "wds").exists()
@@ -471,7 +472,7 @@ def test_bmp_images_are_converted_so_open_clip_reads_them(tmp_path):
         rows.append({"key": key, "alt_text": f"alt {key}", "caption": f"cap {key}", "img_path": f"{key}.{ext}"})
     source = _write_jsonl(tmp_path / "r.recaption.jsonl", rows)
     out = tmp_path / "wds"
-    assert mix.main([str(source), "--out", str(out), "--with-images", "--image-root", str(tmp_path), "--p", "1"]) == 0
+    assert mix.main([str(source), f"out={out}", "with_images=true", f"image_root={tmp_path}", "p=1"]) == 0
     members = _read_tar(out / "shard-000000.tar")
     assert {key: sorted(m) for key, m in members.items()} == {key: ["json", "png", "txt"] for key in colours}
     assert members["p"]["png"] == (tmp_path / "p.png").read_bytes()  # formats open_clip reads are copied as they are
@@ -485,19 +486,19 @@ def test_non_utf8_input_and_non_string_paths_are_one_line_errors(tmp_path, capsy
     bad.write_bytes(b'{"key": "1", "alt_text": "a", "caption": "c"}\n'
                     b'{"key": "2", "alt_text": "caf\xe9", "caption": "c"}\n')  # Latin-1
     out = tmp_path / "o.parquet"
-    assert mix.main([str(bad), "--out", str(out)]) == 2  # was: UnicodeDecodeError traceback naming no file
+    assert run_cli(mix.main, [str(bad), f"out={out}"]) == 2  # was: UnicodeDecodeError traceback naming no file
     assert f"{bad}:2: not UTF-8 text" in _error_line(capsys)
     for column, value, got in [("img_path", 7, "int"), ("url", ["http://x"], "list")]:
         source = _write_jsonl(tmp_path / f"{column}.recaption.jsonl", [
             {"key": "k1", "alt_text": "a", "caption": "c"},
             {"key": "k2", "alt_text": "a", "caption": "c", column: value}])
-        assert mix.main([str(source), "--out", str(out)]) == 2  # was: a pyarrow traceback
+        assert run_cli(mix.main, [str(source), f"out={out}"]) == 2  # was: a pyarrow traceback
         assert f"{source}: row 'k2': {column} must be a string, got {got}" in _error_line(capsys)
     assert not out.exists()
 
 
 def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, capsys):
-    """img2dataset folder -> recaption into the same folder -> mix --images-from the tars: no img_path needed."""
+    """img2dataset folder -> recaption into the same folder -> mix images_from= the tars: no img_path needed."""
     import tarfile
 
     folder = tmp_path / "downloads"
@@ -516,7 +517,7 @@ def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, cap
     source = _recaption_output(folder / "00000.recaption.parquet", [
         {"key": key, "alt_text": f"web alt {key}", "caption": f"synthetic {key}"} for key in colours])
     out = tmp_path / "clip_train"
-    argv = [str(source), "--out", str(out), "--p", "1", "--images-from", str(folder)]
+    argv = [str(source), f"out={out}", "p=1", f"images_from={folder}"]
     assert mix.main(argv) == 0
     got = _open_clip_samples(out / "shard-000000.tar")
     assert [(key, text) for key, _, text in got] == [(key, f"synthetic {key}") for key in colours]
@@ -525,9 +526,45 @@ def test_images_from_the_original_tars_make_shards_open_clip_reads(tmp_path, cap
     members = _read_tar(out / "shard-000000.tar")
     assert [sorted(m) for m in members.values()] == [["jpg", "json", "txt"], ["json", "png", "txt"],
                                                      ["json", "png", "txt"]]
-    # A key the tar does not hold, or a shard --images-from lacks, is one line naming it.
+    # A key the tar does not hold, or a shard images_from lacks, is one line naming it.
     other = _recaption_output(tmp_path / "00001.recaption.parquet", [{"key": "k", "alt_text": "a", "caption": "c"}])
-    assert mix.main([str(other), "--out", str(tmp_path / "x"), "--images-from", str(folder)]) == 2
+    assert run_cli(mix.main, [str(other), f"out={tmp_path / 'x'}", f"images_from={folder}"]) == 2
     err = _error_line(capsys)
-    assert "row 'k': its recaption output is for shard '00001', which --images-from does not have" in err
+    assert "row 'k': its recaption output is for shard '00001', which images_from does not have" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_parquet_and_its_summary_are_written_together(tmp_path, monkeypatch):
+    """The disk fills while the summary is flushed: neither file appears (was: the Parquet without its summary)."""
+    from altogether import io as altogether_io
+
+    source = _recaption_output(tmp_path / "00000.recaption.parquet", _rows(5))
+    out = tmp_path / "train.parquet"
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(altogether_io.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mix.main([str(source), f"out={out}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.recaption.parquet"]
+    monkeypatch.undo()
+    assert mix.main([str(source), f"out={out}"]) == 0
+    summary = json.loads((tmp_path / "train.summary.json").read_text())
+    assert summary["rows_out"] == pq.read_table(out).num_rows == 5
+
+
+def test_originals_pattern_reads_every_matching_file(tmp_path, capsys):
+    """img2dataset writes one metadata Parquet per shard: originals= takes a pattern, as recaption's INPUT does."""
+    keys = ["000000000", "000000001", "000010000"]
+    (tmp_path / "downloads").mkdir()
+    _img2dataset_metadata(tmp_path / "downloads" / "00000.parquet", keys[:2])
+    _img2dataset_metadata(tmp_path / "downloads" / "00001.parquet", keys[2:])
+    source = _recaption_output(tmp_path / "00000.recaption.parquet", [
+        {"key": k, "alt_text": "prompt", "caption": f"synthetic {k}"} for k in keys])
+    out = tmp_path / "clip.parquet"
+    argv = [str(source), f"out={out}", f"originals={tmp_path / 'downloads' / '*.parquet'}", "alt_column=caption", "p=0"]
+    assert mix.main(argv) == 0
+    assert pq.read_table(out).column("text").to_pylist() == [f"web alt {k}" for k in keys]
+    assert run_cli(mix.main, [*argv[:2], f"originals={tmp_path / 'nothing' / '*.parquet'}", *argv[3:]]) == 2
+    assert "matches no file" in _error_line(capsys)

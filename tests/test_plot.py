@@ -103,7 +103,7 @@ def test_cli_writes_png(run_dir, tmp_path, capsys):
     from altogether.cli import run_cli
 
     out = tmp_path / "curves.png"
-    assert run_cli(main, [str(run_dir), "--out", str(out)]) == 0
+    assert run_cli(main, [str(run_dir), f"out={out}"]) == 0
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     assert capsys.readouterr().out.strip() == str(out)
 

@@ -118,6 +118,42 @@ def test_input_errors(captioner, images, call, error, match):
         call(captioner, images)
 
 
+def test_notebook_inputs_numpy_arrays_and_torch_tensors_caption_like_the_image(captioner, images):
+    """What notebooks pass, as Hugging Face processors accept it: H x W x C uint8 arrays, C x H x W float tensors
+    in 0..1, a batch as one N x ... array; each captions exactly as the PIL image does."""
+    import numpy as np
+
+    pil = captioner.recaption(images[:2], ALTS[:2], **GREEDY)
+    hwc = [np.asarray(im) for im in images[:2]]
+    chw = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in hwc]
+    assert captioner.recaption(hwc, ALTS[:2], **GREEDY) == pil
+    assert captioner.recaption(chw, ALTS[:2], **GREEDY) == pil
+    assert captioner.recaption(np.stack(hwc), ALTS[:2], **GREEDY) == pil  # a batch
+    assert captioner.recaption(torch.stack(chw), ALTS[:2], **GREEDY) == pil
+    assert captioner.recaption(hwc[0], ALTS[0], **GREEDY) == pil[:1]  # one image with its alt-text
+    grey = np.asarray(images[0].convert("L"))
+    assert captioner.recaption(grey, **GREEDY) == captioner.recaption(images[0].convert("L"), **GREEDY)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: "https://example.com/cat.jpg", r"images\[0\].*is a URL: no local image; download it first"),
+    (lambda: torch.randn(3, 8, 8), r"float pixels must lie in 0..1, these span .* \(a normalised tensor\?"),
+    (lambda: torch.zeros(2, 8, 8, dtype=torch.uint8), r"shape \(2, 8, 8\) is not an image"),
+    (lambda: torch.zeros(8, 8, 3, dtype=torch.int64), r"dtype int64: give uint8"),
+])
+def test_notebook_inputs_that_are_not_images_are_one_line(captioner, make, match):
+    torch.manual_seed(0)
+    with pytest.raises(BadRecord, match=match) as err:
+        captioner.recaption([make()], **GREEDY)
+    assert "\n" not in str(err.value)
+
+
+def test_alt_texts_missing_as_nan_and_numbers_refused(captioner, images):
+    assert captioner.recaption(images[:2], [float("nan"), None], **GREEDY) == captioner.recaption(images[:2], **GREEDY)
+    with pytest.raises(TypeError, match=r"alt_texts\[1\]: alt-text must be .* got int: 12345 \(pass str"):
+        captioner.recaption(images[:2], ["a cat", 12345], **GREEDY)
+
+
 def test_unreadable_image_names_the_file(captioner, images, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")

@@ -148,9 +148,9 @@ class WebdatasetTrainingStream(IterableDataset):
     shuffle buffer. Resumption restarts the stream (not sample-exact, unlike table sources)."""
 
     def __init__(self, pattern: str, fields: Fields, builder: SampleBuilder, *, rank: int, world_size: int,
-                 seed: int, buffer: int):
+                 seed: int, buffer: int, cache=None):
         self.shards = expand_shards(pattern)
-        self.fields, self.builder = fields, builder
+        self.fields, self.builder, self.cache = fields, builder, cache
         self.rank, self.world, self.seed, self.buffer = rank, world_size, seed, buffer
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -168,7 +168,8 @@ class WebdatasetTrainingStream(IterableDataset):
                 try:
                     for sample in iter_tar_samples(shard):
                         try:
-                            buffer.append(webdataset_sample_to_record(sample, self.fields))
+                            record = webdataset_sample_to_record(sample, self.fields)
+                            buffer.append(record if self.cache is None else self.cache.attach(record))
                         except BadRecord as err:
                             buffer.append(err)
                         if len(buffer) >= self.buffer:
@@ -242,14 +243,16 @@ class CaptionDataModule(L.LightningDataModule):
     """Training and validation batches for a recipe.
 
     ``train_source``/``val_source`` are random-access record sequences (or ``None`` for webdataset training,
-    read from ``cfg.data.train``). ``start_step`` is set by the training module on resume.
+    read from ``cfg.data.train``; ``cache``, an :class:`~altogether.cache_embeddings.EmbeddingCache`, then gives
+    the streamed records their embeddings). ``start_step`` is set by the training module on resume.
     """
 
     def __init__(self, cfg, tokenizer, transform: Callable | None, *, accumulate: int,
-                 train_source: Sequence[Record] | None = None, val_source: Sequence[Record] | None = None):
+                 train_source: Sequence[Record] | None = None, val_source: Sequence[Record] | None = None,
+                 cache=None):
         super().__init__()
         self.cfg, self.tokenizer, self.transform, self.accumulate = cfg, tokenizer, transform, accumulate
-        self.train_source, self.val_source = train_source, val_source
+        self.train_source, self.val_source, self.cache = train_source, val_source, cache
 
     def _builder(self, train: bool) -> SampleBuilder:
         return SampleBuilder(self.tokenizer, self.transform, task=self.cfg.data.task, layout=self.cfg.layout,
@@ -272,7 +275,8 @@ class CaptionDataModule(L.LightningDataModule):
         if self.train_source is None:
             fields = data_fields(self.cfg)
             stream = WebdatasetTrainingStream(self.cfg.data.train, fields, builder, rank=rank, world_size=world,
-                                              seed=self.cfg.trainer.seed, buffer=self.cfg.data.shuffle_buffer)
+                                              seed=self.cfg.trainer.seed, buffer=self.cfg.data.shuffle_buffer,
+                                              cache=self.cache)
             return MicroBatches(self._loader(stream, group=True))
         start = step * self.accumulate * self.cfg.data.micro_batch_size
         sampler = ResumableSampler(len(self.train_source), seed=self.cfg.trainer.seed, rank=rank, world_size=world,

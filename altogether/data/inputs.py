@@ -8,13 +8,11 @@ to its end (a truncated tar) keeps the samples before the damage and says what w
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..io import jsonl_lines
 from .readers import (
     IMAGE_EXTENSIONS,
     TAR_SUFFIXES,
@@ -24,9 +22,10 @@ from .readers import (
     expand_shards,
     iter_tar_samples,
     row_to_record,
+    table_rows,
     webdataset_sample_to_record,
 )
-from .records import BadRecord, ImageRef
+from .records import BadRecord, Record
 
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "jsonl", "folder")
 
@@ -43,19 +42,10 @@ class Shard:
 
 
 @dataclass
-class Sample:
-    """One image to caption: its key, the image (encoded bytes or a path) and its alt-texts."""
-
-    key: str
-    image: ImageRef
-    alt_texts: list[str]
-
-
-@dataclass
 class ShardContent:
-    """What a shard held: readable samples in order, bad ones as ``(key, reason)``, and a read error if any."""
+    """What a shard held: readable records in order, bad ones as ``(key, reason)``, and a read error if any."""
 
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Record] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
 
@@ -184,10 +174,10 @@ def check_manifest_columns(shard: Shard, fields: Fields) -> None:
         except (OSError, ValueError) as err:
             raise ValueError(f"{shard.path}: cannot read the Parquet schema: {err}") from None
     elif shard.kind == "jsonl":
-        first = next(_jsonl_objects(shard.path), None)
-        if first is None or isinstance(first[1], str):
+        _, first, _ = next(table_rows(shard.path), (0, None, None))
+        if first is None:
             return  # empty, or a broken first line: reported per sample when the shard is read
-        columns = list(first[1])
+        columns = list(first)
     else:
         return
     wanted = [k for k in (fields.image_key, fields.alt_key) if k]
@@ -221,8 +211,7 @@ def _read_tar(shard: Shard, fields: Fields) -> ShardContent:
 
 def _add_tar_sample(content: ShardContent, sample: dict[str, Any], fields: Fields) -> None:
     try:
-        record = webdataset_sample_to_record(sample, fields)
-        content.samples.append(Sample(record.key, record.image, record.alt_texts))
+        content.samples.append(webdataset_sample_to_record(sample, fields))
     except BadRecord as err:
         content.bad.append((sample["__key__"], str(err)))
 
@@ -230,12 +219,12 @@ def _add_tar_sample(content: ShardContent, sample: dict[str, Any], fields: Field
 def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
     content = ShardContent()
     root = Path(fields.image_root) if fields.image_root else Path(shard.path).resolve().parent
-    source = _parquet_rows(shard.path) if shard.kind == "parquet" else _jsonl_objects(shard.path)
     first_row: dict[str, int] = {}  # key -> index of the row that has it: keys are unique in the output
     try:
-        for index, row in source:
-            if isinstance(row, str):  # a line that is not a JSON object: the reason
-                content.bad.append((f"line {index + 1}", row))
+        for number, row, problem in table_rows(shard.path):
+            index = number - 1
+            if problem:  # a line that is not a JSON object: the reason
+                content.bad.append((f"line {number}", problem))
                 continue
             try:
                 record = row_to_record(row, index, fields, root, shard.path)
@@ -247,29 +236,10 @@ def _read_manifest(shard: Shard, fields: Fields) -> ShardContent:
                                                  "; the first row keeps it, this one is skipped"))
                 continue
             first_row[record.key] = index
-            content.samples.append(Sample(record.key, record.image, record.alt_texts))
+            content.samples.append(record)
     except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)
         content.error = f"unreadable after {len(content.samples) + len(content.bad)} rows: {err}"
     return content
-
-
-def _jsonl_objects(path: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """``(line index, object)`` per non-blank line; a broken line gives a reason string instead of an object."""
-    for number, row, problem in jsonl_lines(path):
-        if problem:
-            yield number - 1, problem
-        else:
-            yield number - 1, row if isinstance(row, dict) else f"not a JSON object: {json.dumps(row)[:80]}"
-
-
-def _parquet_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield index, row
-            index += 1
 
 
 def _read_folder(shard: Shard, fields: Fields) -> ShardContent:
@@ -293,5 +263,5 @@ def _read_folder(shard: Shard, fields: Fields) -> ShardContent:
         except OSError as err:
             content.bad.append((key, f"unreadable alt-text file {sidecar}: {err}"))
             continue
-        content.samples.append(Sample(key, str(image), alt))
+        content.samples.append(Record(key, str(image), alt))
     return content

@@ -1,8 +1,9 @@
 """Readers that turn annotation files, tables and tar shards into :class:`Record` objects.
 
 Table-like sources (Altogether-FT annotation JSON, JSONL, Parquet) go through Hugging Face ``datasets`` and give
-random access (:class:`TableSource`), which training needs for exact resumption. Webdataset tar shards are
-streamed (:func:`iter_webdataset`).
+random access (:class:`TableSource`), which training needs for exact resumption; every other read of a JSONL or
+Parquet table (recaption manifests, annotation records, mix inputs) streams its rows with :func:`table_rows`.
+Webdataset tar shards are streamed (:func:`iter_tar_samples`, :func:`iter_webdataset`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
 
+from ..io import jsonl_lines
 from .records import BadRecord, Record
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,38 @@ def row_to_record(row: dict[str, Any], index: int, fields: Fields, image_root: P
         raise BadRecord(f"record {key!r} in {source}: {err}") from None
     extra = {k: v for k, v in row.items() if k not in (f.image_key, f.alt_key, f.target_key)}
     return Record(key=key, image=image, alt_texts=alt, target=target, extra=extra, alt_sources=alt_sources)
+
+
+def table_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """``(row number from 1, row, problem)`` for each row of a Parquet (``.parquet``) or JSONL file, streamed.
+
+    A JSONL line that is not UTF-8, not JSON or not a JSON object gives ``row=None`` and the ``problem``; the
+    caller decides whether that stops the read or skips the row (JSONL line numbers count blank lines, which give
+    no row). A Parquet file that cannot be read raises ``ValueError`` naming it; opening a missing file raises
+    ``FileNotFoundError``.
+    """
+    if str(path).lower().endswith(".parquet"):
+        yield from _parquet_rows(path)
+        return
+    for number, value, problem in jsonl_lines(path):
+        if problem is None and not isinstance(value, dict):
+            problem = f"not a JSON object: {json.dumps(value)[:80]}"
+        yield number, value if problem is None else None, problem
+
+
+def _parquet_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any], None]]:
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row, None
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
 
 
 def expand_shards(pattern: str) -> list[str]:

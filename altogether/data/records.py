@@ -10,6 +10,10 @@ from PIL import Image
 
 ImageRef = Union[str, Path, bytes, Image.Image]
 
+# Where a table row (manifest, annotation record, recaption output) says where its image is: a local file (relative
+# to an image root) and the address it was downloaded from. Rows carry both through every step that copies rows.
+IMAGE_FIELDS = ("url", "img_path")
+
 
 class BadRecord(ValueError):
     """A record that cannot be used (unreadable image, missing field); the message names the record."""
