@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -621,3 +622,14 @@ def test_sigterm_abandons_the_shard_in_progress_writes_the_summary_and_exits_143
     assert summary["shards"] == {"total": 3, "written": 1, "not_written": 0, "pending": 2, "with_read_errors": 0}
     assert run_cli(main, [str(export), shards[0], str(out), *(f"{k}={v}" for k, v in RUN.items())]) == 0
     assert outputs(out) == outputs(reference[0])
+
+
+def test_outputs_without_stats_are_counted_by_their_rows_and_named(export, shards, reference, tmp_path):
+    """An output written by an older version has no stats beside it: the summary counts its rows as captioned
+    and names it, since its bad samples are unknown."""
+    out = tmp_path / "old"
+    shutil.copytree(reference[0], out)
+    (out / "00001.recaption.stats.json").unlink()
+    summary = recaption_shards(export, shards[0], out, **RUN)
+    assert summary["run"]["shards_written"] == 0 and summary["shards_without_stats"] == ["00001"]
+    assert summary["shards"]["written"] == 3 and summary["samples"]["captioned"] == 15
