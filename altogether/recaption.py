@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .claims import ShardClaims
 from .cli import SIGTERM_EXIT_CODE, run_cli
+from .cli import load_settings as cli_settings  # recaption's own name is this command's loader
 from .clip_score import ClipScorer, clip_score
 from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
@@ -92,19 +93,7 @@ class RecaptionSettings(GenerationOverrides):
 
 def load_settings(overrides: Sequence[str] | dict[str, Any] | None = None) -> RecaptionSettings:
     """Settings from ``key=value`` strings or a dict, type-checked; an unknown key is a :class:`ConfigError`."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        base = OmegaConf.structured(RecaptionSettings)
-        if isinstance(overrides, dict):
-            base = OmegaConf.merge(base, OmegaConf.create(overrides))
-        elif overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(base)  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"{'key ' + repr(key) + ': ' if key else ''}{str(err).splitlines()[0]}") from None
+    return cli_settings(RecaptionSettings, overrides)
 
 
 def check_settings(s: RecaptionSettings, defaults: GenerationConfig) -> GenerationConfig:
