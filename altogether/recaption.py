@@ -39,7 +39,7 @@ from .cli import load_settings as cli_settings  # recaption's own name is this c
 from .clip_score import ClipScorer, clip_score
 from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
-from .data.readers import Fields
+from .data.readers import Fields, is_failed_download
 from .data.images import load_image
 from .data.records import BadRecord
 from .export import export_model_config, generation_from, read_export_config
@@ -139,6 +139,7 @@ class ShardBatch:
     last: bool
     index: list[int] = field(default_factory=list)  # positions in the shard's input order
     keys: list[str] = field(default_factory=list)
+    urls: list[Optional[str]] = field(default_factory=list)  # the image's URL, when the input names one
     items: list[Prepared] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)
@@ -182,6 +183,8 @@ class ShardBatches(IterableDataset):
                     continue
                 batch.index.append(i)
                 batch.keys.append(samples[i].key)
+                url = samples[i].extra.get("url")
+                batch.urls.append(url if isinstance(url, str) and url else None)
                 batch.items.append(item)
                 if self.keep_images:
                     batch.images.append(image)
@@ -372,7 +375,8 @@ class RecaptionModule(L.LightningModule):
         k = self.settings.num_captions
         keep = choose_captions(candidates, cosines, k)
         single = k == 1
-        row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "alt_text": batch.items[i].prompt.text,
+        row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "url": batch.urls[i],
+                               "alt_text": batch.items[i].prompt.text,
                                "caption": candidates[keep[0]] if single else [candidates[j] for j in keep]}
         if cosines is not None:
             scores = clip_score(torch.tensor(cosines, dtype=torch.float64)).tolist()  # ranking used the cosines
@@ -399,7 +403,7 @@ def output_schema(s: RecaptionSettings):
 
     text = pa.string() if s.num_captions == 1 else pa.list_(pa.string())
     score = pa.float32() if s.num_captions == 1 else pa.list_(pa.float32())
-    columns = [("key", pa.string()), ("alt_text", pa.string()), ("caption", text)]
+    columns = [("key", pa.string()), ("url", pa.string()), ("alt_text", pa.string()), ("caption", text)]
     if s.num_candidates > 1:
         columns.append(("caption_clip_score", score))
         if s.save_candidates:
@@ -447,6 +451,7 @@ class ShardStats:
     captioned: int = 0
     images_with_repeated_captions: int = 0
     bad: int = 0
+    failed_downloads: int = 0  # of the bad samples, rows the downloader marked as failed
     bad_samples: list[dict[str, str]] = field(default_factory=list)  # the first max_listed_bad: key, reason
     error: Optional[str] = None
 
@@ -521,6 +526,7 @@ class ShardWriter(Callback):
         rows = sorted(shard.rows, key=lambda row: row["index"])
         listed = [{"key": k, "reason": r} for k, r in shard.bad[: self.settings.max_listed_bad]]
         stats = ShardStats(name, written=True, captioned=len(rows), bad=len(shard.bad), bad_samples=listed,
+                           failed_downloads=sum(is_failed_download(reason) for _, reason in shard.bad),
                            error=shard.error, images_with_repeated_captions=sum(row["repeated"] for row in rows))
         if not rows and (shard.bad or shard.error):
             note = (f"nothing could be captioned ({len(shard.bad)} bad sample(s)); no output written, a rerun "
@@ -561,7 +567,7 @@ def summarize_output(shards: Sequence[Shard], output: Path, output_format: str, 
     dicts). An output without matching stats (an older version's) counts its rows and is listed under
     ``shards_without_stats``, since its bad samples are unknown."""
     counts = {"total": len(shards), "written": 0, "not_written": 0, "pending": 0, "with_read_errors": 0}
-    samples = {"captioned": 0, "bad": 0, "bad_not_listed": 0}
+    samples = {"captioned": 0, "bad": 0, "failed_downloads": 0, "bad_not_listed": 0}
     repeated, listed, errors, without_stats = 0, [], [], []
     for shard in shards:
         path = output_path(output, shard.name, output_format)
@@ -578,6 +584,7 @@ def summarize_output(shards: Sequence[Shard], output: Path, output_format: str, 
         counts["written" if stats.written else "not_written"] += 1
         samples["captioned"] += stats.captioned
         samples["bad"] += stats.bad
+        samples["failed_downloads"] += stats.failed_downloads
         repeated += stats.images_with_repeated_captions
         listed += [{"shard": shard.name, **b} for b in stats.bad_samples]
         if stats.error:

@@ -407,7 +407,7 @@ def test_thin_images_in_a_recaption_run_are_listed_and_memory_stays_flat(tiny_di
     before = reset_peak_rss()
     summary = recaption_shards(export, str(tmp_path / "thin"), tmp_path / "out-thin", **run)
     growth = peak_rss_mb() - before
-    assert summary["samples"] == {"captioned": 1, "bad": 2, "bad_not_listed": 0}
+    assert summary["samples"] == {"captioned": 1, "bad": 2, "failed_downloads": 0, "bad_not_listed": 0}
     reasons = {b["key"]: b["reason"] for b in summary["bad_samples"]}
     assert "1x20000 pixels: aspect ratio 20000:1" in reasons["tall"]
     assert "1x2000000 pixels: aspect ratio 2000000:1" in reasons["taller"]

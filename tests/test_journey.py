@@ -131,7 +131,7 @@ def test_journey_pretrain_finetune_recaption_evaluate_push(hub_world, tmp_path, 
     cli(recaption.main, finetune / "export", w.shard_pattern, out, "output_format=jsonl", "num_workers=0",
         "progress_bar=false", "do_sample=false", f"max_new_tokens={GREEDY['max_new_tokens']}", capsys=capsys)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples"] == {"captioned": len(w.pretrain_images), "bad": 0, "bad_not_listed": 0}
+    assert summary["samples"] == {"captioned": len(w.pretrain_images), "bad": 0, "failed_downloads": 0, "bad_not_listed": 0}
     rows = {}
     for shard in w.shards:
         lines = (out / f"{shard.stem}.recaption.jsonl").read_text().splitlines()

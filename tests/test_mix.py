@@ -351,7 +351,7 @@ def _recaption_output(path: Path, rows: list[dict]) -> Path:
     """A shard output as `altogether.recaption` writes it (its own writer and schema)."""
     from altogether.recaption import load_settings, output_schema
 
-    return write_shard_output(path, rows, output_schema(load_settings({})))
+    return write_shard_output(path, [{"url": None, **row} for row in rows], output_schema(load_settings({})))
 
 
 def _img2dataset_metadata(path: Path, keys: list[str]) -> Path:

@@ -83,8 +83,8 @@ def test_img2dataset_to_recaption_to_mix_to_open_clip(photo_server, tiny_parts, 
     outputs = sorted(downloads.glob("*.recaption.parquet"))
     assert [p.name for p in outputs] == ["00000.recaption.parquet", "00001.recaption.parquet"]
     rows = [row for p in outputs for row in pq.read_table(p).to_pylist()]
-    assert sorted(r["alt_text"] for r in rows) == sorted(f"product ZX-{i:03d} on sale" for i in range(PHOTOS)
-                                                         if i != MISSING)
+    served = {url: f"product ZX-{i:03d} on sale" for i, url in enumerate(photo_server) if i != MISSING}
+    assert sorted((r["url"], r["alt_text"]) for r in rows) == sorted(served.items())  # each row names its image
 
     # 3. mix: every sample synthetic-or-alt, the images taken from the original tars by shard and key.
     shards = tmp_path / "clip_train"

@@ -121,7 +121,7 @@ def test_end_to_end_one_output_per_shard_equal_to_the_recaptioner(export, shards
         [f"0000{i}.recaption.{kind}" for i in range(3) for kind in ("parquet", "stats.json")] + ["summary.json"])
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["shards"] == {"total": 3, "written": 3, "not_written": 0, "pending": 0, "with_read_errors": 0}
-    assert summary["samples"] == {"captioned": 15, "bad": 0, "bad_not_listed": 0}
+    assert summary["samples"] == {"captioned": 15, "bad": 0, "failed_downloads": 0, "bad_not_listed": 0}
     assert summary["bad_samples"] == [] and summary["shards_without_stats"] == []
     assert summary["run"]["images_per_s"] > 0 and summary["run"]["world_size"] == 1
     assert summary["run"]["shards_written"] == 3 and summary["run"]["images"] == 15
@@ -129,7 +129,7 @@ def test_end_to_end_one_output_per_shard_equal_to_the_recaptioner(export, shards
     for shard, keys in order.items():
         got = rows(out / f"{shard}.recaption.parquet")
         assert [r["key"] for r in got] == keys  # input order, although batches were sorted by prompt length
-        assert list(got[0]) == ["key", "alt_text", "caption"]
+        assert list(got[0]) == ["key", "url", "alt_text", "caption"]
         assert [r["alt_text"] for r in got] == [build_prompt(truth[k][1]) for k in keys]
         images = [Image.open(io.BytesIO(truth[k][0])) for k in keys]
         expected = captioner.recaption(images, [truth[k][1] for k in keys], batch_size=2)
@@ -235,7 +235,7 @@ def test_bad_samples_and_truncated_tars_are_counted_and_listed(export, tmp_path)
     assert "broken JSON" in reasons["mixed", "badjson"] and "unreadable image" in reasons["mixed", "badimage"]
     assert "no image member" in reasons["mixed", "noimage"] and "incomplete" in reasons["cut_at_header", "k1"]
     assert "incomplete" in reasons["cut_in_data", "k2"]  # the sample being read when the data ended
-    assert summary["samples"] == {"captioned": 5, "bad": 5, "bad_not_listed": 0}
+    assert summary["samples"] == {"captioned": 5, "bad": 5, "failed_downloads": 0, "bad_not_listed": 0}
     errors = {e["shard"]: e["error"] for e in summary["shard_errors"]}
     assert "'k2.png'" in errors["cut_in_data"] and "unexpected end of data" in errors["cut_in_data"]
     assert "end-of-archive" in errors["cut_at_header"]
@@ -254,7 +254,7 @@ def test_metaclip_shards_are_recaptioned_with_their_alt_texts(export, tmp_path):
     pattern = str(tmp_path / "metaclip" / "*" / "*.tar")
     in_order = images[0::2] + images[1::2]  # shard 0, then shard 1
     summary = recaption_shards(export, pattern, tmp_path / "all", **RUN)
-    assert summary["samples"] == {"captioned": 6, "bad": 0, "bad_not_listed": 0}
+    assert summary["samples"] == {"captioned": 6, "bad": 0, "failed_downloads": 0, "bad_not_listed": 0}
     got = rows(tmp_path / "all" / "0.recaption.parquet") + rows(tmp_path / "all" / "1.recaption.parquet")
     assert [r["key"] for r in got] == [image.uuid for image in in_order]
     assert [r["alt_text"] for r in got] == [build_prompt([text for _, text in image.texts]) for image in in_order]
@@ -445,7 +445,9 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     (wds / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
     assert [(s.name, s.kind) for s in discover_shards(str(wds))] == [("00000", "webdataset")]
     summary = recaption_shards(export, str(wds), tmp_path / "o1", **RUN)
-    assert [r["alt_text"] for r in rows(tmp_path / "o1" / "00000.recaption.parquet")] == ["photo 0", "photo 1"]
+    out = rows(tmp_path / "o1" / "00000.recaption.parquet")
+    assert [r["alt_text"] for r in out] == ["photo 0", "photo 1"]
+    assert [r["url"] for r in out] == [meta[0]["url"], meta[1]["url"]]  # what a join back to the downloads needs
 
     pqs = tmp_path / "i2d_parquet"
     pqs.mkdir()
@@ -455,7 +457,9 @@ def test_img2dataset_outputs_and_nested_or_manifest_folders_are_found(export, tm
     (pqs / "00000_stats.json").write_text("{}")
     assert [(s.name, s.kind) for s in discover_shards(str(pqs))] == [("00000", "parquet")]
     summary = recaption_shards(export, str(pqs), tmp_path / "o2", **RUN, image_key="jpg", alt_key="caption")
-    assert [r["key"] for r in rows(tmp_path / "o2" / "00000.recaption.parquet")] == ["000000000", "000000001"]
+    assert [(r["key"], r["url"]) for r in rows(tmp_path / "o2" / "00000.recaption.parquet")] == [
+        ("000000000", meta[0]["url"]), ("000000001", meta[1]["url"])]
+    assert summary["samples"]["bad"] == summary["samples"]["failed_downloads"] == 1  # counted as such
     assert summary["bad_samples"] == [{"shard": "00000", "key": "000000002", "reason": summary["bad_samples"][0][
         "reason"]}] and "failed download (status 'failed_to_download': timeout)" in summary["bad_samples"][0]["reason"]
 
@@ -560,7 +564,7 @@ def paused_worker(marker: Path, export, pattern: str, out: Path, written_first: 
 
 def test_resume_after_a_kill_summarizes_the_whole_output(export, faulty_shards, faulty_reference, tmp_path):
     ref, ref_summary = faulty_reference
-    assert ref_summary["samples"] == {"captioned": 12, "bad": 14, "bad_not_listed": 0}
+    assert ref_summary["samples"] == {"captioned": 12, "bad": 14, "failed_downloads": 0, "bad_not_listed": 0}
     out = tmp_path / "out"
     proc = paused_worker(tmp_path / "paused", export, faulty_shards, out, 1)
     proc.kill()

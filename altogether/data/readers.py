@@ -29,9 +29,15 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a tar shard's name ends with; compression is read from the bytes
 URL_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
-# the start of the reasons a sample is skipped for, so a summary can tell these from unreadable images
+# words in the reasons a sample is skipped for, so a summary can tell these from unreadable images
 FAILED_DOWNLOAD = "failed download"
 NO_LOCAL_IMAGE = "no local image; download it first (img2dataset)"
+
+
+def is_failed_download(reason: str) -> bool:
+    """Whether a skip reason is a row the downloader marked as failed (img2dataset's ``status``), as
+    :func:`row_to_record` words it."""
+    return f": {FAILED_DOWNLOAD} (status " in reason
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,7 @@ def webdataset_sample_to_record(sample: dict[str, Any], fields: Fields) -> Recor
     except BadRecord as err:
         raise BadRecord(f"sample {key!r}: {err}") from None
     target = meta.get(fields.target_key) if fields.target_key else None
-    return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": sample.get("__url__")},
+    return Record(key=key, image=image, alt_texts=alt, target=target, extra={"url": meta.get("url")},
                   alt_sources=alt_sources)
 
 
