@@ -59,8 +59,24 @@ class Fields:
             object.__setattr__(self, "alt_sources", tuple(self.alt_sources))
 
 
+# The top-level keys of a COCO captions file (captions_val2017.json): {"info", "licenses", "images", "annotations"}.
+COCO_KEYS = ("info", "licenses", "images", "annotations")
+
+
+def _first_json_key(path: str) -> str | None:
+    """The first key of the JSON object in ``path`` (read from its first bytes), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.match(r'\s*\{\s*"([^"\\]*)"\s*:', head)
+    return found.group(1) if found else None
+
+
 def detect_format(source: str) -> str:
-    """``annotations``, ``jsonl``, ``parquet`` or ``webdataset`` from a path or shard pattern."""
+    """``annotations`` (Altogether-FT JSON), ``coco`` (a JSON file whose first key is one of COCO's), ``jsonl``,
+    ``parquet`` or ``webdataset`` from a path or shard pattern."""
     name = source.lower()
     if name.endswith(TAR_SUFFIXES) or name.rstrip("}").endswith(TAR_SUFFIXES) or "{" in name and ".tar" in name:
         return "webdataset"
@@ -69,9 +85,9 @@ def detect_format(source: str) -> str:
     if name.endswith(".jsonl"):
         return "jsonl"
     if name.endswith(".json"):
-        return "annotations"
+        return "coco" if _first_json_key(source) in COCO_KEYS else "annotations"
     raise ValueError(
-        f"cannot tell the format of {source!r} from its name; set data.format to one of annotations, jsonl, "
+        f"cannot tell the format of {source!r} from its name; set data.format to one of annotations, coco, jsonl, "
         "parquet, webdataset"
     )
 
@@ -128,6 +144,51 @@ class TableSource:
 
     def __getitem__(self, index: int) -> Record:
         return row_to_record(self.table[index], index, self.fields, self.image_root, self.path)
+
+
+class CocoCaptions:
+    """Random access to the images of a COCO captions file (``annotations/captions_val2017.json``: ``images``
+    with ``id`` and ``file_name``, ``annotations`` with ``image_id`` and ``caption``), one record per image: key
+    the image id, image ``image_root / file_name`` (default: the JSON file's folder; COCO keeps images in
+    ``val2017/`` beside ``annotations/``), no alt-text, and every caption of the image as its target, a list of
+    references scored together (pycocoevalcap's protocol). Images in order of the file's ``images``.
+    """
+
+    def __init__(self, path: str, fields: Fields):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"could not read COCO captions file {path}: {err}") from None
+        if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+                and isinstance(data.get("annotations"), list)):
+            raise ValueError(f"{path}: not a COCO captions file (it needs lists 'images' and 'annotations')")
+        self.path, self.images = path, data["images"]
+        self.image_root = Path(fields.image_root) if fields.image_root else Path(path).resolve().parent
+        self.captions: dict[Any, list[str]] = {}
+        for ann in data["annotations"]:
+            if isinstance(ann, dict) and isinstance(ann.get("caption"), str) and ann["caption"].strip():
+                self.captions.setdefault(ann.get("image_id"), []).append(ann["caption"].strip())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Record:
+        image = self.images[index]
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+            raise BadRecord(f"image {index} in {self.path}: needs 'id' and 'file_name', got {str(image)[:120]}")
+        key = str(image["id"])
+        references = self.captions.get(image["id"], [])
+        if not references:
+            raise BadRecord(f"record {key!r} in {self.path}: no caption in 'annotations'")
+        extra = {k: v for k, v in image.items() if k not in ("id", "file_name")}
+        return Record(key=key, image=str(self.image_root / image["file_name"]), alt_texts=[], target=references,
+                      extra=extra)
+
+
+def open_table(path: str, fmt: str, fields: Fields) -> TableSource | CocoCaptions:
+    """The random-access source of a table file of format ``fmt`` (``coco`` or a :class:`TableSource` format)."""
+    return CocoCaptions(path, fields) if fmt == "coco" else TableSource(path, fmt, fields)
 
 
 def row_to_record(row: dict[str, Any], index: int, fields: Fields, image_root: Path, source: str) -> Record:

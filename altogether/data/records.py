@@ -33,7 +33,7 @@ class Record:
     key: str
     image: ImageRef
     alt_texts: list[str]
-    target: str | None = None
+    target: str | list[str] | None = None  # a list: several reference captions (evaluation only, e.g. COCO)
     target_without_alt: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     alt_sources: list[str] = field(default_factory=list)
