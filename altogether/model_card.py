@@ -177,14 +177,29 @@ def _training(meta: dict[str, Any], recipe: dict[str, Any]) -> str:
 def _evaluation(evaluation: dict[str, Any]) -> str:
     if not evaluation:
         return "No evaluation results were found with this run."
-    parts = []
-    for name, data in evaluation.items():
-        rows = list(_numbers(data))[:MAX_EVAL_ROWS]
-        if not rows:
-            continue
-        parts.append(f"From `{name}`:\n\n| metric | value |\n|---|---|\n"
-                     + "\n".join(f"| {key} | {_fmt(value)} |" for key, value in rows))
-    return "\n\n".join(parts) or "The evaluation files hold no numbers."
+    parts = [_evaluation_table(name, data) for name, data in evaluation.items()]
+    return "\n\n".join(p for p in parts if p) or "The evaluation files hold no numbers."
+
+
+def _evaluation_table(name: str, data: Any) -> str:
+    """The table ``evaluate`` printed, from its ``metrics.json`` (conditions, then the baselines, then what was
+    skipped and why); any other file of ``{row: {metric: value}}`` as the same table; else its numeric fields."""
+    from .evaluate import format_table
+
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        rows = {**data["metrics"], **(data.get("baselines") or {})}
+        about = data.get("data") or {}
+        head = (f"From `{name}`: `{about.get('id')}`, {about.get('evaluated')} records, "
+                f"{(data.get('generation') or {}).get('do_sample') and 'sampled' or 'greedy'} captions.")
+        return f"{head}\n\n{format_table(rows, data.get('skipped'))}"
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and all(
+            x is None or isinstance(x, (int, float)) for x in v.values()) for v in data.values()):
+        return f"From `{name}`:\n\n{format_table(data)}"
+    rows = list(_numbers(data))[:MAX_EVAL_ROWS]
+    if not rows:
+        return ""
+    return (f"From `{name}`:\n\n| metric | value |\n|---|---|\n"
+            + "\n".join(f"| {key} | {_fmt(value)} |" for key, value in rows))
 
 
 def _numbers(data: Any, prefix: str = "") -> Iterator[tuple[str, float]]:

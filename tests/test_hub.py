@@ -18,7 +18,12 @@ from .conftest import files, serve_from_hub_cache
 
 TOKEN = "hf_test_secret_token_123"
 REPO = "someone/altogether-tiny"
-METRICS = {"w/ alt": {"CIDEr": 1.234567, "BLEU-1": 0.5}, "w/o alt": {"CIDEr": 0.25}, "per_image": [0.1, 0.2]}
+# evaluate's metrics.json, its fields as the command writes them (values shortened).
+METRICS = {"model": {"id": "runs/ft/export"}, "data": {"id": "data/eval.json", "read": 8, "evaluated": 6},
+           "generation": {"do_sample": False, "max_new_tokens": 256},
+           "metrics": {"w/ alt": {"CIDEr": 123.4567, "BLEU-1": 50.0}, "w/o alt": {"CIDEr": 25.0, "BLEU-1": None}},
+           "baselines": {"alt-text": {"CIDEr": 3.0, "BLEU-1": 9.5}}, "skipped": {"METEOR": "java is not on PATH"},
+           "seconds": 81.2, "per_image": [0.1, 0.2]}
 EXPORT_FILES = ["altogether.json", "encoder/open_clip_config.json", "encoder/open_clip_model.safetensors",
                 "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 
@@ -61,7 +66,10 @@ def test_push_to_hub_uploads_exact_files_and_card(run_dir, uploads, caplog):
     assert "altogether" in meta["tags"] and "lora" not in meta["tags"]
     assert "base_model" not in meta  # both parts are local tiny models, not Hub models
     assert f'Recaptioner.from_pretrained("{REPO}")' in card
-    assert "| w/ alt / CIDEr | 1.235 |" in card and "| w/o alt / CIDEr | 0.25 |" in card and "per_image" not in card
+    assert "From `metrics.json`: `data/eval.json`, 6 records, greedy captions." in card
+    assert "| condition | BLEU-1 | CIDEr |" in card and "| w/ alt | 50.00 | 123.46 |" in card
+    assert "| w/o alt | n/a | 25.00 |" in card and "| alt-text | 9.50 | 3.00 |" in card
+    assert "- skipped METEOR: java is not on PATH" in card and "seconds" not in card and "per_image" not in card
     assert "`data/altogether-ft.jsonl` (jsonl format)" in card and "the `round3` caption" in card
     assert "Optimizer steps run: 96; records skipped as unreadable: 2" in card
     assert "recipe: finetune_round3" in card  # the resolved recipe

@@ -160,7 +160,15 @@ def test_journey_pretrain_finetune_recaption_evaluate_push(hub_world, tmp_path, 
     assert {"altogether.json", "model.safetensors", "README.md", "metrics.json"} <= set(upload["files"])
     assert any(f.startswith("encoder/") for f in upload["files"])  # a local encoder folder travels with it
     assert upload["contents"]["metrics.json"] == (finetune / "metrics.json").read_bytes()
-    assert "w/ alt / CIDEr" in upload["contents"]["README.md"].decode()
+    card = upload["contents"]["README.md"].decode()
+    # The card shows evaluate's own table: its header, and each condition's row with the values printed.
+    assert f"From `metrics.json`: `{w.ft_eval}`, {len(w.ft_eval_images)} records, greedy captions." in card
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in card.splitlines()
+             if line.startswith(("| condition |", "| w/ alt |", "| alt-text |"))]
+    header, row = table[0], dict(zip(table[0], table[1]))
+    assert header[:3] == ["condition", "CLIPScore", "BLEU-1"] and table[2][0] == "alt-text"  # baselines kept
+    assert row["condition"] == "w/ alt" and row["BLEU-1"] == f"{with_alt['BLEU-1']:.2f}"
+    assert row["CIDEr"] == f"{with_alt['CIDEr']:.2f}" and "seconds" not in card  # run bookkeeping left out
     serve_from_hub_cache(upload, tmp_path / "hf-cache", monkeypatch)
     downloaded = Recaptioner.from_pretrained(REPO)
     images = [i.image() for i in w.ft_eval_images]
