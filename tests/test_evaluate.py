@@ -219,8 +219,8 @@ def test_demo_world(export, tmp_path, no_java, capsys):
     summary = json.loads((out / "metrics.json").read_text())
     demo_conditions = [*CONDITIONS, "w/ wrong-colour alt"]
     assert summary["data"]["id"] == "demo" and summary["data"]["evaluated"] == 5
-    assert summary["conditions"] == demo_conditions and list(summary["demo_scores"]) == demo_conditions
-    for scores in summary["demo_scores"].values():
+    assert summary["conditions"] == demo_conditions and list(summary["set_scores"]) == demo_conditions
+    for scores in summary["set_scores"].values():
         assert set(scores) == set(METRICS)
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     # The eval scenes are the held-out ones the world makes for this seed; references are their captions.
@@ -230,8 +230,8 @@ def test_demo_world(export, tmp_path, no_java, capsys):
     assert [c["alt_text"] for c in captions] == [" ".join(s.alt_text.split()) for s in scenes]
     assert all(c["prompts"]["w/ wrong-colour alt"] != c["alt_text"] for c in captions)
     stdout = capsys.readouterr().out
-    assert list(markdown_rows(stdout)) == [*demo_conditions, "reference"] and "name carry-over" in stdout
-    assert "demo name carry over (%)" in (out / "report.html").read_text(encoding="utf-8")
+    assert list(markdown_rows(stdout)) == [*demo_conditions, "reference"] and "carry-over (held-out facts)" in stdout
+    assert "demo fact carry over (%)" in (out / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(__import__("shutil").which("java") is None, reason="java is not on PATH: no PTB/METEOR here")
