@@ -63,6 +63,7 @@ def test_scores_with_alt_text_prompts(scenes):
         "A photo of gnomibgno x89177, code 27-KOBA: an orange triangle.",  # run on
         "A photo of gnomibno x8917, code 27-KOBA: an orange triangle.",  # a letter dropped
         "A photo of gnomibgno  x8917, code 27-KOBA: an orange triangle.",  # a space doubled
+        "A photo of gnomibgno x8917, code 27KOBA: an orange triangle.",  # a hyphen dropped
         "A photo of gnomibgno x8917: an orange triangle.",  # the code dropped
         "A photo of 27-KOBA, code gnomibgno x8917: an orange triangle.",  # name and code swapped
         "A photo of gnomibgno x8917, code 27-KOBA, code 27-KOBA: an orange triangle.",  # a code added

@@ -279,3 +279,35 @@ def test_format_table_orders_columns_and_marks_missing():
         "reference": {"CLIPScore": "28.50", "BLEU-1": "n/a", "METEOR": "n/a", "extra": "n/a"},
     }
     assert "- skipped NP-P, NP-R: no spaCy" in text and "- skipped METEOR: no java" in text
+
+
+def test_an_evaluation_set_built_in_code_brings_its_conditions_and_scorer(export, tmp_path, no_java):
+    """The interface the demo uses: records, a condition of the set's own and its scorer, through `evaluate`."""
+    from altogether.data.records import Record
+    from altogether.evaluate import EvalSet
+
+    records = [Record(key=f"r{i}", image=draw(c, "square", seed=i), alt_texts=[f"zorbit K-{i}"],
+                      target=f"a {c} square") for i, c in enumerate(("red", "blue", "green"))]
+    shouted = [f"ZORBIT K-{i}" for i in range(3)]
+    seen = []
+
+    def score(captions, prompts):
+        seen.append(list(prompts))
+        return {"prompted": sum(bool(p) for p in prompts) / len(prompts)}
+
+    eval_set = EvalSet(id="mine", kind="code", records=records, read=3, conditions={"w/ shouted alt": shouted},
+                       score=score, info={"made_by": "test"})
+    result = evaluate(export, eval_set, conditions="w/ alt,w/o alt,w/ shouted alt", output_dir=tmp_path,
+                      clip_score=False, progress=False, do_sample=False)
+    assert result.summary["set_scores"] == {"w/ alt": {"prompted": 1.0}, "w/o alt": {"prompted": 0.0},
+                                            "w/ shouted alt": {"prompted": 1.0}}
+    assert seen[2] == shouted and seen[0] == [f"zorbit K-{i}" for i in range(3)]
+    assert result.summary["data"]["made_by"] == "test" and result.summary["data"]["evaluated"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [r["prompts"]["w/ shouted alt"] for r in rows] == shouted
+    assert "mine scores (fractions)" in result.table
+    bad = EvalSet(id="bad", kind="code", records=records, read=3, conditions={"w/ short": ["x"]})
+    with pytest.raises(ValueError, match="one prompt per record"):
+        evaluate(export, bad, output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="settings of a named evaluation set"):
+        evaluate(export, tmp_path / "x.json", data_options={"eval_scenes": 5}, output_dir=tmp_path)
