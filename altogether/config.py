@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -113,7 +113,7 @@ class DataConfig:
     """Where records come from and which fields are prompt and target.
 
     ``format``: ``auto`` (from the file name), ``annotations`` (Altogether-FT ``{"data": [...]}`` JSON), ``jsonl``,
-    ``parquet``, ``webdataset`` (tar shards, brace patterns allowed) or ``demo`` (the synthetic world).
+    ``parquet`` or ``webdataset`` (tar shards, brace patterns allowed).
     ``task``: ``pretrain`` (target = the longest alt-text) or ``finetune`` (target = ``target_key``).
     ``alt_text_sources``: which ``[source, text]`` pairs of MetaCLIP's ``texts`` count as alt-texts (e.g.
     ``[alt]``); ``null`` keeps them all. ``max_skipped_fraction``: the run stops with an error once more than this
@@ -178,27 +178,6 @@ class TrainerConfig:
 
 
 @dataclass
-class DemoConfig:
-    """The synthetic world and the stages before the captioner's finetune (used when ``data.format=demo``).
-
-    The demo trains a tiny CLIP on the world (the frozen encoder), a tokenizer on its texts, then pretrains the
-    captioner on image/alt-text pairs and finetunes it on target captions with the recipe's own settings.
-    """
-
-    seed: int = 0
-    image_size: int = 64
-    train_scenes: int = 4000
-    val_scenes: int = 64
-    eval_scenes: int = 400
-    clip_scenes: int = 12000
-    clip_steps: int = 500
-    clip_batch_size: int = 128
-    tokenizer_vocab: int = 1000
-    pretrain_steps: int = 100
-    pretrain_warmup_steps: int = 10
-
-
-@dataclass
 class RecipeConfig:
     recipe: str = MISSING
     description: str = ""
@@ -214,7 +193,19 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # what the export stores
-    demo: DemoConfig = field(default_factory=DemoConfig)
+    # A plug-in that runs this recipe instead of one `fit` (several stages, say); set in the recipe file only.
+    pipeline: Optional[str] = None
+
+
+class Pipeline(NamedTuple):
+    """What an ``altogether.pipelines`` plug-in (:mod:`altogether.plugins`) provides.
+
+    ``schema``: the recipe schema, :class:`RecipeConfig` or a dataclass extending it with the pipeline's own
+    settings (the recipe file's extra blocks). ``run(cfg) -> int``: runs the loaded recipe, returns the exit code.
+    """
+
+    schema: type
+    run: Callable[[Any], int]
 
 
 def available_recipes() -> list[str]:
@@ -239,8 +230,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     if not isinstance(recipe, DictConfig):
         raise ConfigError(f"recipe {path}: expected a mapping of keys (recipe:, optim:, ...), "
                           f"got a {type(recipe).__name__.replace('Config', '').lower()}")
+    pipeline = recipe.get("pipeline")
+    schema = RecipeConfig if pipeline is None else recipe_pipeline(pipeline).schema
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), recipe)
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), recipe)
         if "recipe" not in recipe:
             cfg.recipe = path.stem
         if overrides:
@@ -249,8 +242,20 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, path)) from None
+    if cfg.pipeline != pipeline:
+        raise ConfigError(f"key 'pipeline': set by the recipe file ({pipeline!r}), not by an override")
     validate(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def recipe_pipeline(name: str) -> Pipeline:
+    """The installed pipeline plug-in ``name``; :class:`ConfigError` when there is none of that name."""
+    from .plugins import PIPELINES, UnknownPlugin, load_plugin
+
+    try:
+        return load_plugin(PIPELINES, name)
+    except UnknownPlugin as err:
+        raise ConfigError(f"key 'pipeline': {err}") from None
 
 
 def _describe(err: OmegaConfBaseException, path: Path) -> str:
@@ -264,7 +269,7 @@ _CHOICES = {
     "model.encoder.resize_mode": ("squash", "pad", "crop"),
     "model.decoder.trainable": ("full", "lora", "frozen"),
     "model.decoder.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "data.format": ("auto", "annotations", "jsonl", "parquet", "webdataset", "demo"),
+    "data.format": ("auto", "annotations", "jsonl", "parquet", "webdataset"),
     "data.task": ("pretrain", "finetune"),
     "trainer.strategy": ("auto", "ddp", "fsdp"),
     "trainer.logger": ("csv", "tensorboard", "wandb"),

@@ -2,10 +2,12 @@
 
 MODEL is an export folder or a Hugging Face Hub id (loaded with :class:`~altogether.recaptioner.Recaptioner`).
 DATA is an Altogether-FT annotation JSON, a JSONL / Parquet file or webdataset shards (as training reads them),
-or ``demo`` (held-out scenes of the synthetic world). Every record is captioned under each condition (``w/ alt``,
-``w/o alt``, ``w/ random alt``; on ``demo`` also ``w/ wrong-colour alt``) with greedy decoding unless told
-otherwise, and scored against its reference caption: BLEU-1..4, METEOR, ROUGE-L, CIDEr and noun-phrase P/R/F1
-(:mod:`altogether.metrics`), CLIPScore (:mod:`altogether.clip_score`) and, on ``demo``, the world's own scores.
+or the name of an installed evaluation set (:mod:`altogether.plugins`; ``demo``: held-out scenes of the synthetic
+world), whose own settings are given as ``NAME.key=value``. In code, :func:`evaluate` also takes an
+:class:`EvalSet` built by the caller. Every record is captioned under each condition (``w/ alt``, ``w/o alt``,
+``w/ random alt``, plus any the set offers) with greedy decoding unless told otherwise, and scored against its
+reference caption: BLEU-1..4, METEOR, ROUGE-L, CIDEr and noun-phrase P/R/F1 (:mod:`altogether.metrics`),
+CLIPScore (:mod:`altogether.clip_score`) and the set's own scores, if it has a scorer.
 The alt-texts themselves are scored as the ``alt-text`` row, as in the paper; the references' CLIPScore is the
 ``reference`` row.
 
@@ -28,7 +30,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -43,8 +45,7 @@ from .io import atomic_write_text
 log = logging.getLogger(__name__)
 
 USAGE = "usage: python -m altogether.evaluate MODEL DATA [key=value ...]   (MODEL: export folder or Hub id; " \
-        "DATA: annotation JSON, JSONL, Parquet, webdataset shards or demo)"
-DEMO = "demo"
+        "DATA: annotation JSON, JSONL, Parquet, webdataset shards or an evaluation set's name: {})"
 ALT_TEXT_ROW = "alt-text"
 REFERENCE_ROW = "reference"
 CLIPSCORE_KEY = "CLIPScore"
@@ -60,22 +61,12 @@ EVAL_GENERATION = {"do_sample": False}
 
 
 @dataclass
-class DemoEvalConfig:
-    """Held-out demo scenes (``DATA=demo``). Unset values come from the export's demo recipe, else its defaults;
-    ``seed`` defaults to the evaluation's ``seed``."""
-
-    eval_scenes: Optional[int] = None
-    seed: Optional[int] = None
-    image_size: Optional[int] = None
-
-
-@dataclass
 class EvalConfig(GenerationOverrides):
     """Every ``key=value`` the command accepts (the keyword arguments of :func:`evaluate`)."""
 
     output_dir: Optional[str] = None  # default: eval/<model>__<data>
     conditions: Any = None  # comma-separated names or a list; default: all the data offers
-    seed: int = 0  # random-alt permutation, sampling (the generation seed), demo scenes
+    seed: int = 0  # random-alt permutation, sampling (the generation seed), a named set's records
     # data
     format: str = "auto"  # auto | annotations | jsonl | parquet | webdataset
     target_key: str = "round3"
@@ -99,19 +90,31 @@ class EvalConfig(GenerationOverrides):
     num_examples: int = 24
     run_dir: Optional[str] = None  # default: RUN when MODEL is RUN/export and RUN/logs exists
     progress: bool = True
-    demo: DemoEvalConfig = field(default_factory=DemoEvalConfig)
+    # A named evaluation set's own settings (DATA=NAME; `NAME.key=value` on the command line), given to its builder.
+    data_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EvalSet:
-    """The records to evaluate, how many were read, and those skipped (key and reason)."""
+    """The records to evaluate, how many were read, and those skipped (key and reason): what a data file is read
+    into, and what an evaluation set built in code (or by an ``altogether.eval_sets`` plug-in) hands to
+    :func:`evaluate`.
+
+    ``conditions``: the set's own conditions beyond :data:`~altogether.conditions.CONDITIONS`, each a prompt per
+    record. ``score(captions, prompts)``: the set's own scores of one condition's captions (``{name: fraction or
+    None}``), reported next to the standard metrics; ``score_table`` formats ``{condition: scores}`` as Markdown
+    (default: :func:`format_table`). ``info``: what ``metrics.json`` says about the data besides its counts.
+    """
 
     id: str
-    kind: str  # "demo" or a reader format
+    kind: str  # a reader format, or what built the set
     records: list[Record]
     read: int
     skipped: list[dict[str, str]] = field(default_factory=list)
-    scenes: list | None = None  # demo scenes, for the world's own scorer
+    conditions: dict[str, list[str]] = field(default_factory=dict)
+    score: Optional[Callable[[Sequence[str], Sequence[str]], dict[str, Optional[float]]]] = None
+    score_table: Optional[Callable[[dict[str, dict[str, Optional[float]]]], str]] = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +138,8 @@ class EvalResult:
 
 
 def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> EvalConfig:
-    """An :class:`EvalConfig` from ``key=value`` strings or a dict (``demo.eval_scenes`` / ``{"demo": {...}}``).
+    """An :class:`EvalConfig` from ``key=value`` strings or a dict (``data_options.eval_scenes=5`` /
+    ``{"data_options": {...}}``).
 
     Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
     """
@@ -151,9 +155,9 @@ def eval_config(overrides: Sequence[str] | dict[str, Any] | None = None) -> Eval
         cfg: EvalConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        known = ", ".join(name for name in EvalConfig.__dataclass_fields__ if name != "demo")
-        raise ConfigError(f"key {key!r}: {str(err).splitlines()[0]} (valid keys: {known}, demo.eval_scenes, "
-                          "demo.seed, demo.image_size)") from None
+        known = ", ".join(EvalConfig.__dataclass_fields__)
+        raise ConfigError(f"key {key!r}: {str(err).splitlines()[0]} (valid keys: {known}; a named evaluation "
+                          "set's own: NAME.key)") from None
     for name in ("batch_size", "clip_batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"key {name!r}: must be >= 1, got {getattr(cfg, name)}")
@@ -190,11 +194,9 @@ def condition_names(requested: str | Sequence[str] | None, available: Sequence[s
 
 
 def data_format(data: str, cfg: EvalConfig) -> str:
-    """``demo`` or the reader format of ``data``, after checking that its file(s) exist."""
+    """The reader format of ``data``, after checking that its file(s) exist."""
     from .data.readers import detect_format, expand_shards
 
-    if data == DEMO:
-        return DEMO
     fmt = cfg.format if cfg.format != "auto" else detect_format(data)
     if fmt not in ("annotations", "jsonl", "parquet", "webdataset"):
         raise ConfigError(f"key 'format': {fmt!r} is not one of auto, annotations, jsonl, parquet, webdataset")
@@ -246,26 +248,19 @@ def _table_records(source, skip, count: int):
             skip(str(index), str(err))
 
 
-def demo_records(cfg: EvalConfig, export_meta: dict[str, Any]) -> EvalSet:
-    """Held-out demo scenes (names never seen in training); sizes default to the export's demo recipe."""
-    from .config import DemoConfig
-    from .demo.recipe import scene_records
-    from .demo.world import make_scenes
+def named_eval_set(name: str, cfg: EvalConfig) -> EvalSet:
+    """The evaluation set the ``altogether.eval_sets`` plug-in ``name`` builds from ``cfg.data_options``,
+    ``cfg.seed`` and ``cfg.limit`` (its records, at most ``limit``)."""
+    from .plugins import EVAL_SETS, load_plugin
 
-    recipe = (export_meta.get("recipe") or {}).get("demo") or {}
-    defaults = DemoConfig()
-    n = _first(cfg.demo.eval_scenes, recipe.get("eval_scenes"), defaults.eval_scenes)
-    size = _first(cfg.demo.image_size, recipe.get("image_size"), defaults.image_size)
-    seed = _first(cfg.demo.seed, cfg.seed)
-    if cfg.limit is not None:
-        n = min(n, cfg.limit)
-    scenes = make_scenes(n, seed, "eval", image_size=size)
-    records = scene_records(scenes, "eval")
-    return EvalSet(id=DEMO, kind=DEMO, records=records, read=len(records), scenes=scenes)
+    return load_plugin(EVAL_SETS, name)(dict(cfg.data_options), seed=cfg.seed, limit=cfg.limit)
 
 
-def _first(*values):
-    return next(v for v in values if v is not None)
+def eval_set_names() -> list[str]:
+    """Names DATA may take besides a file: the installed evaluation sets."""
+    from .plugins import EVAL_SETS, plugin_names
+
+    return plugin_names(EVAL_SETS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,27 +334,25 @@ def evaluate(model, data, *, conditions: str | Sequence[str] | None = None, seed
     """Run the evaluation protocol and write its outputs (see the module docstring).
 
     ``model``: an export folder, a Hub id or a loaded :class:`~altogether.recaptioner.Recaptioner`. ``data``: a
-    data file / shard pattern or ``"demo"``. ``options``: the other :class:`EvalConfig` keys
-    (``target_key="round2"``, ``max_new_tokens=64``, ``clip_model=...``, ``demo={"eval_scenes": 50}``).
+    data file / shard pattern, an installed evaluation set's name (``"demo"``) or an :class:`EvalSet`.
+    ``options``: the other :class:`EvalConfig` keys (``target_key="round2"``, ``max_new_tokens=64``,
+    ``clip_model=...``, ``data_options={"eval_scenes": 50}`` for a named set).
     """
     if conditions is not None and not isinstance(conditions, str):
         conditions = list(conditions)
     cfg = eval_config({**options, "seed": seed, "conditions": conditions,
                        "output_dir": None if output_dir is None else str(output_dir)})
-    return run_evaluation(model, str(data), cfg)
+    return run_evaluation(model, data if isinstance(data, EvalSet) else str(data), cfg)
 
 
-def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
+def run_evaluation(model, data: str | EvalSet, cfg: EvalConfig) -> EvalResult:
     """:func:`evaluate` with a ready :class:`EvalConfig`."""
     started = time.perf_counter()
-    kind = data_format(data, cfg)  # a bad DATA fails before the model loads
     if cfg.run_dir is not None and not Path(cfg.run_dir).is_dir():
         raise FileNotFoundError(f"key 'run_dir': not a directory: {cfg.run_dir}")
-    names = condition_names(cfg.conditions, _demo_conditions() if kind == DEMO else CONDITIONS)
-    eval_set = None if kind == DEMO else read_records(data, kind, cfg)
+    eval_set = _eval_set(data, cfg)  # bad data or conditions fail before the model loads
+    names = condition_names(cfg.conditions, (*CONDITIONS, *eval_set.conditions))
     captioner, model_id = _load_captioner(model, cfg)
-    if eval_set is None:
-        eval_set = demo_records(cfg, captioner.meta)
     _check_records(eval_set)
 
     records = eval_set.records
@@ -372,13 +365,9 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
                                        **overrides) for c in names}
     texts = {**captions, **({ALT_TEXT_ROW: alt_texts} if cfg.alt_text_row else {})}
     scores = score_rows(texts, [r.target for r in records], images, captioner, cfg)
-    demo_scores = None
-    if eval_set.kind == DEMO:
-        from .demo.score import score_captions as score_demo
+    set_scores = None if eval_set.score is None else {c: eval_set.score(captions[c], prompts[c]) for c in names}
 
-        demo_scores = {c: score_demo(eval_set.scenes, captions[c], prompts[c]) for c in names}
-
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_id, data)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_id, eval_set.id)
     files = {"captions": atomic_write_text(out_dir / "captions.jsonl",
                                            _captions_jsonl(records, alt_texts, prompts, captions, scores.per_example))}
     run_dir, plot_path, plot_skip = _training_curves(captioner.directory, cfg.run_dir, out_dir)
@@ -396,7 +385,7 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
         "generation": generation.to_dict(),
         "metrics": {c: scores.rows[c] for c in names},
         "baselines": {r: v for r, v in scores.rows.items() if r not in names},
-        "demo_scores": demo_scores,
+        "set_scores": set_scores,
         "clip_score": scores.clip,
         "tokenizer": scores.tokenizer,
         "skipped": scores.skipped,
@@ -406,10 +395,8 @@ def run_evaluation(model, data: str, cfg: EvalConfig) -> EvalResult:
         "seconds": round(time.perf_counter() - started, 1),
     }
     table = format_table(scores.rows, scores.skipped)
-    if demo_scores is not None:
-        from .demo.score import format_table as demo_table
-
-        table += "\nDemo world scores (fractions):\n\n" + demo_table(demo_scores)
+    if set_scores is not None:
+        table += f"\n{eval_set.id} scores (fractions):\n\n" + (eval_set.score_table or format_table)(set_scores)
     files["report"] = _write_report(out_dir / "report.html", summary, scores, eval_set, alt_texts, prompts, captions,
                                     cfg.num_examples, plot_path)
     files["metrics"] = atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -478,10 +465,24 @@ def _load_captioner(model, cfg: EvalConfig):
     return captioner, model_id
 
 
-def _demo_conditions() -> tuple[str, ...]:
-    from .demo.recipe import CONDITIONS as demo_conditions
-
-    return tuple(demo_conditions)
+def _eval_set(data: str | EvalSet, cfg: EvalConfig) -> EvalSet:
+    """``data`` as an :class:`EvalSet`: as given, built by the named plug-in, or read from its file(s)."""
+    if isinstance(data, EvalSet):
+        given_set = data
+    elif data in eval_set_names():
+        given_set = named_eval_set(data, cfg)
+    else:
+        if cfg.data_options:
+            raise ConfigError(f"keys {sorted(cfg.data_options)}: settings of a named evaluation set, but DATA "
+                              f"{data!r} is a file (evaluation sets: {', '.join(eval_set_names()) or 'none'})")
+        kind = data_format(data, cfg)
+        condition_names(cfg.conditions, CONDITIONS)  # a bad condition fails before the records are read
+        return read_records(data, kind, cfg)
+    for name, texts in given_set.conditions.items():
+        if name in CONDITIONS or len(texts) != len(given_set.records):
+            raise ValueError(f"evaluation set {given_set.id!r}: condition {name!r} must be new and hold one prompt "
+                             f"per record ({len(given_set.records)}), got {len(texts)}")
+    return given_set
 
 
 def _check_records(eval_set: EvalSet) -> None:
@@ -502,17 +503,14 @@ def _alt_prompt(record: Record, separator: str) -> str:
 
 
 def _condition_prompts(eval_set: EvalSet, alt_texts: list[str], names: list[str], seed: int) -> dict[str, list[str]]:
-    if eval_set.kind == DEMO:
-        from .demo.recipe import condition_prompts
-
-        built = condition_prompts(eval_set.scenes, seed)  # the demo recipe's own prompts, wrong colour included
-        return {name: built[name] for name in names}
-    return build_conditions(alt_texts, seed, names)
+    """Each condition's prompts: the standard ones built from the alt-texts, the set's own as it gives them."""
+    built = {**build_conditions(alt_texts, seed, [n for n in names if n in CONDITIONS]), **eval_set.conditions}
+    return {name: built[name] for name in names}
 
 
 def default_output_dir(model_id: str, data: str) -> Path:
     """``eval/<model>__<data>``: the export's run name (or Hub id) and the data file's stem."""
-    data_name = DEMO if data == DEMO else Path(data).name.split(".")[0]
+    data_name = Path(data).name.split(".")[0]
     return Path("eval") / f"{_slug(model_name(model_id))}__{_slug(data_name)}"
 
 
@@ -558,11 +556,7 @@ def _data_info(eval_set: EvalSet, cfg: EvalConfig) -> dict[str, Any]:
     info: dict[str, Any] = {"id": eval_set.id, "format": eval_set.kind, "read": eval_set.read,
                             "evaluated": len(eval_set.records), "skipped": len(eval_set.skipped),
                             "skipped_examples": eval_set.skipped[:20], "limit": cfg.limit}
-    if eval_set.kind == DEMO:
-        info.update(split="eval", scenes=len(eval_set.records), scene_seed=_first(cfg.demo.seed, cfg.seed),
-                    image_size=eval_set.scenes[0].image.size[0] if eval_set.scenes else None)
-    else:
-        info.update(target_key=cfg.target_key, alt_key=cfg.alt_key, image_key=cfg.image_key)
+    info.update(eval_set.info or {"target_key": cfg.target_key, "alt_key": cfg.alt_key, "image_key": cfg.image_key})
     return info
 
 
@@ -642,8 +636,8 @@ def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set:
     from .report import Example, write_report
 
     table = {row: dict(values) for row, values in scores.rows.items()}
-    for condition, values in (summary["demo_scores"] or {}).items():
-        table[condition].update({f"demo {k.replace('_', ' ')} (%)": None if v is None else 100.0 * v
+    for condition, values in (summary["set_scores"] or {}).items():
+        table[condition].update({f"{eval_set.id} {k.replace('_', ' ')} (%)": None if v is None else 100.0 * v
                                  for k, v in values.items()})
     columns = ordered_columns(table)  # the report's columns follow the first row's key order
     table = {row: {c: values.get(c) for c in columns} for row, values in table.items()}
@@ -673,14 +667,17 @@ def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set:
 
 
 def main(argv: list[str]) -> int:
+    usage = USAGE.format(", ".join(eval_set_names()) or "none installed")
     if not argv or argv[0] in ("-h", "--help"):
-        keys = ", ".join(f"{k}={v}" for k, v in asdict(EvalConfig()).items() if k != "demo")
-        print(f"{USAGE}\nkeys (defaults): {keys}, demo.eval_scenes, demo.seed, demo.image_size")
+        keys = ", ".join(f"{k}={v}" for k, v in asdict(EvalConfig()).items() if k != "data_options")
+        print(f"{usage}\nkeys (defaults): {keys}; a named evaluation set's own settings: NAME.key=value")
         return 0 if argv else 2
     positional = [a for a in argv if "=" not in a]
     if len(positional) != 2:
-        raise ConfigError(f"expected MODEL and DATA, got {positional}; {USAGE}")
-    cfg = eval_config([a for a in argv if "=" in a])
+        raise ConfigError(f"expected MODEL and DATA, got {positional}; {usage}")
+    own = f"{positional[1]}."  # NAME.key=value: the named set's own settings
+    settings = [f"data_options.{a[len(own):]}" if a.startswith(own) else a for a in argv if "=" in a]
+    cfg = eval_config(settings)
     result = run_evaluation(positional[0], positional[1], cfg)
     print(result.table, end="")
     return 0

@@ -25,7 +25,7 @@ from .model_card import render_card
 log = logging.getLogger(__name__)
 
 # Evaluation results a run may hold; they are shown in the card and uploaded with the weights.
-EVAL_FILES = ("metrics.json", "demo_eval.json")
+EVAL_FILES = ("metrics.json",)
 RUN_MARKER = "config.yaml"  # every training run directory holds its resolved config
 DEFAULT_COMMIT = "Upload Altogether captioner"
 

@@ -149,9 +149,7 @@ def _training(meta: dict[str, Any], recipe: dict[str, Any]) -> str:
     data = recipe.get("data") or {}
     optim = recipe.get("optim") or {}
     layout = recipe.get("layout") or {}
-    if data.get("format") == "demo":
-        source = f"the synthetic demo world ({data.get('demo_scenes')} scenes)"
-    elif not data.get("train"):
+    if not data.get("train"):
         source = "records handed to `fit(sources=...)` in code (no data file recorded)"
     else:
         source = f"`{data.get('train')}` ({data.get('format')} format)"

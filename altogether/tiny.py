@@ -15,7 +15,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -53,9 +53,11 @@ def write_tiny_clip(directory: str | Path, *, seed: int = 0, model_cfg: dict[str
     return save_open_clip_dir(directory, model.state_dict(), model_cfg, preprocess_cfg)
 
 
-def write_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 400) -> Path:
-    """Train a byte-level BPE tokenizer on ``texts`` and save it as a Hugging Face tokenizer folder."""
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+def write_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 400,
+                    words: Sequence[str] = ()) -> Path:
+    """Train a byte-level BPE tokenizer on ``texts`` (merges only inside ``words`` when given; see
+    :func:`~altogether.tokenizer.train_tokenizer`) and save it as a Hugging Face tokenizer folder."""
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, words=words)
     tokenizer.save_pretrained(str(directory))
     return Path(directory)
 

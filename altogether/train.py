@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .cli import SIGTERM_EXIT_CODE, run_cli
-from .config import ConfigError, available_recipes, load_recipe, to_yaml
+from .config import ConfigError, available_recipes, load_recipe, recipe_pipeline, to_yaml
 
 USAGE = "usage: python -m altogether.train recipe=NAME [key=value ...]   (recipes: {})"
 
@@ -25,18 +25,15 @@ def main(argv: list[str]) -> int:
     if cfg.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    if cfg.data.format == "demo":
-        from .demo.recipe import run_demo
+    if cfg.pipeline is not None:  # a recipe run by a plug-in (several stages, say)
+        return recipe_pipeline(cfg.pipeline).run(cfg)
+    from .training import TrainingInterrupted, fit
 
-        run_demo(cfg)
-    else:
-        from .training import TrainingInterrupted, fit
-
-        try:
-            print(f"export: {fit(cfg)}")
-        except TrainingInterrupted as stop:
-            print(f"error: {stop}", file=sys.stderr)
-            return SIGTERM_EXIT_CODE
+    try:
+        print(f"export: {fit(cfg)}")
+    except TrainingInterrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     return 0
 
 

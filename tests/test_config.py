@@ -70,3 +70,22 @@ def test_cli_dry_run_prints_resolved_yaml_and_errors_are_one_line():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["error: key 'optim.nope': Key 'nope' not in 'OptimConfig'"]
     assert _cli("recipe=ghost").stderr.startswith("error: unknown recipe 'ghost'")
+
+
+def test_a_recipe_names_the_pipeline_that_runs_it_and_gets_its_schema(tmp_path, monkeypatch):
+    # The library's own recipes are run by `fit` and carry no plug-in's settings.
+    plain = load_recipe("pretrain")
+    assert plain.pipeline is None and "demo" not in plain
+    # The demo recipe names its plug-in, whose schema adds the `demo:` block (its values from recipes/demo.yaml).
+    demo = load_recipe("demo", ["demo.novel_scenes=7"])
+    assert demo.pipeline == "demo" and demo.demo.novel_scenes == 7 and demo.demo.train_scenes == 8000
+    with pytest.raises(ConfigError, match=r"demo\.nope"):
+        load_recipe("demo", ["demo.nope=1"])
+    with pytest.raises(ConfigError, match="key 'pipeline': set by the recipe file"):
+        load_recipe("demo", ["pipeline=other"])
+    with pytest.raises(ConfigError, match="demo"):  # another recipe cannot borrow a plug-in's block
+        load_recipe("pretrain", ["demo.seed=1"])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("pipeline: nowhere\n")
+    with pytest.raises(ConfigError, match="key 'pipeline': no altogether.pipelines plug-in named 'nowhere'.*demo"):
+        load_recipe(str(recipe))

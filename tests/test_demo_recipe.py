@@ -4,16 +4,17 @@ import json
 
 import yaml
 
-from altogether.config import load_recipe
-from altogether.demo.recipe import CONDITIONS, run_demo
-from altogether.demo.score import METRICS
+from altogether.config import DecoderConfig, load_recipe
+from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, run_demo
+from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS
+from altogether.model import load_tokenizer
 
 
 def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys):
     cfg = load_recipe("demo", {
         "output_dir": str(tmp_path / "demo"),
-        "demo": {"train_scenes": 64, "val_scenes": 4, "eval_scenes": 8, "clip_scenes": 256, "clip_steps": 2,
-                 "clip_batch_size": 32, "pretrain_steps": 2, "pretrain_warmup_steps": 1, "tokenizer_vocab": 300},
+        "demo": {"train_scenes": 64, "val_scenes": 4, "eval_scenes": 8, "novel_scenes": 6, "clip_scenes": 256,
+                 "clip_steps": 2, "clip_batch_size": 32, "pretrain_steps": 2, "pretrain_warmup_steps": 1},
         "optim": {"max_steps": 3, "warmup_steps": 1},
         "trainer": {"progress_bar": False, "sample_every_n_steps": 2},
     })
@@ -21,16 +22,34 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     run = tmp_path / "demo"
     saved = json.loads((run / "demo_eval.json").read_text())
     assert saved == results and list(saved) == list(CONDITIONS)
-    assert all(set(saved[c]) == set(METRICS) for c in CONDITIONS)
+    assert all(set(saved[c]) == set(TABLE_COLUMNS) for c in CONDITIONS)
     values = [v for c in CONDITIONS for v in saved[c].values() if v is not None]
     assert values and all(0.0 <= v <= 1.0 for v in values)
-    assert saved["w/o alt"]["name_carry_over"] is None  # no name in the prompt: not eligible
+    assert saved["w/o alt"]["fact_carry_over"] is None  # no facts in the prompt: not eligible
+    # Novel-generator scenes are captioned with their own facts in the prompt, and only then.
+    for condition in CONDITIONS:
+        assert (saved[condition][NOVEL_CARRY_OVER] is None) == (condition not in FACT_CONDITIONS)
+    # Both evaluations went through the library's evaluate: its files, the world's scores among its metrics.
+    held_out = json.loads((run / "finetune" / "metrics.json").read_text())
+    novel = json.loads((run / "novel_eval" / "metrics.json").read_text())
+    assert held_out["data"]["evaluated"] == 8 and novel["data"]["evaluated"] == 6
+    assert {c: {k: saved[c][k] for k in METRICS} for c in CONDITIONS} == held_out["set_scores"]
+    assert list(novel["set_scores"]) == list(FACT_CONDITIONS)
+    assert all(saved[c][NOVEL_CARRY_OVER] == novel["set_scores"][c]["fact_carry_over"] for c in FACT_CONDITIONS)
+    assert (run / "finetune" / "report.html").is_file() and (run / "novel_eval" / "captions.jsonl").is_file()
     for stage in ("clip", "tokenizer", "pretrain/export", "finetune/export"):
         assert (run / stage).is_dir(), stage
+    # The world's own words are single tokens; a fact splits into its characters.
+    tokenizer = load_tokenizer(DecoderConfig(tokenizer=str(run / "tokenizer")))
+    assert tokenizer.tokenize("A photo of Pyxwen TJ349: a purple triangle.") == [
+        "A", "Ġphoto", "Ġof", "Ġ", *"Pyxwen", "Ġ", *"TJ349", ":", "Ġa", "Ġpurple", "Ġtriangle", "."]
     finetune = yaml.safe_load((run / "finetune" / "config.yaml").read_text())
     assert finetune["init_from"].endswith("pretrain/export")  # finetune starts from the pretrain stage's export
+    # Each stage is a plain recipe: the demo's own settings stay in the demo's recipe.
+    assert "demo" not in finetune and finetune["pipeline"] is None
     # The frozen encoder is the demo's CLIP: init_from runs load it from the pretrain export, which names its source.
     source = json.loads((run / "finetune" / "export" / "altogether.json").read_text())["encoder_source"]
     assert source["name"].endswith("/clip")
     table = (run / "demo_eval.md").read_text()
-    assert "| w/ wrong-colour alt |" in table and "| w/ alt |" in capsys.readouterr().out
+    assert "| w/ wrong-colour alt |" in table and "carry-over (novel generator)" in table
+    assert "| w/ alt |" in capsys.readouterr().out

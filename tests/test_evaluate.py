@@ -219,8 +219,8 @@ def test_demo_world(export, tmp_path, no_java, capsys):
     summary = json.loads((out / "metrics.json").read_text())
     demo_conditions = [*CONDITIONS, "w/ wrong-colour alt"]
     assert summary["data"]["id"] == "demo" and summary["data"]["evaluated"] == 5
-    assert summary["conditions"] == demo_conditions and list(summary["demo_scores"]) == demo_conditions
-    for scores in summary["demo_scores"].values():
+    assert summary["conditions"] == demo_conditions and list(summary["set_scores"]) == demo_conditions
+    for scores in summary["set_scores"].values():
         assert set(scores) == set(METRICS)
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
     # The eval scenes are the held-out ones the world makes for this seed; references are their captions.
@@ -230,8 +230,8 @@ def test_demo_world(export, tmp_path, no_java, capsys):
     assert [c["alt_text"] for c in captions] == [" ".join(s.alt_text.split()) for s in scenes]
     assert all(c["prompts"]["w/ wrong-colour alt"] != c["alt_text"] for c in captions)
     stdout = capsys.readouterr().out
-    assert list(markdown_rows(stdout)) == [*demo_conditions, "reference"] and "name carry-over" in stdout
-    assert "demo name carry over (%)" in (out / "report.html").read_text(encoding="utf-8")
+    assert list(markdown_rows(stdout)) == [*demo_conditions, "reference"] and "carry-over (held-out facts)" in stdout
+    assert "demo fact carry over (%)" in (out / "report.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(__import__("shutil").which("java") is None, reason="java is not on PATH: no PTB/METEOR here")
@@ -290,3 +290,35 @@ def test_a_one_record_set_reports_cider_unavailable_not_zero(export, ft_json, tm
     assert summary["metrics"]["w/ alt"]["CIDEr"] is None and "IDF" in summary["skipped"]["CIDEr"]
     assert summary["baselines"]["alt-text"]["CIDEr"] is None
     assert markdown_rows(capsys.readouterr().out)["w/ alt"]["CIDEr"] == "n/a"
+
+
+def test_an_evaluation_set_built_in_code_brings_its_conditions_and_scorer(export, tmp_path, no_java):
+    """The interface the demo uses: records, a condition of the set's own and its scorer, through `evaluate`."""
+    from altogether.data.records import Record
+    from altogether.evaluate import EvalSet
+
+    records = [Record(key=f"r{i}", image=draw(c, "square", seed=i), alt_texts=[f"zorbit K-{i}"],
+                      target=f"a {c} square") for i, c in enumerate(("red", "blue", "green"))]
+    shouted = [f"ZORBIT K-{i}" for i in range(3)]
+    seen = []
+
+    def score(captions, prompts):
+        seen.append(list(prompts))
+        return {"prompted": sum(bool(p) for p in prompts) / len(prompts)}
+
+    eval_set = EvalSet(id="mine", kind="code", records=records, read=3, conditions={"w/ shouted alt": shouted},
+                       score=score, info={"made_by": "test"})
+    result = evaluate(export, eval_set, conditions="w/ alt,w/o alt,w/ shouted alt", output_dir=tmp_path,
+                      clip_score=False, progress=False, do_sample=False)
+    assert result.summary["set_scores"] == {"w/ alt": {"prompted": 1.0}, "w/o alt": {"prompted": 0.0},
+                                            "w/ shouted alt": {"prompted": 1.0}}
+    assert seen[2] == shouted and seen[0] == [f"zorbit K-{i}" for i in range(3)]
+    assert result.summary["data"]["made_by"] == "test" and result.summary["data"]["evaluated"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [r["prompts"]["w/ shouted alt"] for r in rows] == shouted
+    assert "mine scores (fractions)" in result.table
+    bad = EvalSet(id="bad", kind="code", records=records, read=3, conditions={"w/ short": ["x"]})
+    with pytest.raises(ValueError, match="one prompt per record"):
+        evaluate(export, bad, output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="settings of a named evaluation set"):
+        evaluate(export, tmp_path / "x.json", data_options={"eval_scenes": 5}, output_dir=tmp_path)

@@ -322,16 +322,12 @@ class Subset(Sequence):
         return self.source[self.indices[i]]
 
 
-def open_sources(cfg, demo_records: Callable[[str], Sequence[Record]] | None = None):
+def open_sources(cfg):
     """(train, val) record sources for a recipe; train is ``None`` for streamed webdataset training.
 
     ``val_fraction`` carves a seeded validation split out of a table source when no ``data.val`` is given.
     """
     d = cfg.data
-    if d.format == "demo":
-        if demo_records is None:
-            raise ValueError("data.format=demo needs the demo world")
-        return demo_records("train"), demo_records("val")
     if not d.train:
         raise ValueError("data.train is not set: give the training data path, e.g. data.train=annotations.json")
     fields = data_fields(cfg)

@@ -28,8 +28,8 @@ from altogether.demo.world import (
     SHAPES,
     Scene,
     describe,
-    random_facts,
-    scene_from_facts,
+    random_objects,
+    scene_from_objects,
     visual_description,
 )
 from altogether.io import replacing_dir
@@ -142,11 +142,11 @@ def _training_pool(num_scenes: int, seed: int, image_size: int) -> tuple[list[Sc
     scenes: list[Scene] = []
     families: list[list[int]] = []
     while len(scenes) < num_scenes:
-        objects, relation = random_facts(rng)
+        objects, relation = random_objects(rng)
         members = [(objects, relation)] + ([] if relation is None else _siblings(rng, objects, relation))
         members = members[: num_scenes - len(scenes)]
         families.append(list(range(len(scenes), len(scenes) + len(members))))
-        scenes.extend(scene_from_facts(rng, o, r, image_size=image_size) for o, r in members)
+        scenes.extend(scene_from_objects(rng, o, r, image_size=image_size) for o, r in members)
     return scenes, families
 
 

@@ -1,13 +1,20 @@
 """The ``demo`` recipe: the whole Altogether pipeline on the synthetic world, on a laptop CPU.
 
+A plug-in (``pyproject.toml`` declares it; :mod:`altogether.plugins`): :data:`PIPELINE` runs ``recipes/demo.yaml``
+(``pipeline: demo``), whose ``demo:`` block is :class:`DemoSettings`; :func:`named_eval_set` is the evaluation
+set ``altogether evaluate MODEL demo`` reads. The library itself never refers to the demo.
+
 Stages, each in its own folder of the run directory:
 
 1. ``clip/``: a tiny CLIP trained contrastively on the world (open_clip's own loss), then frozen: the encoder.
-2. ``tokenizer/``: a byte-level BPE tokenizer trained on the world's texts (any unseen name still tokenizes).
-3. ``pretrain/``: the captioner on image + alt-text pairs (target = alt-text).
+2. ``tokenizer/``: a byte-level BPE tokenizer whose merges stay inside the world's own words, so any fact splits
+   into single characters, the same in every context.
+3. ``pretrain/``: the captioner on images with two alt-texts each (target = the longest, prompt = the other).
 4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout.
-5. ``demo_eval.md`` / ``demo_eval.json``: the evaluation protocol on held-out scenes whose names were never
-   seen in training, one row per prompt condition.
+5. Evaluation with :func:`altogether.evaluate.evaluate` (its outputs in ``finetune/`` and ``novel_eval/``) on
+   held-out scenes whose facts were never seen in training, one row per prompt condition, next to fact
+   carry-over on scenes whose facts come from the novel generator (strings the training generator cannot
+   write); the world's table in ``demo_eval.md`` / ``demo_eval.json``.
 """
 
 from __future__ import annotations
@@ -16,64 +23,132 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ..config import validate
+from ..config import ConfigError, Pipeline, RecipeConfig, load_recipe, validate
 from ..data.records import Record
+from ..evaluate import EvalSet
 from ..io import atomic_write_text
-from .world import Scene, caption_for, make_scenes, wrong_colour_alt
+from .world import SPLITS, VOCABULARY, Scene, another_alt_text, caption_for, make_scenes, wrong_colour_alt
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("w/ alt", "w/o alt", "w/ random alt", "w/ wrong-colour alt")
+WRONG_COLOUR = "w/ wrong-colour alt"
+CONDITIONS = ("w/ alt", "w/o alt", "w/ random alt", WRONG_COLOUR)
+# The conditions whose prompt holds the scene's own facts: the only ones novel-generator scenes are captioned under.
+FACT_CONDITIONS = ("w/ alt", WRONG_COLOUR)
+
+
+@dataclass
+class DemoSettings:
+    """The synthetic world and the stages around the captioner's finetune (the ``demo:`` block of the recipe).
+
+    Scene counts per split (``novel_scenes``: facts from the novel generator); the tiny CLIP's pool, steps and
+    batch; the tokenizer's size; the pretrain stage's steps, warm-up and alt-texts per image (2: a fact to carry
+    from one alt-text to the other). The finetune stage uses the recipe's own settings.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    train_scenes: int = 4000
+    val_scenes: int = 64
+    eval_scenes: int = 400
+    novel_scenes: int = 400
+    clip_scenes: int = 12000
+    clip_steps: int = 500
+    clip_batch_size: int = 128
+    tokenizer_vocab: int = 1000
+    pretrain_steps: int = 100
+    pretrain_warmup_steps: int = 10
+    pretrain_alt_texts: int = 2
+
+
+@dataclass
+class DemoRecipeConfig(RecipeConfig):
+    """The demo recipe's schema: any recipe's keys plus its ``demo:`` block."""
+
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+
+@dataclass
+class DemoEvalOptions:
+    """Settings of the ``demo`` evaluation set (``demo.KEY=value``); unset ones come from ``recipes/demo.yaml``
+    (the seed: the evaluation's own). ``split``: ``eval`` (held-out facts of the training generator) or ``novel``."""
+
+    eval_scenes: Optional[int] = None
+    seed: Optional[int] = None
+    image_size: Optional[int] = None
+    split: str = "eval"
 
 
 def scene_records(scenes: Sequence[Scene], split: str) -> list[Record]:
-    """Records of the world: the target names the scene only when the alt-text does; the prompt-dropped target
-    never names it (nothing in the image could tell the name)."""
+    """Records of the world: the target states the scene's facts only when the alt-text holds them; the
+    prompt-dropped target never does (nothing in the image could tell them)."""
     records = []
     for i, s in enumerate(scenes):
-        named = s.name in s.alt_text
+        told = all(fact in s.alt_text for fact in s.facts)
         records.append(Record(key=f"{split}-{i:05d}", image=s.image, alt_texts=[s.alt_text],
-                              target=caption_for(s, with_name=named),
-                              target_without_alt=caption_for(s, with_name=False)))
+                              target=caption_for(s, with_facts=told),
+                              target_without_alt=caption_for(s, with_facts=False)))
     return records
 
 
-def condition_prompts(scenes: Sequence[Scene], seed: int) -> dict[str, list[str]]:
-    """The prompt of every held-out scene under each condition (random alt: another scene's alt-text)."""
-    from ..conditions import build_conditions
+def pretrain_records(scenes: Sequence[Scene], alt_texts: int, seed: int) -> list[Record]:
+    """Records for the pretrain stage: each image with `alt_texts` alt-texts of its own (the first is the scene's),
+    as when the same image appears on several web pages. With two or more, the pretrain task (the longest
+    alt-text, prompted with the others) has facts to carry over from one alt-text to the other."""
+    rng = random.Random(f"altogether-demo-pretrain:{seed}")
+    return [Record(key=f"train-{i:05d}", image=s.image,
+                   alt_texts=[s.alt_text] + [another_alt_text(s, rng) for _ in range(alt_texts - 1)])
+            for i, s in enumerate(scenes)]
 
-    base = build_conditions([s.alt_text for s in scenes], seed=seed)
+
+def demo_eval_set(scenes: Sequence[Scene], seed: int, *, name: str = "demo", info: dict[str, Any] | None = None
+                  ) -> EvalSet:
+    """Scenes as an evaluation set for :func:`altogether.evaluate.evaluate`: their records, the wrong-colour
+    condition (the scene's facts with a colour its image does not show) and the world's own scorer."""
+    from .score import format_table, score_captions
+
+    split = scenes[0].split if scenes else "eval"
+    records = scene_records(scenes, split)
     rng = random.Random(seed)
-    return {**base, "w/ wrong-colour alt": [wrong_colour_alt(s, rng) for s in scenes]}
+    return EvalSet(id=name, kind="demo world", records=records, read=len(records),
+                   conditions={WRONG_COLOUR: [wrong_colour_alt(s, rng) for s in scenes]},
+                   score=lambda captions, prompts: score_captions(scenes, captions, prompts),
+                   score_table=format_table, info=info or {})
 
 
-def evaluate_demo(export: str | Path, scenes: Sequence[Scene], *, seed: int, batch_size: int = 64
-                  ) -> tuple[dict[str, dict[str, float | None]], dict[str, list[str]]]:
-    """Greedy captions of held-out scenes under every condition, scored by the world's scorer."""
-    from ..recaptioner import Recaptioner
-    from .score import score_captions
+def named_eval_set(options: dict[str, Any], *, seed: int, limit: int | None = None) -> EvalSet:
+    """The ``demo`` evaluation set plug-in: :class:`DemoEvalOptions` from ``options``, at most ``limit`` scenes."""
+    try:
+        opts: DemoEvalOptions = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DemoEvalOptions), options))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"key 'demo.{getattr(err, 'full_key', '')}': {str(err).splitlines()[0]} (demo keys: "
+                          f"{', '.join(DemoEvalOptions.__dataclass_fields__)})") from None
+    if opts.split not in SPLITS[2:]:
+        raise ConfigError(f"key 'demo.split': {opts.split!r} is not one of {', '.join(SPLITS[2:])}")
+    recipe = load_recipe("demo").demo
+    n = recipe.eval_scenes if opts.eval_scenes is None else opts.eval_scenes
+    n = n if limit is None else min(n, limit)
+    size = opts.image_size or recipe.image_size
+    scene_seed = seed if opts.seed is None else opts.seed
+    scenes = make_scenes(n, scene_seed, opts.split, image_size=size)
+    return demo_eval_set(scenes, seed, info={"split": opts.split, "scenes": n, "scene_seed": scene_seed,
+                                             "image_size": size})
 
-    captioner = Recaptioner.from_pretrained(export)
-    images = [s.image for s in scenes]
-    results: dict[str, dict[str, float | None]] = {}
-    captions: dict[str, list[str]] = {}
-    for condition, prompts in condition_prompts(scenes, seed).items():
-        captions[condition] = captioner.recaption(images, prompts, batch_size=batch_size, do_sample=False)
-        results[condition] = score_captions(scenes, captions[condition], prompts)
-    return results, captions
 
-
-def run_demo(cfg) -> dict[str, dict[str, float | None]]:
-    """Run every stage of the demo recipe and return the evaluation table."""
+def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
+    """Run every stage of the demo recipe and return the world's table ``{condition: {metric: fraction}}``."""
+    from ..evaluate import evaluate
     from ..tiny import write_tokenizer
     from ..training import fit
     from .clip import demo_clip_config, evaluate_demo_clip, train_demo_clip
-    from .score import format_table
+    from .score import NOVEL_CARRY_OVER, format_table
 
     d = cfg.demo
     run = Path(cfg.output_dir)
@@ -84,13 +159,16 @@ def run_demo(cfg) -> dict[str, dict[str, float | None]]:
     train_demo_clip(clip_dir, num_scenes=d.clip_scenes, steps=d.clip_steps, batch_size=d.clip_batch_size, seed=d.seed,
                     config=demo_clip_config(image_size=d.image_size))
     scenes = {split: make_scenes(n, d.seed, split, image_size=d.image_size)
-              for split, n in (("train", d.train_scenes), ("val", d.val_scenes), ("eval", d.eval_scenes))}
+              for split, n in (("train", d.train_scenes), ("val", d.val_scenes), ("eval", d.eval_scenes),
+                               ("novel", d.novel_scenes))}
     probe = evaluate_demo_clip(clip_dir, scenes["val"])
     log.info("stage clip: done in %.0fs; held-out probe %s", time.perf_counter() - started, _short(probe))
 
-    texts = [t for s in scenes["train"] for t in (s.alt_text, s.caption, caption_for(s, with_name=False))]
-    tokenizer_dir = write_tokenizer(run / "tokenizer", texts, vocab_size=d.tokenizer_vocab)
-    sources = (scene_records(scenes["train"], "train"), scene_records(scenes["val"], "val"))
+    texts = [t for s in scenes["train"] for t in (s.alt_text, s.caption, caption_for(s, with_facts=False))]
+    tokenizer_dir = write_tokenizer(run / "tokenizer", texts, vocab_size=d.tokenizer_vocab, words=VOCABULARY)
+    val = scene_records(scenes["val"], "val")
+    sources = {"pretrain": (pretrain_records(scenes["train"], d.pretrain_alt_texts, d.seed), val),
+               "finetune": (scene_records(scenes["train"], "train"), val)}
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},
              "decoder": {"tokenizer": str(tokenizer_dir.resolve())}}
@@ -100,22 +178,40 @@ def run_demo(cfg) -> dict[str, dict[str, float | None]]:
                      "optim": {"max_steps": d.pretrain_steps, "warmup_steps": d.pretrain_warmup_steps}},
         "finetune": {"model": model, "output_dir": str(run / "finetune"), "init_from": str(run / "pretrain" / "export")},
     }
+    # Each stage is a plain recipe (what its export records): this one's keys without the demo's own.
+    plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("demo", "pipeline")}
     export = None
     for name, overrides in stages.items():
-        stage_cfg = OmegaConf.merge(cfg, overrides, {"recipe": f"{cfg.recipe}/{name}"})
+        stage_cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain, overrides,
+                                    {"recipe": f"{cfg.recipe}/{name}"})
         validate(stage_cfg)
         t0 = time.perf_counter()
-        export = fit(stage_cfg, sources=sources)
+        export = fit(stage_cfg, sources=sources[name])
         log.info("stage %s: %d steps in %.0fs -> %s", name, stage_cfg.optim.max_steps, time.perf_counter() - t0, export)
 
-    results, captions = evaluate_demo(export, scenes["eval"], seed=d.seed)
+    options = {"seed": d.seed, "progress": False, "batch_size": 64}
+    held_out = evaluate(export, demo_eval_set(scenes["eval"], d.seed), output_dir=run / "finetune", **options)
+    novel = evaluate(export, demo_eval_set(scenes["novel"], d.seed, name="demo-novel"), conditions=FACT_CONDITIONS,
+                     output_dir=run / "novel_eval", **options)
+    results = held_out.summary["set_scores"]
+    for condition, row in results.items():
+        row[NOVEL_CARRY_OVER] = novel.summary["set_scores"][condition]["fact_carry_over"] \
+            if condition in FACT_CONDITIONS else None
     table = format_table(results)
     atomic_write_text(run / "demo_eval.json", json.dumps(results, indent=2))
     atomic_write_text(run / "demo_eval.md", _report(table, cfg, time.perf_counter() - started))
-    atomic_write_text(run / "demo_eval_captions.json", json.dumps(_examples(scenes["eval"], captions), indent=2))
     print(table)
     log.info("demo finished in %.0fs; export: %s", time.perf_counter() - started, export)
     return results
+
+
+def run(cfg: DemoRecipeConfig) -> int:
+    """The pipeline's entry: run the demo; exit code 0."""
+    run_demo(cfg)
+    return 0
+
+
+PIPELINE = Pipeline(schema=DemoRecipeConfig, run=run)
 
 
 def _short(probe: dict[str, Any]) -> str:
@@ -124,10 +220,7 @@ def _short(probe: dict[str, Any]) -> str:
 
 def _report(table: str, cfg, seconds: float) -> str:
     d = cfg.demo
-    return (f"# Demo evaluation\n\nHeld-out scenes: {d.eval_scenes} (names never seen in training), seed {d.seed}, "
-            f"greedy decoding. Whole recipe: {seconds:.0f} s.\n\n{table}\n")
-
-
-def _examples(scenes: Sequence[Scene], captions: dict[str, list[str]], n: int = 20) -> list[dict[str, Any]]:
-    return [{"target": s.caption, "alt_text": s.alt_text, **{c: captions[c][i] for c in captions}}
-            for i, s in enumerate(scenes[:n])]
+    return (f"# Demo evaluation\n\nHeld-out scenes: {d.eval_scenes} (facts never seen in training) and "
+            f"{d.novel_scenes} with facts from the novel generator (carry-over column), seed {d.seed}, greedy "
+            f"decoding. Whole recipe: {seconds:.0f} s. Every caption, the standard metrics and a report with "
+            f"images: finetune/ (held-out) and novel_eval/ (novel generator).\n\n{table}\n")

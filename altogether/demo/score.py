@@ -1,7 +1,7 @@
 """Text-only scoring of demo-world captions against the scenes' true facts (no model involved).
 
 Captions are parsed with the world's deductive template,
-    "A photo of a <name>: <description>."   or   "A photo of <description>."
+    "A photo of <name>, code <code>: <description>."   "A photo of <name>: <description>."   "A photo of <description>."
 where <description> is "a <colour> <shape>" or "a <colour> <shape> <relation> a <colour> <shape>"
 ("a" or "an" both accepted; surrounding whitespace ignored; everything else must match exactly).
 """
@@ -12,39 +12,52 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from altogether.demo.world import COLOURS, INVERSE_RELATION, NAME_PATTERN, RELATIONS, SHAPES, Scene
+from altogether.demo.world import COLOURS, INVERSE_RELATION, RELATIONS, SHAPES, Scene
 
 METRICS: tuple[str, ...] = (
-    "name_carry_over",
+    "fact_carry_over",
     "colour_acc",
     "shape_acc",
     "relation_acc",
     "wrong_colour_copied",
-    "invented_name",
+    "invented_fact",
 )
+# The demo table's extra column: fact carry-over on scenes whose facts come from the novel generator.
+NOVEL_CARRY_OVER = "novel_fact_carry_over"
+TABLE_COLUMNS: tuple[str, ...] = (METRICS[0], NOVEL_CARRY_OVER, *METRICS[1:])
 _LABELS = {
-    "name_carry_over": "name carry-over",
+    "fact_carry_over": "carry-over (held-out facts)",
+    NOVEL_CARRY_OVER: "carry-over (novel generator)",
     "colour_acc": "colour acc",
     "shape_acc": "shape acc",
     "relation_acc": "relation acc",
     "wrong_colour_copied": "wrong colour copied",
-    "invented_name": "invented name",
+    "invented_fact": "invented fact",
 }
 
 _OBJECT = rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
-_CAPTION = re.compile(rf"A photo of (?:a (?P<name>[^:]+): )?{_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?\.")
-# The name slot counts as filled whatever the rest of the caption looks like.
-_NAME_SLOT = re.compile(r"\s*A photo of an? [^:.]+:")
+# Facts hold no ":" or "," and never the word "code" (the world never writes them): the slot splits unambiguously.
+_FACT_SLOT = r"A photo of (?P<name>[^:,]+?)(?:, code (?P<code>[^:,]+))?:"
+_CAPTION = re.compile(rf"(?:{_FACT_SLOT} |A photo of ){_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?\.")
 _COLOUR_WORD = re.compile(rf"\b({'|'.join(COLOURS)})\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class ParsedCaption:
-    """The facts a template caption states; `name` is None when the name slot is absent."""
+    """The facts a template caption states; `facts` is () when the fact slot is absent."""
 
-    name: str | None
+    facts: tuple[str, ...]
     objects: list[tuple[str, str]]
     relation: str | None
+
+
+def caption_facts(caption: str) -> tuple[str, ...]:
+    """The facts in a caption's fact slot, (name,) or (name, code), read whatever follows the slot; ()
+    when the caption has no slot."""
+    match = re.match(rf"{_FACT_SLOT}(?: |$)", caption.strip())
+    if match is None:
+        return ()
+    return tuple(f for f in match.group("name", "code") if f is not None)
 
 
 def parse_caption(caption: str) -> ParsedCaption | None:
@@ -52,14 +65,10 @@ def parse_caption(caption: str) -> ParsedCaption | None:
     match = _CAPTION.fullmatch(caption.strip())
     if match is None:
         return None
-    _, c1, s1, relation, c2, s2 = match.groups()
+    name, code, c1, s1, relation, c2, s2 = match.groups()
+    facts = tuple(f for f in (name, code) if f is not None)
     objects = [(c1, s1)] if relation is None else [(c1, s1), (c2, s2)]
-    return ParsedCaption(match.group("name"), objects, relation)
-
-
-def contains_name(text: str | None, name: str) -> bool:
-    """Whether `text` holds `name` exactly, not as part of a longer token ("K-27" does not match "K-271")."""
-    return bool(text) and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
+    return ParsedCaption(facts, objects, relation)
 
 
 def mentioned_colours(text: str | None) -> set[str]:
@@ -67,11 +76,7 @@ def mentioned_colours(text: str | None) -> set[str]:
     return {m.lower() for m in _COLOUR_WORD.findall(text or "")}
 
 
-def _has_name(text: str | None) -> bool:
-    return bool(text) and NAME_PATTERN.search(text) is not None
-
-
-def _matched_facts(scene: Scene, parsed: ParsedCaption | None) -> tuple[int, int, bool]:
+def _matched_objects(scene: Scene, parsed: ParsedCaption | None) -> tuple[int, int, bool]:
     """(correct colours, correct shapes, relation correct) of a caption against a scene.
 
     Objects are compared position by position; for two objects the caption may also list them the other
@@ -104,8 +109,10 @@ def score_captions(
     """Score `captions[i]`, written for `scenes[i]` given alt-text prompt `prompts[i]` ("" or None: none).
 
     Metrics (each a fraction in [0, 1], or None when no sample is eligible):
-    - name_carry_over: among samples whose prompt contains the scene's name, the fraction whose caption
-      contains that exact name (`contains_name`).
+    - fact_carry_over: among samples whose prompt contains every fact of the scene (its name, and its code
+      when it has one), the fraction whose caption's fact slot holds exactly those facts, letter for letter,
+      in the template's order (`caption_facts`): a changed digit, letter case or separator, a fact cut
+      short or run on, a missing or extra code all fail.
     - colour_acc / shape_acc: among all objects of all scenes, the fraction whose colour / shape the
       caption states correctly (objects aligned as in the template; a caption that does not parse, or
       names a different number of objects, gets none right).
@@ -113,8 +120,8 @@ def score_captions(
       true relation (read in the scene's object order).
     - wrong_colour_copied: among samples whose prompt mentions a colour not in the scene, the fraction
       whose caption mentions one of those colours.
-    - invented_name: among samples whose prompt holds no name (nothing matching `NAME_PATTERN`), the
-      fraction whose caption fills the name slot ("A photo of a X: ...") or contains a name-like token.
+    - invented_fact: among samples without a prompt (captioning from scratch), the fraction whose caption
+      fills the fact slot ("A photo of X: ..."): a fact nothing told.
     """
     if not len(scenes) == len(captions) == len(prompts):
         raise ValueError(
@@ -123,34 +130,34 @@ def score_captions(
     carried, copied, invented, relations = [], [], [], []
     colours_right = shapes_right = n_objects = 0
     for scene, caption, prompt in zip(scenes, captions, prompts):
-        if contains_name(prompt, scene.name):
-            carried.append(contains_name(caption, scene.name))
+        if prompt and all(fact in prompt for fact in scene.facts):
+            carried.append(caption_facts(caption) == scene.facts)
         wrong = mentioned_colours(prompt) - {colour for colour, _ in scene.objects}
         if wrong:
             copied.append(bool(wrong & mentioned_colours(caption)))
-        if not _has_name(prompt):
-            invented.append(_has_name(caption) or _NAME_SLOT.match(caption) is not None)
-        colours, shapes, relation_ok = _matched_facts(scene, parse_caption(caption))
+        if not prompt:
+            invented.append(bool(caption_facts(caption)))
+        colours, shapes, relation_ok = _matched_objects(scene, parse_caption(caption))
         colours_right += colours
         shapes_right += shapes
         n_objects += len(scene.objects)
         if scene.relation is not None:
             relations.append(relation_ok)
     return {
-        "name_carry_over": _fraction(carried),
+        "fact_carry_over": _fraction(carried),
         "colour_acc": colours_right / n_objects if n_objects else None,
         "shape_acc": shapes_right / n_objects if n_objects else None,
         "relation_acc": _fraction(relations),
         "wrong_colour_copied": _fraction(copied),
-        "invented_name": _fraction(invented),
+        "invented_fact": _fraction(invented),
     }
 
 
 def format_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
-    """A Markdown table with one row per condition and one column per metric (known metrics first,
-    in `METRICS` order); values with three decimals, None as "n/a"."""
+    """A Markdown table with one row per condition and one column per metric (known columns first, in
+    `TABLE_COLUMNS` order); values with three decimals, None as "n/a"."""
     present = {key for row in results.values() for key in row}
-    columns = [m for m in METRICS if m in present] + sorted(present - set(METRICS))
+    columns = [m for m in TABLE_COLUMNS if m in present] + sorted(present - set(TABLE_COLUMNS))
     lines = [
         "| condition | " + " | ".join(_LABELS.get(c, c) for c in columns) + " |",
         "|---|" + "---:|" * len(columns),

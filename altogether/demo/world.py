@@ -1,10 +1,22 @@
-"""A synthetic world of coloured shapes with made-up names, web-like alt-texts and deductive captions.
+"""A synthetic world of coloured shapes with made-up facts, web-like alt-texts and deductive captions.
 
-Each scene shows one or two shapes on a plain, lightly noisy background. Its name (e.g. "Velora K-27")
-is only ever written in the alt-text, never drawn, so a captioner can learn the name only by carrying
-it over from the alt-text, while colours, shapes and the relation can only be trusted from the image.
-Names are partitioned into train / val / eval pools by a hash of the name's word, so evaluation names
-are never seen in training.
+Each scene shows one or two shapes on a plain, lightly noisy background. Its facts, a name (e.g.
+"Velora K-27", "tami_ru", "Pyxwen TJ349") and sometimes a code after a key ("SKU 27-KOBA"), are only
+ever written in the alt-text, never drawn, so a captioner can learn them only by carrying them over from
+the alt-text, while colours, shapes and the relation can only be trusted from the image.
+
+Facts come from two generators:
+
+* the training generator (splits "train", "val", "eval"): words of random letters (two vowels in five),
+  in the shapes of `TRAINING_NAME_SHAPES` / `TRAINING_CODE_SHAPES`. Its facts are partitioned into the
+  three splits by a hash, so "eval" facts are never seen in training;
+* the novel generator (split "novel"): words of other syllables, built around consonant clusters and vowel
+  pairs ("Pyxwen", "gnomib", "NPTYR"), in other shapes (`NOVEL_NAME_SHAPES` / `NOVEL_CODE_SHAPES`). Every
+  novel fact holds one of the letter pairs in `NOVEL_PAIRS`, which the training generator never writes,
+  so none of them can ever come out of it: carrying them over shows copying, not recall of the generator.
+
+`NOVEL_PAIRS` is a small share of all letter pairs (about 1 in 20), so knowing that training facts avoid
+them tells a captioner almost nothing about the next letter of a training fact: only copying predicts it.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,12 +39,10 @@ INVERSE_RELATION: dict[str, str] = {
     "above": "below",
     "below": "above",
 }
-NAME_SPLITS: tuple[str, ...] = ("train", "val", "eval")
-# Alt-text kinds: name + noise only; plus a correct visual word; plus a colour the image does not show.
+# "train", "val", "eval": the training generator, split by a hash of each fact; "novel": the novel generator.
+SPLITS: tuple[str, ...] = ("train", "val", "eval", "novel")
+# Alt-text kinds: facts + noise only; plus a correct visual word; plus a colour the image does not show.
 ALT_KINDS: tuple[str, ...] = ("plain", "correct", "wrong_colour")
-
-# A name is a capitalised word, a space, a capital letter, a hyphen and two digits: "Velora K-27".
-NAME_PATTERN = re.compile(r"(?<![\w-])[A-Z][a-z]+ [A-Z]-\d{2}(?![\w-])")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -43,24 +54,158 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 _ALT_KIND_WEIGHTS = (0.4, 0.35, 0.25)
 _TWO_OBJECT_PROB = 0.5
+_CODE_PROB = 0.5  # share of scenes with a code besides their name
 _SUPERSAMPLE = 4
 _MARGIN = 0.04  # fraction of the image kept free at each border
 _GAP = 0.07  # minimum free space between two objects along the relation's axis
 _CROSS_JITTER = 0.12  # max offset across the relation's axis; far below the along-axis distance
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr")
-_VOWELS = ("a", "e", "i", "o", "u")
-_CODAS = ("n", "r", "l", "s")
-_CODE_LETTERS = "ABCDEFGHJKLMNPRSTVWXZ"
-# Words a name must never equal, or a colour/shape/template check could misread it.
-_RESERVED_WORDS = frozenset(COLOURS + SHAPES + ("a", "photo", "of", "left", "right", "above", "below"))
+# Fact shapes, one character per part: W a capitalised word, w a lower-case word, U an upper-case word,
+# C two capitalised words run together ("VeloRamu"), L / l one upper / lower-case letter, 9 one digit;
+# any other character stands for itself. A fact is 3 to 26 characters long.
+TRAINING_NAME_SHAPES: tuple[str, ...] = (
+    "W L-99", "W W", "w", "U", "w_w", "W-W", "L. W", "w99", "W 999", "U/99", "W w", "C", "W W W",
+)
+TRAINING_CODE_SHAPES: tuple[str, ...] = ("L9-L99", "99-9999", "L-9999", "99-U", "9L9L9", "w.99", "U-99-U")
+NOVEL_NAME_SHAPES: tuple[str, ...] = ("W", "W W L-99", "w l9999", "W U999", "w.w", "W/W", "U_U", "99-W", "w w w")
+NOVEL_CODE_SHAPES: tuple[str, ...] = ("U999", "U-U-9", "w-999", "99.U", "l9-w")
+_FACT_LENGTH = (3, 26)
 
+VOWELS = "aeiou"
+CONSONANTS = "bcdfghjklmnpqrstvwxyz"
+_VOWEL_PROB = 0.4
+# The novel generator's syllables, built around clusters and vowel pairs; the letter pairs inside them
+# (NOVEL_PAIRS) are the ones the training generator never writes.
+_NOVEL_ONSETS = ("pyx", "gn", "wr", "xh", "zw", "kn", "ps", "thr", "vl", "bj", "sch", "phl", "cz", "dw", "tj",
+                 "np", "qu", "m", "l", "t", "b")
+_NOVEL_NUCLEI = ("ae", "ou", "ei", "ia", "oo", "a", "e", "i", "o", "u", "y")
+_NOVEL_CODAS = ("x", "ck", "ng", "rst", "lm", "ft", "q", "", "", "")
+NOVEL_PAIRS: frozenset[str] = frozenset(
+    part[i : i + 2]
+    for part in (*_NOVEL_ONSETS, *_NOVEL_NUCLEI, *_NOVEL_CODAS)
+    for i in range(len(part) - 1)
+    if part != "qu"  # "qu" is common English: novel words use it, but training words may write it too
+)
+
+_CODE_KEYS = ("SKU", "Item", "Ref", "Model", "Art. no.")
 _SHOP_WORDS = (
     "free shipping", "buy now", "new arrival", "best seller", "sale", "in stock", "limited edition",
     "gift idea", "wholesale", "hd stock photo", "high quality", "top rated", "clearance", "official store",
 )
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SEPARATORS = (" - ", " | ", ", ", " ", " :: ")
+_FILE_WORDS = ("IMG", "jpg", "DSC", "JPG", "photo", "png", "image", "webp", "USD")  # as `_noise_item` writes them
+# Every word the world writes besides facts: captions' template, visual words, keys and the alt-texts' noise.
+VOCABULARY: tuple[str, ...] = tuple(sorted({
+    w
+    for text in (*COLOURS, *SHAPES, *RELATIONS, *_SHOP_WORDS, *_MONTHS, *_CODE_KEYS, *_FILE_WORDS, "A a an of code")
+    for w in re.findall(r"[A-Za-z]+", text)
+}))
+# A fact never holds one of these words in any letter case: it could be misread as noise, key or visual word.
+_RESERVED_WORDS = frozenset(w.lower() for w in VOCABULARY)
+
+
+def has_novel_pair(text: str) -> bool:
+    """Whether two adjacent letters of `text` (case ignored) form one of `NOVEL_PAIRS`.
+
+    False for every fact the training generator writes, true for every fact the novel generator writes.
+    """
+    lower = text.lower()
+    return any(lower[i : i + 2] in NOVEL_PAIRS for i in range(len(lower) - 1))
+
+
+def fact_shape(fact: str) -> str:
+    """The shape of a fact: upper-case letters as "A", lower-case as "a", digits as "9", runs collapsed
+    ("Velora K-27" -> "Aa A-9")."""
+    classes = re.sub(r"[A-Z]", "A", re.sub(r"[a-z]", "a", re.sub(r"[0-9]", "9", fact)))
+    return re.sub(r"(.)\1+", r"\1", classes)
+
+
+def fact_split(fact: str) -> str:
+    """The split ("train", "val" or "eval") a training-generator fact belongs to, from a hash of the fact."""
+    if not fact:
+        raise ValueError("fact_split: empty fact")
+    bucket = int.from_bytes(hashlib.sha256(fact.lower().encode()).digest()[:8], "big") % 100
+    if bucket < 80:
+        return "train"
+    return "val" if bucket < 90 else "eval"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _training_word(rng: random.Random, length: int) -> str:
+    """`length` random letters, each a vowel with probability 0.4, uniform in its class."""
+    return "".join(rng.choice(VOWELS if rng.random() < _VOWEL_PROB else CONSONANTS) for _ in range(length))
+
+
+def _novel_word(rng: random.Random, length: int) -> str:
+    """Syllables of the novel alphabet, at least `length` letters."""
+    word = ""
+    while len(word) < length:
+        word += rng.choice(_NOVEL_ONSETS) + rng.choice(_NOVEL_NUCLEI) + rng.choice(_NOVEL_CODAS)
+    return word
+
+
+def _fill(shape: str, rng: random.Random, word: Callable[[random.Random, int], str], longest: int) -> str:
+    parts = []
+    for part in shape:
+        if part in "WwU":
+            text = word(rng, rng.randint(2, longest))
+            parts.append(text.capitalize() if part == "W" else text.upper() if part == "U" else text)
+        elif part == "C":
+            text = word(rng, rng.randint(5, 2 * longest))
+            cut = rng.randint(2, len(text) - 2)
+            parts.append(text[:cut].capitalize() + text[cut:].capitalize())
+        elif part in "Ll":
+            letter = rng.choice(CONSONANTS + VOWELS)
+            parts.append(letter.upper() if part == "L" else letter)
+        elif part == "9":
+            parts.append(str(rng.randrange(10)))
+        else:
+            parts.append(part)
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class FactGenerator:
+    """Draws facts: a shape from `name_shapes` / `code_shapes`, its words from `word(rng, length)` with
+    lengths up to `longest_word` letters. `accept(fact)` holds for every fact written (else it is redrawn).
+    """
+
+    name_shapes: tuple[str, ...]
+    code_shapes: tuple[str, ...]
+    word: Callable[[random.Random, int], str]
+    longest_word: int
+    accept: Callable[[str], bool]
+
+    def draw(self, rng: random.Random, shapes: tuple[str, ...], keep: Callable[[str], bool]) -> str:
+        while True:
+            fact = _fill(rng.choice(shapes), rng, self.word, self.longest_word)
+            words = {w.lower() for w in re.findall(r"[A-Za-z]+", fact)}
+            if (_FACT_LENGTH[0] <= len(fact) <= _FACT_LENGTH[1] and not words & _RESERVED_WORDS
+                    and self.accept(fact) and keep(fact)):
+                return fact
+
+
+# Word lengths chosen so that both generators write facts of 3 to 26 characters, about 10 on average.
+TRAINING_FACTS = FactGenerator(TRAINING_NAME_SHAPES, TRAINING_CODE_SHAPES, _training_word, 10,
+                               lambda fact: not has_novel_pair(fact))
+NOVEL_FACTS = FactGenerator(NOVEL_NAME_SHAPES, NOVEL_CODE_SHAPES, _novel_word, 6, has_novel_pair)
+
+
+def make_facts(rng: random.Random, split: str) -> tuple[str, str | None]:
+    """(name, code or None) of one scene, from the generator and hash partition of `split`."""
+    _check_split(split)
+    if split == "novel":
+        generator, keep = NOVEL_FACTS, lambda fact: True
+    else:
+        generator, keep = TRAINING_FACTS, lambda fact: fact_split(fact) == split
+    name = generator.draw(rng, generator.name_shapes, keep)
+    code = generator.draw(rng, generator.code_shapes, keep) if rng.random() < _CODE_PROB else None
+    return name, code
 
 
 @dataclass(frozen=True)
@@ -76,16 +221,17 @@ class Placement:
 
 @dataclass(frozen=True)
 class Scene:
-    """One sample of the world: the rendered image, its hidden name, facts, alt-text and target caption.
+    """One sample of the world: the rendered image, its hidden facts, visual facts, alt-text and target caption.
 
-    `objects` are in caption order (the larger shape first); `relation` says where the first object is
-    relative to the second. `alt_kind` is one of ALT_KINDS; `wrong_colour` is the colour named by a
-    "wrong_colour" alt-text (None otherwise). The image is a pure function of `layout`, `image_size`
-    and `noise_seed` (see `render`).
+    `name` and `code` (None for scenes without one) appear only in the alt-text. `objects` are in caption
+    order (the larger shape first); `relation` says where the first object is relative to the second.
+    `alt_kind` is one of ALT_KINDS; `wrong_colour` is the colour named by a "wrong_colour" alt-text (None
+    otherwise). The image is a pure function of `layout`, `image_size` and `noise_seed` (see `render`).
     """
 
     image: Image.Image
     name: str
+    code: str | None
     objects: list[tuple[str, str]]
     relation: str | None
     alt_text: str
@@ -96,33 +242,10 @@ class Scene:
     noise_seed: int
     split: str
 
-
-def name_split(name: str) -> str:
-    """The split ("train", "val" or "eval") a name (or its bare word) belongs to, from a hash of its word."""
-    word = name.split(" ", 1)[0].lower()
-    if not word:
-        raise ValueError(f"name_split: empty name {name!r}")
-    bucket = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "big") % 100
-    if bucket < 80:
-        return "train"
-    return "val" if bucket < 90 else "eval"
-
-
-def _check_split(split: str) -> None:
-    if split not in NAME_SPLITS:
-        raise ValueError(f"split must be one of {NAME_SPLITS}, got {split!r}")
-
-
-def make_name(rng: random.Random, split: str) -> str:
-    """A fresh pronounceable name plus code (e.g. "Velora K-27") from `split`'s name pool."""
-    _check_split(split)
-    while True:
-        syllables = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3))]
-        if rng.random() < 0.3:
-            syllables.append(rng.choice(_CODAS))
-        word = "".join(syllables)
-        if word not in _RESERVED_WORDS and name_split(word) == split:
-            return f"{word.capitalize()} {rng.choice(_CODE_LETTERS)}-{rng.randint(10, 99)}"
+    @property
+    def facts(self) -> tuple[str, ...]:
+        """The facts only the alt-text tells: (name,) or (name, code)."""
+        return (self.name,) if self.code is None else (self.name, self.code)
 
 
 def render(layout: tuple[Placement, ...], image_size: int, noise_seed: int) -> Image.Image:
@@ -199,15 +322,19 @@ def describe(objects: list[tuple[str, str]], relation: str | None) -> str:
     return f"{phrases[0]} {relation} {phrases[1]}"
 
 
-def caption_for(scene: Scene, with_name: bool) -> str:
-    """The deductive target caption: "A photo of a <name>: <description>." or, without the name,
-    "A photo of <description>."."""
-    return _caption(scene.name if with_name else None, scene.objects, scene.relation)
+def caption_for(scene: Scene, with_facts: bool) -> str:
+    """The deductive target caption: "A photo of <name>, code <code>: <description>." (without a code:
+    "A photo of <name>: <description>.") or, without the facts, "A photo of <description>."."""
+    return _caption(scene.facts if with_facts else (), scene.objects, scene.relation)
 
 
-def _caption(name: str | None, objects: list[tuple[str, str]], relation: str | None) -> str:
+def _caption(facts: tuple[str, ...], objects: list[tuple[str, str]], relation: str | None) -> str:
     description = describe(objects, relation)
-    return f"A photo of a {name}: {description}." if name else f"A photo of {description}."
+    if not facts:
+        return f"A photo of {description}."
+    # The code follows a space, as in the alt-text ("SKU 27-KOBA"): the same bytes in the same context.
+    subject = facts[0] if len(facts) == 1 else f"{facts[0]}, code {facts[1]}"
+    return f"A photo of {subject}: {description}."
 
 
 def _noise_item(rng: random.Random) -> str:
@@ -225,9 +352,10 @@ def _noise_item(rng: random.Random) -> str:
 
 
 def _alt_text(
-    rng: random.Random, name: str, objects: list[tuple[str, str]], kind: str
+    rng: random.Random, facts: tuple[str, ...], objects: list[tuple[str, str]], kind: str
 ) -> tuple[str, str | None]:
-    """Build an alt-text of `kind` around `name`; returns (alt_text, wrong colour or None)."""
+    """Build an alt-text of `kind` around `facts` (the code, if any, after a key such as "SKU");
+    returns (alt_text, wrong colour or None)."""
     colour, shape = rng.choice(objects)
     wrong = None
     if kind == "plain":
@@ -239,20 +367,28 @@ def _alt_text(
         visual = rng.choice((f"{wrong} {shape}", wrong))
     else:
         raise ValueError(f"alt-text kind must be one of {ALT_KINDS}, got {kind!r}")
-    core = name
+    core = facts[0]
     if visual:
-        core = f"{name} {visual}" if rng.random() < 0.6 else f"{visual} {name}"
-    pieces = [core] + [_noise_item(rng) for _ in range(rng.randint(1, 3))]
+        core = f"{core} {visual}" if rng.random() < 0.6 else f"{visual} {core}"
+    pieces = [core] + [f"{rng.choice(_CODE_KEYS)} {code}" for code in facts[1:]]
+    pieces += [_noise_item(rng) for _ in range(rng.randint(1, 3))]
     rng.shuffle(pieces)
     return rng.choice(_SEPARATORS).join(pieces), wrong
 
 
+def another_alt_text(scene: Scene, rng: random.Random) -> str:
+    """Another alt-text of `scene`'s image, as another web page would write it: the same facts, fresh noise
+    and visual words."""
+    kind = rng.choices(ALT_KINDS, weights=_ALT_KIND_WEIGHTS)[0]
+    return _alt_text(rng, scene.facts, scene.objects, kind)[0]
+
+
 def wrong_colour_alt(scene: Scene, rng: random.Random) -> str:
-    """An alt-text holding `scene`'s name and a colour that is not in its image."""
-    return _alt_text(rng, scene.name, scene.objects, "wrong_colour")[0]
+    """An alt-text holding `scene`'s facts and a colour that is not in its image."""
+    return _alt_text(rng, scene.facts, scene.objects, "wrong_colour")[0]
 
 
-def random_facts(rng: random.Random) -> tuple[list[tuple[str, str]], str | None]:
+def random_objects(rng: random.Random) -> tuple[list[tuple[str, str]], str | None]:
     """Random (objects, relation): one object, or two different objects and a relation."""
     first = (rng.choice(COLOURS), rng.choice(SHAPES))
     if rng.random() >= _TWO_OBJECT_PROB:
@@ -263,7 +399,7 @@ def random_facts(rng: random.Random) -> tuple[list[tuple[str, str]], str | None]
     return [first, second], rng.choice(RELATIONS)
 
 
-def _check_facts(objects: list[tuple[str, str]], relation: str | None) -> None:
+def _check_objects(objects: list[tuple[str, str]], relation: str | None) -> None:
     if len(objects) not in (1, 2):
         raise ValueError(f"a scene has one or two objects, got {len(objects)}: {objects!r}")
     for colour, shape in objects:
@@ -275,7 +411,7 @@ def _check_facts(objects: list[tuple[str, str]], relation: str | None) -> None:
         )
 
 
-def scene_from_facts(
+def scene_from_objects(
     rng: random.Random,
     objects: list[tuple[str, str]],
     relation: str | None,
@@ -284,21 +420,23 @@ def scene_from_facts(
     image_size: int = 64,
 ) -> Scene:
     """A scene showing exactly `objects` (caption order: the first is drawn larger) and `relation`,
-    with a fresh name from `split`'s pool, a random layout and a random alt-text."""
+    with fresh facts from `split`'s generator, a random layout and a random alt-text."""
     _check_split(split)
-    _check_facts(objects, relation)
-    name = make_name(rng, split)
+    _check_objects(objects, relation)
+    name, code = make_facts(rng, split)
+    facts = (name,) if code is None else (name, code)
     layout = _single_layout(rng, *objects[0]) if relation is None else _pair_layout(rng, *objects, relation)
     kind = rng.choices(ALT_KINDS, weights=_ALT_KIND_WEIGHTS)[0]
-    alt_text, wrong = _alt_text(rng, name, objects, kind)
+    alt_text, wrong = _alt_text(rng, facts, objects, kind)
     noise_seed = rng.getrandbits(32)
     return Scene(
         image=render(layout, image_size, noise_seed),
         name=name,
+        code=code,
         objects=list(objects),
         relation=relation,
         alt_text=alt_text,
-        caption=_caption(name, objects, relation),
+        caption=_caption(facts, objects, relation),
         alt_kind=kind,
         wrong_colour=wrong,
         layout=layout,
@@ -310,10 +448,11 @@ def scene_from_facts(
 def make_scenes(n: int, seed: int, split: str = "train", *, image_size: int = 64) -> list[Scene]:
     """`n` scenes, a pure function of (n, seed, split, image_size); a shorter list is a prefix of a longer one.
 
-    Names come only from `split`'s name pool, so names of different splits never coincide.
+    Facts come only from `split`'s generator and hash partition: facts of different splits never coincide,
+    and "novel" facts are of a kind the training generator cannot write.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     _check_split(split)
     rng = random.Random(f"altogether-demo:{seed}:{split}")
-    return [scene_from_facts(rng, *random_facts(rng), split=split, image_size=image_size) for _ in range(n)]
+    return [scene_from_objects(rng, *random_objects(rng), split=split, image_size=image_size) for _ in range(n)]
