@@ -198,8 +198,8 @@ def data_format(data: str, cfg: EvalConfig) -> str:
     from .data.readers import detect_format, expand_shards
 
     fmt = cfg.format if cfg.format != "auto" else detect_format(data)
-    if fmt not in ("annotations", "jsonl", "parquet", "webdataset"):
-        raise ConfigError(f"key 'format': {fmt!r} is not one of auto, annotations, jsonl, parquet, webdataset")
+    if fmt not in ("annotations", "coco", "jsonl", "parquet", "webdataset"):
+        raise ConfigError(f"key 'format': {fmt!r} is not one of auto, annotations, coco, jsonl, parquet, webdataset")
     paths = expand_shards(data) if fmt == "webdataset" else [data]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
@@ -210,7 +210,7 @@ def data_format(data: str, cfg: EvalConfig) -> str:
 
 def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
     """Records with a reference caption (``target_key``) and a readable image; the others are skipped."""
-    from .data.readers import Fields, TableSource, iter_webdataset
+    from .data.readers import Fields, iter_webdataset, open_table
 
     fields = Fields(alt_key=cfg.alt_key, image_key=cfg.image_key, target_key=cfg.target_key,
                     image_root=cfg.image_root,
@@ -223,12 +223,12 @@ def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
     if fmt == "webdataset":
         candidates = iter_webdataset(data, fields, on_bad=skip)
     else:
-        source = TableSource(data, fmt, fields)
+        source = open_table(data, fmt, fields)
         candidates = _table_records(source, skip, len(source) if cfg.limit is None else min(cfg.limit, len(source)))
     for record in candidates:
         if cfg.limit is not None and len(out.records) + len(out.skipped) >= cfg.limit:
             break
-        if not isinstance(record.target, str) or not record.target.strip():
+        if not _references(record.target):
             skip(record.key, f"no reference caption {cfg.target_key!r}")
             continue
         try:
@@ -238,6 +238,13 @@ def read_records(data: str, fmt: str, cfg: EvalConfig) -> EvalSet:
             skip(record.key, str(err))
     out.read = len(out.records) + len(out.skipped)
     return out
+
+
+def _references(target: Any) -> list[str]:
+    """A record's reference captions: its target string, or every string of a list (COCO's several references);
+    empty when there is none to score against."""
+    texts = [target] if isinstance(target, str) else target if isinstance(target, list) else []
+    return [t for t in texts if isinstance(t, str) and t.strip()] if all(isinstance(t, str) for t in texts) else []
 
 
 def _table_records(source, skip, count: int):
@@ -317,11 +324,19 @@ def embed_images(scorer, images: Sequence[ImageRef]):
     return torch.cat(parts)
 
 
-def clip_scores(scorer, image_embeddings, texts: Sequence[str]):
-    """CLIPScores of ``texts[i]`` against image ``i`` (embedded once for every condition)."""
+def clip_scores(scorer, image_embeddings, texts: Sequence[str | list[str]]) -> tuple[list[float], float]:
+    """(CLIPScore of ``texts[i]`` against image ``i``, for each ``i``; the fraction of texts cut to the scorer's
+    context). Images are embedded once for every condition; an entry holding several texts (references) scores
+    the mean of its texts' CLIPScores."""
+    import torch
+
     from .clip_score import score_embeddings
 
-    return score_embeddings(image_embeddings, *scorer.embed_texts(list(texts)))
+    groups = [[t] if isinstance(t, str) else list(t) for t in texts]
+    owner = torch.tensor([i for i, group in enumerate(groups) for _ in group], dtype=torch.long)
+    result = score_embeddings(image_embeddings[owner], *scorer.embed_texts([t for group in groups for t in group]))
+    sums = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, owner, result.clip_score.double())
+    return (sums / torch.bincount(owner, minlength=len(groups))).tolist(), result.truncation_rate
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,7 +379,7 @@ def run_evaluation(model, data: str | EvalSet, cfg: EvalConfig) -> EvalResult:
     captions = {c: captioner.recaption(images, prompts[c], batch_size=cfg.batch_size, progress=cfg.progress and c,
                                        **overrides) for c in names}
     texts = {**captions, **({ALT_TEXT_ROW: alt_texts} if cfg.alt_text_row else {})}
-    scores = score_rows(texts, [r.target for r in records], images, captioner, cfg)
+    scores = score_rows(texts, [_references(r.target) for r in records], images, captioner, cfg)
     set_scores = None if eval_set.score is None else {c: eval_set.score(captions[c], prompts[c]) for c in names}
 
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(model_id, eval_set.id)
@@ -416,10 +431,12 @@ class Scores:
     clip: dict[str, Any]
 
 
-def score_rows(texts: dict[str, list[str]], references: list[str], images: Sequence[ImageRef], captioner,
-               cfg: EvalConfig) -> Scores:
-    """Caption metrics of every row of ``texts`` against ``references``, then CLIPScore of every row and of the
-    references themselves (the ``reference`` row); a metric that cannot run is None with its reason."""
+def score_rows(texts: dict[str, list[str]], references: Sequence[str | list[str]], images: Sequence[ImageRef],
+               captioner, cfg: EvalConfig) -> Scores:
+    """Caption metrics of every row of ``texts`` against ``references`` (each a string, or a list of strings scored
+    together, pycocoevalcap's protocol for several references), then CLIPScore of every row and of the
+    references themselves (the ``reference`` row: the mean over an image's references); a metric that cannot run
+    is None with its reason."""
     from .metrics import load_spacy_noun_phrases, score_captions
 
     scores = Scores(rows={}, per_example={}, skipped={}, notes=[CIDER_NOTE], tokenizer="", clip={})
@@ -447,10 +464,10 @@ def score_rows(texts: dict[str, list[str]], references: list[str], images: Seque
         return scores
     image_embeddings = embed_images(scorer, images)
     for row, row_texts in clip_rows.items():
-        result = clip_scores(scorer, image_embeddings, row_texts)
-        scores.rows.setdefault(row, {}).update({CLIPSCORE_KEY: result.mean,
-                                                TRUNCATION_KEY: 100.0 * result.truncation_rate})
-        scores.per_example[row] = result.clip_score.tolist()
+        per_image, truncation_rate = clip_scores(scorer, image_embeddings, row_texts)
+        scores.rows.setdefault(row, {}).update({CLIPSCORE_KEY: sum(per_image) / len(per_image),
+                                                TRUNCATION_KEY: 100.0 * truncation_rate})
+        scores.per_example[row] = per_image
     return scores
 
 
@@ -646,7 +663,10 @@ def _write_report(path: Path, summary: dict[str, Any], scores: Scores, eval_set:
         # Prompts other than the record's own alt-text (random / wrong-colour alt) are shown under the image.
         extra = {f"prompt {c}": prompts[c][i] for c in captions if prompts[c][i] not in ("", alt_texts[i])}
         extra.update({f"CLIPScore {row}": f"{values[i]:.1f}" for row, values in scores.per_example.items()})
-        examples.append(Example(alt_text=alt_texts[i], reference=record.target, image=load_image(record.image),
+        first, *others = _references(record.target)
+        if others:  # the diff is against the first reference; the others are listed
+            extra["other references"] = " | ".join(others)
+        examples.append(Example(alt_text=alt_texts[i], reference=first, image=load_image(record.image),
                                 captions={c: captions[c][i] for c in captions}, id=record.key, extra=extra))
     clip = summary["clip_score"]
     meta = {"model": summary["model"]["id"], "data": f"{eval_set.id} ({len(eval_set.records)} records evaluated, "

@@ -322,3 +322,58 @@ def test_an_evaluation_set_built_in_code_brings_its_conditions_and_scorer(export
         evaluate(export, bad, output_dir=tmp_path)
     with pytest.raises(ConfigError, match="settings of a named evaluation set"):
         evaluate(export, tmp_path / "x.json", data_options={"eval_scenes": 5}, output_dir=tmp_path)
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """COCO's own layout and fields (annotations/captions_val2017.json, images in val2017/): 4 images, 5
+    captions each except one image with 2, and one image without any caption."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    images, annotations = [], []
+    for n, image_id in enumerate((397133, 37777, 252219, 87038)):
+        name = f"{image_id:012d}.jpg"
+        colour, shape = list(COLOURS)[n], SHAPES[n % 2]
+        draw(colour, shape, seed=n).convert("RGB").save(root / "val2017" / name)
+        images.append({"license": 4, "file_name": name, "coco_url": f"http://images.cocodataset.org/val2017/{name}",
+                       "height": 64, "width": 64, "date_captured": "2013-11-14 17:02:52",
+                       "flickr_url": f"http://farm7.staticflickr.com/6116/{image_id}_z.jpg", "id": image_id})
+        count = 0 if n == 3 else 2 if n == 2 else 5
+        annotations += [{"image_id": image_id, "id": 1000 * n + k,
+                         "caption": f"A {colour} {shape} on a white {('table', 'wall', 'page', 'sheet', 'card')[k]}. "}
+                        for k in range(count)]
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({
+        "info": {"description": "COCO 2017 Dataset", "year": 2017}, "licenses": [{"id": 4, "name": "x"}],
+        "images": images, "annotations": annotations}))
+    return root
+
+
+def test_coco_captions_are_read_and_scored_against_all_their_references(export, coco, tmp_path, no_java):
+    from altogether.metrics import score_captions
+
+    data = coco / "annotations" / "captions_val2017.json"
+    result = evaluate(export, data, image_root=str(coco / "val2017"), output_dir=tmp_path / "eval",
+                      conditions="w/o alt", progress=False, clip_score=False)
+    summary = result.summary
+    assert summary["data"]["format"] == "coco"
+    assert (summary["data"]["read"], summary["data"]["evaluated"], summary["data"]["skipped"]) == (4, 3, 1)
+    assert "no caption in 'annotations'" in summary["data"]["skipped_examples"][0]["reason"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "captions.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["397133", "37777", "252219"]
+    assert [len(r["reference"]) for r in rows] == [5, 5, 2]  # every reference kept, stripped
+    assert rows[0]["reference"][0] == f"A {list(COLOURS)[0]} {SHAPES[0]} on a white table."
+    captions = [r["captions"]["w/o alt"] for r in rows]
+    with pytest.warns(RuntimeWarning):
+        together = score_captions(captions, [r["reference"] for r in rows], lambda t: [set() for _ in t]).scores
+    for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert summary["metrics"]["w/o alt"][metric] == pytest.approx(together[metric], abs=1e-9), metric
+
+
+def test_a_coco_file_is_not_training_data(make_recipe, coco):
+    from altogether.data.datamodule import open_sources
+
+    cfg = make_recipe("finetune_round3", {"data.format": "auto",
+                                          "data.train": str(coco / "annotations" / "captions_val2017.json")})
+    with pytest.raises(ValueError, match="is a COCO captions file .* evaluate reads it"):
+        open_sources(cfg)

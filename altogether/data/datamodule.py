@@ -332,6 +332,9 @@ def open_sources(cfg):
         raise ValueError("data.train is not set: give the training data path, e.g. data.train=annotations.json")
     fields = data_fields(cfg)
     fmt = d.format if d.format != "auto" else detect_format(d.train)
+    if fmt == "coco":  # several references per image: a training target is one caption
+        raise ValueError(f"data.train={d.train!r} is a COCO captions file (several captions per image): evaluate "
+                         "reads it; to train on it, write one JSONL row per (image, caption)")
     if fmt == "webdataset":
         shards = expand_shards(d.train)
         missing = [p for p in shards if not Path(p).is_file()]
