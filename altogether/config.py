@@ -16,6 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.records import ALT_KEY, IMAGE_KEY
 from .generation import GenerationConfig, GenerationError
 
 # Recipes live in the repository's top-level recipes/ and are packaged as altogether/recipes in the wheel.
@@ -126,8 +127,8 @@ class DataConfig:
     val: Optional[str] = None
     task: str = "finetune"
     target_key: str = "round3"
-    alt_key: str = "alt"
-    image_key: str = "img_path"
+    alt_key: str = ALT_KEY
+    image_key: str = IMAGE_KEY
     image_root: Optional[str] = None
     alt_text_sources: Optional[List[str]] = None
     max_skipped_fraction: float = 0.5

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .conditions import CONDITIONS, build_conditions
 from .config import ConfigError, check_alt_text_sources
 from .data.images import load_image
-from .data.records import BadRecord, ImageRef, Record
+from .data.records import ALT_KEY, IMAGE_KEY, BadRecord, ImageRef, Record
 from .generation import GenerationConfig, GenerationError, GenerationOverrides, given
 from .io import atomic_write_text
 
@@ -70,9 +70,9 @@ class EvalConfig(GenerationOverrides):
     # data
     format: str = "auto"  # auto | annotations | jsonl | parquet | webdataset
     target_key: str = "round3"
-    alt_key: str = "alt"
+    alt_key: str = ALT_KEY
     alt_text_sources: Optional[List[str]] = None  # [source, text] pairs (MetaCLIP `texts`) kept; None = all
-    image_key: str = "img_path"
+    image_key: str = IMAGE_KEY
     image_root: Optional[str] = None
     limit: Optional[int] = None  # evaluate the first N records read
     # model and generation (greedy unless do_sample=true: EVAL_GENERATION; other unset keys keep the export's)

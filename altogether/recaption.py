@@ -41,7 +41,7 @@ from .config import ConfigError, check_alt_text_sources
 from .data.inputs import INPUT_FORMATS, Shard, check_manifest_columns, discover_shards, read_shard
 from .data.readers import Fields, is_failed_download
 from .data.images import load_image
-from .data.records import BadRecord
+from .data.records import ALT_KEY, IMAGE_KEY, BadRecord
 from .export import export_model_config, generation_from, read_export_config
 from .generation import GenerationConfig, GenerationError, GenerationOverrides, given
 from .io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
@@ -63,9 +63,9 @@ class RecaptionSettings(GenerationOverrides):
 
     # input
     input_format: str = "auto"  # auto | webdataset | parquet | jsonl | folder
-    alt_key: str = "alt"  # manifest column (or webdataset JSON key, after `texts` and `caption`); "" = none
+    alt_key: str = ALT_KEY  # manifest column (or webdataset JSON key, after `texts` and `caption`); "" = none
     alt_text_sources: Optional[List[str]] = None  # [source, text] pairs (MetaCLIP `texts`) kept; None = all
-    image_key: str = "img_path"  # manifest column: image path (relative to the manifest or image_root) or bytes
+    image_key: str = IMAGE_KEY  # manifest column: image path (relative to the manifest or image_root) or bytes
     image_root: Optional[str] = None
     shard_size: int = 1000  # images per shard when INPUT is a folder of images
     # output

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterator, Sequence
 
 from ..io import jsonl_lines
-from .records import BadRecord, Record
+from .records import ALT_KEY, IMAGE_KEY, BadRecord, Record
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class Fields:
     ``None`` keeps every pair. Alt-texts given as plain strings name no source and are always kept.
     """
 
-    alt_key: str = "alt"
-    image_key: str = "img_path"
+    alt_key: str = ALT_KEY
+    image_key: str = IMAGE_KEY
     target_key: str | None = None
     image_root: str | None = None
     alt_sources: Sequence[str] | None = None

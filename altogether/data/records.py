@@ -13,6 +13,9 @@ ImageRef = Union[str, Path, bytes, Image.Image]
 # Where a table row (manifest, annotation record, recaption output) says where its image is: a local file (relative
 # to an image root) and the address it was downloaded from. Rows carry both through every step that copies rows.
 IMAGE_FIELDS = ("url", "img_path")
+# The Altogether-FT annotation fields that hold a record's alt-text and its local image path: the default
+# `alt_key` / `image_key` of every reader and command.
+ALT_KEY, IMAGE_KEY = "alt", "img_path"
 
 
 class BadRecord(ValueError):
