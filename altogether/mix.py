@@ -44,14 +44,14 @@ from .data.inputs import discover_shards
 from .data.readers import IMAGE_EXTENSIONS, DamagedShard, expand_shards, iter_tar_samples, table_rows
 from .data.records import IMAGE_FIELDS, BadRecord
 from .io import atomic_open, replacing_dir
-from .recaption import recaption_output_problem
+from .recaption import ALT_TEXT_COLUMN, CAPTION_COLUMN, recaption_output_problem
 
 TARGET_P = {"clip": 0.15, "t2i": 1.0}
 ALT, CAPTION = "alt", "caption"
-TEXT_COLUMN = {ALT: "alt_text", CAPTION: "caption"}
+TEXT_COLUMN = {ALT: ALT_TEXT_COLUMN, CAPTION: CAPTION_COLUMN}
 SCORE_COLUMN = {ALT: "alt_clip_score", CAPTION: "caption_clip_score"}
 PASSTHROUGH = IMAGE_FIELDS  # carried from the recaption rows (or the originals) into every sample
-DEFAULT_ALT_COLUMN = "alt_text"
+DEFAULT_ALT_COLUMN = ALT_TEXT_COLUMN
 # open_clip's webdataset loader reads images under these extensions only (open_clip_train/data.py); others
 # are re-encoded as PNG rather than silently lost.
 OPEN_CLIP_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
@@ -140,7 +140,7 @@ def join_originals(
             missing += 1
             continue
         carried = {name: original[name] for name in (*PASSTHROUGH, SCORE_COLUMN[ALT]) if original.get(name) is not None}
-        joined.append({**row, **carried, "alt_text": original.get(alt_column)})
+        joined.append({**row, **carried, ALT_TEXT_COLUMN: original.get(alt_column)})
     return joined, missing
 
 
@@ -359,7 +359,7 @@ def add_clip_scores(
 def _parquet_schema(samples: Sequence[dict], both_columns: bool):
     import pyarrow as pa
 
-    columns = ["key", "alt_text", "caption"] if both_columns else ["key", "text", "source"]
+    columns = ["key", ALT_TEXT_COLUMN, CAPTION_COLUMN] if both_columns else ["key", "text", "source"]
     columns += [name for name in PASSTHROUGH if samples and name in samples[0]]
     return pa.schema([(name, pa.string()) for name in columns])
 
@@ -466,7 +466,7 @@ def _tar_sample(sample: dict, images: ImageSource | None) -> dict:
     out: dict[str, Any] = {"__key__": key, "json": meta}
     if "text" in sample:
         out["txt"] = sample["text"]
-    for name in ("alt_text", "caption"):
+    for name in (ALT_TEXT_COLUMN, CAPTION_COLUMN):
         if sample.get(name) is not None:
             out[f"{name}.txt"] = sample[name]
     if images is not None:

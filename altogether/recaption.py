@@ -194,6 +194,8 @@ class ShardBatches(IterableDataset):
 # ---------------------------------------------------------------------------------------------- shard plan
 
 
+# An output row's text columns: the prompt the alt-texts made, and the caption written from it.
+ALT_TEXT_COLUMN, CAPTION_COLUMN = "alt_text", "caption"
 OUTPUT_SUFFIX = ".recaption"  # `<shard>.recaption.parquet`: a name no downloader or dataset tool writes
 OUTPUT_MARKER = b"altogether.recaption"  # Parquet schema metadata key; its value is JSON {"version", "shard"}
 OUTPUT_VERSION = 1
@@ -376,8 +378,8 @@ class RecaptionModule(L.LightningModule):
         keep = choose_captions(candidates, cosines, k)
         single = k == 1
         row: dict[str, Any] = {"index": batch.index[i], "key": batch.keys[i], "url": batch.urls[i],
-                               "alt_text": batch.items[i].prompt.text,
-                               "caption": candidates[keep[0]] if single else [candidates[j] for j in keep]}
+                               ALT_TEXT_COLUMN: batch.items[i].prompt.text,
+                               CAPTION_COLUMN: candidates[keep[0]] if single else [candidates[j] for j in keep]}
         if cosines is not None:
             scores = clip_score(torch.tensor(cosines, dtype=torch.float64)).tolist()  # ranking used the cosines
             row["caption_clip_score"] = scores[keep[0]] if single else [scores[j] for j in keep]
@@ -403,7 +405,7 @@ def output_schema(s: RecaptionSettings):
 
     text = pa.string() if s.num_captions == 1 else pa.list_(pa.string())
     score = pa.float32() if s.num_captions == 1 else pa.list_(pa.float32())
-    columns = [("key", pa.string()), ("url", pa.string()), ("alt_text", pa.string()), ("caption", text)]
+    columns = [("key", pa.string()), ("url", pa.string()), (ALT_TEXT_COLUMN, pa.string()), (CAPTION_COLUMN, text)]
     if s.num_candidates > 1:
         columns.append(("caption_clip_score", score))
         if s.save_candidates:
