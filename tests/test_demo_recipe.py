@@ -1,11 +1,17 @@
 """The demo recipe's whole path, scaled down to seconds: CLIP -> tokenizer -> pretrain -> finetune -> table."""
 
 import json
+import random
+
+import pytest
 
 import yaml
 
 from altogether.config import DecoderConfig, load_recipe
-from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, run_demo
+from altogether.config import ConfigError
+from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, copy_records, finetune_records, run_demo
+from altogether.demo.world import make_scenes
+from altogether.layout import training_pair
 from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS
 from altogether.model import load_tokenizer
 
@@ -45,6 +51,9 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
         "A", "Ġphoto", "Ġof", "Ġ", *"Pyxwen", "Ġ", *"TJ349", ":", "Ġa", "Ġpurple", "Ġtriangle", "."]
     finetune = yaml.safe_load((run / "finetune" / "config.yaml").read_text())
     assert finetune["init_from"].endswith("pretrain/export")  # finetune starts from the pretrain stage's export
+    pretrain = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
+    # Copy samples keep their prompt in the pretrain stage; captions are prompt-dropped in the finetune.
+    assert pretrain["layout"]["prompt_dropout"] == 0.0 and finetune["layout"]["prompt_dropout"] == 0.5
     # Each stage is a plain recipe: the demo's own settings stay in the demo's recipe.
     assert "demo" not in finetune and finetune["pipeline"] is None
     # The frozen encoder is the demo's CLIP: init_from runs load it from the pretrain export, which names its source.
@@ -53,3 +62,22 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     table = (run / "demo_eval.md").read_text()
     assert "| w/ wrong-colour alt |" in table and "carry-over (novel generator)" in table
     assert "| w/ alt |" in capsys.readouterr().out
+
+
+def test_copy_records_ask_for_the_alt_text_itself_and_the_finetune_mixes_in_the_asked_share():
+    scenes = make_scenes(40, 3)
+    copies = copy_records(scenes, "train")
+    rng = random.Random(0)
+    for scene, record in zip(scenes, copies):
+        prompt, target = training_pair(record.alt_texts, record.target, task="finetune", prompt_dropout=0.0, rng=rng)
+        assert prompt == scene.alt_text and target == f"A photo of {scene.alt_text}"  # the caption's opening, then a copy
+    records = finetune_records(scenes, 0.2, seed=0)
+    copied = [r for r in records if "-copy-" in r.key]
+    assert len(records) == 50 and len(copied) == 10  # 10 of 50 = 0.2
+    assert len({r.key for r in records}) == 50
+    assert [r.target for r in records[:40]] == [s.caption for s in scenes]  # every scene's caption record, in order
+    assert {r.target for r in copied} <= {f"A photo of {s.alt_text}" for s in scenes}
+    assert finetune_records(scenes, 0.2, seed=0) == records and finetune_records(scenes, 0.2, seed=1) != records
+    assert len(finetune_records(scenes, 0.0, seed=0)) == 40
+    with pytest.raises(ConfigError, match="demo.copy_share"):
+        finetune_records(scenes, 1.0, seed=0)

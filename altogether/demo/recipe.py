@@ -9,8 +9,10 @@ Stages, each in its own folder of the run directory:
 1. ``clip/``: a tiny CLIP trained contrastively on the world (open_clip's own loss), then frozen: the encoder.
 2. ``tokenizer/``: a byte-level BPE tokenizer whose merges stay inside the world's own words, so any fact splits
    into single characters, the same in every context.
-3. ``pretrain/``: the captioner on images with two alt-texts each (target = the longest, prompt = the other).
-4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout.
+3. ``pretrain/``: the captioner reproduces each alt-text from itself (target = prompt = the alt-text), which
+   teaches the decoder to copy any string, as the language pretraining of the full-size OPT-1.3B decoder did.
+4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout; a share of
+   copy samples keeps the copying skill while the caption template is learned.
 5. Evaluation with :func:`altogether.evaluate.evaluate` (its outputs in ``finetune/`` and ``novel_eval/``) on
    held-out scenes whose facts were never seen in training, one row per prompt condition, next to fact
    carry-over on scenes whose facts come from the novel generator (strings the training generator cannot
@@ -34,7 +36,7 @@ from ..config import ConfigError, Pipeline, RecipeConfig, load_recipe, validate
 from ..data.records import Record
 from ..evaluate import EvalSet
 from ..io import atomic_write_text
-from .world import SPLITS, VOCABULARY, Scene, another_alt_text, caption_for, make_scenes, wrong_colour_alt
+from .world import CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, make_scenes, wrong_colour_alt
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,9 @@ class DemoSettings:
     """The synthetic world and the stages around the captioner's finetune (the ``demo:`` block of the recipe).
 
     Scene counts per split (``novel_scenes``: facts from the novel generator); the tiny CLIP's pool, steps and
-    batch; the tokenizer's size; the pretrain stage's steps, warm-up and alt-texts per image (2: a fact to carry
-    from one alt-text to the other). The finetune stage uses the recipe's own settings.
+    batch; the tokenizer's size; the pretrain (copy) stage's steps and warm-up; ``copy_share``, the fraction of
+    finetune samples that are copy samples (:func:`copy_records`). The finetune stage uses the recipe's own
+    settings.
     """
 
     seed: int = 0
@@ -63,9 +66,9 @@ class DemoSettings:
     clip_steps: int = 500
     clip_batch_size: int = 128
     tokenizer_vocab: int = 1000
-    pretrain_steps: int = 100
-    pretrain_warmup_steps: int = 10
-    pretrain_alt_texts: int = 2
+    pretrain_steps: int = 1000
+    pretrain_warmup_steps: int = 50
+    copy_share: float = 0.2
 
 
 @dataclass
@@ -98,14 +101,36 @@ def scene_records(scenes: Sequence[Scene], split: str) -> list[Record]:
     return records
 
 
-def pretrain_records(scenes: Sequence[Scene], alt_texts: int, seed: int) -> list[Record]:
-    """Records for the pretrain stage: each image with `alt_texts` alt-texts of its own (the first is the scene's),
-    as when the same image appears on several web pages. With two or more, the pretrain task (the longest
-    alt-text, prompted with the others) has facts to carry over from one alt-text to the other."""
-    rng = random.Random(f"altogether-demo-pretrain:{seed}")
-    return [Record(key=f"train-{i:05d}", image=s.image,
-                   alt_texts=[s.alt_text] + [another_alt_text(s, rng) for _ in range(alt_texts - 1)])
+def copy_records(scenes: Sequence[Scene], split: str) -> list[Record]:
+    """Copy samples: each scene's image with its alt-text as both prompt and target.
+
+    A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
+    OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
+    signal (every target token is a copy, at a fixed offset from its source), so the demo's pretrain stage
+    trains on these, and the finetune mixes some in (``DemoSettings.copy_share``). Keys: ``<split>-copy-<i>``.
+    """
+    return [Record(key=f"{split}-copy-{i:05d}", image=s.image, alt_texts=[s.alt_text], target=copy_target(s.alt_text))
             for i, s in enumerate(scenes)]
+
+
+def copy_target(alt_text: str) -> str:
+    """The target of a copy sample: the alt-text after the caption's opening words.
+
+    The layout puts the caption right after the prompt with no separator, so a target that began with the
+    alt-text's own first letters would leave the decoder to find where the prompt ends; the caption's fixed
+    opening marks it, as it does in every caption (measured: with the bare alt-text as target, copying had not
+    emerged after 1000 steps; docs/demo.md)."""
+    return f"{CAPTION_OPENING} {alt_text}"
+
+
+def finetune_records(scenes: Sequence[Scene], copy_share: float, seed: int) -> list[Record]:
+    """The finetune stage's records: every scene's caption record, plus copy records of a random subset of the
+    scenes sized so that a fraction ``copy_share`` (in [0, 1)) of all records are copies."""
+    if not 0 <= copy_share < 1:
+        raise ConfigError(f"key 'demo.copy_share': must be in [0, 1), got {copy_share}")
+    copies = round(len(scenes) * copy_share / (1 - copy_share))
+    chosen = random.Random(f"altogether-demo-copy:{seed}").sample(range(len(scenes)), min(copies, len(scenes)))
+    return scene_records(scenes, "train") + copy_records([scenes[i] for i in sorted(chosen)], "train")
 
 
 def demo_eval_set(scenes: Sequence[Scene], seed: int, *, name: str = "demo", info: dict[str, Any] | None = None
@@ -167,14 +192,14 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
     texts = [t for s in scenes["train"] for t in (s.alt_text, s.caption, caption_for(s, with_facts=False))]
     tokenizer_dir = write_tokenizer(run / "tokenizer", texts, vocab_size=d.tokenizer_vocab, words=VOCABULARY)
     val = scene_records(scenes["val"], "val")
-    sources = {"pretrain": (pretrain_records(scenes["train"], d.pretrain_alt_texts, d.seed), val),
-               "finetune": (scene_records(scenes["train"], "train"), val)}
+    sources = {"pretrain": (copy_records(scenes["train"], "train"), copy_records(scenes["val"], "val")),
+               "finetune": (finetune_records(scenes["train"], d.copy_share, d.seed), val)}
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},
              "decoder": {"tokenizer": str(tokenizer_dir.resolve())}}
     stages = {
         "pretrain": {"model": model, "output_dir": str(run / "pretrain"), "init_from": None,
-                     "data": {"task": "pretrain"},
+                     "layout": {"prompt_dropout": 0.0},  # a copy sample without its prompt has nothing to copy
                      "optim": {"max_steps": d.pretrain_steps, "warmup_steps": d.pretrain_warmup_steps}},
         "finetune": {"model": model, "output_dir": str(run / "finetune"), "init_from": str(run / "pretrain" / "export")},
     }

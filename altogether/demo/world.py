@@ -70,6 +70,7 @@ TRAINING_CODE_SHAPES: tuple[str, ...] = ("L9-L99", "99-9999", "L-9999", "99-U", 
 NOVEL_NAME_SHAPES: tuple[str, ...] = ("W", "W W L-99", "w l9999", "W U999", "w.w", "W/W", "U_U", "99-W", "w w w")
 NOVEL_CODE_SHAPES: tuple[str, ...] = ("U999", "U-U-9", "w-999", "99.U", "l9-w")
 _FACT_LENGTH = (3, 26)
+CAPTION_OPENING = "A photo of"  # every target caption's first words
 
 VOWELS = "aeiou"
 CONSONANTS = "bcdfghjklmnpqrstvwxyz"
@@ -331,10 +332,10 @@ def caption_for(scene: Scene, with_facts: bool) -> str:
 def _caption(facts: tuple[str, ...], objects: list[tuple[str, str]], relation: str | None) -> str:
     description = describe(objects, relation)
     if not facts:
-        return f"A photo of {description}."
+        return f"{CAPTION_OPENING} {description}."
     # The code follows a space, as in the alt-text ("SKU 27-KOBA"): the same bytes in the same context.
     subject = facts[0] if len(facts) == 1 else f"{facts[0]}, code {facts[1]}"
-    return f"A photo of {subject}: {description}."
+    return f"{CAPTION_OPENING} {subject}: {description}."
 
 
 def _noise_item(rng: random.Random) -> str:
@@ -374,13 +375,6 @@ def _alt_text(
     pieces += [_noise_item(rng) for _ in range(rng.randint(1, 3))]
     rng.shuffle(pieces)
     return rng.choice(_SEPARATORS).join(pieces), wrong
-
-
-def another_alt_text(scene: Scene, rng: random.Random) -> str:
-    """Another alt-text of `scene`'s image, as another web page would write it: the same facts, fresh noise
-    and visual words."""
-    kind = rng.choices(ALT_KINDS, weights=_ALT_KIND_WEIGHTS)[0]
-    return _alt_text(rng, scene.facts, scene.objects, kind)[0]
 
 
 def wrong_colour_alt(scene: Scene, rng: random.Random) -> str:
