@@ -107,10 +107,14 @@ def copy_records(scenes: Sequence[Scene], split: str) -> list[Record]:
     A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
     signal (every target token is a copy, at a fixed offset from its source), so the demo's pretrain stage
-    trains on these, and the finetune mixes some in (``DemoSettings.copy_share``). Keys: ``<split>-copy-<i>``.
+    trains on these, and the finetune mixes some in (``DemoSettings.copy_share``). Keys: ``<split>-copy-<i>``,
+    ``i`` the scene's index.
+
+    Scenes whose alt-text names a colour their image does not show give no copy sample: no target ever states what
+    the image contradicts (with them, the finetuned demo copied wrong colours in 5 to 9% of captions; docs/demo.md).
     """
     return [Record(key=f"{split}-copy-{i:05d}", image=s.image, alt_texts=[s.alt_text], target=copy_target(s.alt_text))
-            for i, s in enumerate(scenes)]
+            for i, s in enumerate(scenes) if s.wrong_colour is None]
 
 
 def copy_target(alt_text: str) -> str:
@@ -124,13 +128,15 @@ def copy_target(alt_text: str) -> str:
 
 
 def finetune_records(scenes: Sequence[Scene], copy_share: float, seed: int) -> list[Record]:
-    """The finetune stage's records: every scene's caption record, plus copy records of a random subset of the
-    scenes sized so that a fraction ``copy_share`` (in [0, 1)) of all records are copies."""
+    """The finetune stage's records: every scene's caption record, plus a random subset of their copy records
+    (:func:`copy_records`) sized so that a fraction ``copy_share`` (in [0, 1)) of all records are copies, or all
+    of them when there are fewer."""
     if not 0 <= copy_share < 1:
         raise ConfigError(f"key 'demo.copy_share': must be in [0, 1), got {copy_share}")
-    copies = round(len(scenes) * copy_share / (1 - copy_share))
-    chosen = random.Random(f"altogether-demo-copy:{seed}").sample(range(len(scenes)), min(copies, len(scenes)))
-    return scene_records(scenes, "train") + copy_records([scenes[i] for i in sorted(chosen)], "train")
+    copies = copy_records(scenes, "train")
+    wanted = min(round(len(scenes) * copy_share / (1 - copy_share)), len(copies))
+    chosen = random.Random(f"altogether-demo-copy:{seed}").sample(range(len(copies)), wanted)
+    return scene_records(scenes, "train") + [copies[i] for i in sorted(chosen)]
 
 
 def demo_eval_set(scenes: Sequence[Scene], seed: int, *, name: str = "demo", info: dict[str, Any] | None = None

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from altogether.demo.world import COLOURS, INVERSE_RELATION, RELATIONS, SHAPES, Scene
+from altogether.demo.world import CAPTION_OPENING, COLOURS, INVERSE_RELATION, RELATIONS, SHAPES, Scene
 
 METRICS: tuple[str, ...] = (
     "fact_carry_over",
@@ -37,8 +37,8 @@ _LABELS = {
 
 _OBJECT = rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 # Facts hold no ":" or "," and never the word "code" (the world never writes them): the slot splits unambiguously.
-_FACT_SLOT = r"A photo of (?P<name>[^:,]+?)(?:, code (?P<code>[^:,]+))?:"
-_CAPTION = re.compile(rf"(?:{_FACT_SLOT} |A photo of ){_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?\.")
+_FACT_SLOT = rf"{re.escape(CAPTION_OPENING)} (?P<name>[^:,]+?)(?:, code (?P<code>[^:,]+))?:"
+_CAPTION = re.compile(rf"(?:{_FACT_SLOT} |{re.escape(CAPTION_OPENING)} ){_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?\.")
 _COLOUR_WORD = re.compile(rf"\b({'|'.join(COLOURS)})\b", re.IGNORECASE)
 
 

@@ -377,6 +377,13 @@ def _alt_text(
     return rng.choice(_SEPARATORS).join(pieces), wrong
 
 
+def another_alt_text(scene: Scene, rng: random.Random) -> str:
+    """Another alt-text of `scene`'s image, as another web page would write it: the same facts, fresh noise
+    and visual words."""
+    kind = rng.choices(ALT_KINDS, weights=_ALT_KIND_WEIGHTS)[0]
+    return _alt_text(rng, scene.facts, scene.objects, kind)[0]
+
+
 def wrong_colour_alt(scene: Scene, rng: random.Random) -> str:
     """An alt-text holding `scene`'s facts and a colour that is not in its image."""
     return _alt_text(rng, scene.facts, scene.objects, "wrong_colour")[0]
