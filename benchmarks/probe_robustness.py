@@ -177,15 +177,16 @@ class Trap:
 def _install_trap(trap: Trap) -> None:
     import builtins
 
-    seen = [0]
+    seen, inside = [0], [False]  # inside: a trapped writer calling another (a copy opening its target)
 
     def hit(name: str) -> bool:
-        if not fnmatch.fnmatch(os.path.basename(str(name)), trap.match):
+        if inside[0] or not fnmatch.fnmatch(os.path.basename(str(name)), trap.match):
             return False
         seen[0] += 1
         return seen[0] == trap.nth
 
     def fire() -> None:
+        Path(os.environ["PROBE_LOGS"], "fired").touch()  # the fault was played
         sys.stdout.flush()
         os.kill(os.getpid(), trap.sig)
         if trap.sig == signal.SIGKILL:
@@ -267,7 +268,11 @@ def _install_trap(trap: Trap) -> None:
     def cut(real, path_arg):
         def wrapped(*a, **k):
             path = a[path_arg] if len(a) > path_arg else next(iter(k.values()), None)
-            out = real(*a, **k)
+            inside[0] = True
+            try:
+                out = real(*a, **k)
+            finally:
+                inside[0] = False
             if isinstance(path, (str, os.PathLike)) and hit(path):
                 size = os.path.getsize(path)
                 os.truncate(path, size // 2)
@@ -295,7 +300,11 @@ def _install_trap(trap: Trap) -> None:
                 data = f.read()
                 g.write(data[: len(data) // 2])
             fire()
-        return real_copyfile(src, dst, *a, **k)
+        inside[0] = True
+        try:
+            return real_copyfile(src, dst, *a, **k)
+        finally:
+            inside[0] = False
     targets.append((shutil, "copyfile", None))
     for mod, attr, arg in targets:
         real = getattr(mod, attr)
@@ -318,6 +327,7 @@ class Result:
     seconds: float
     peak_rss: int  # bytes
     signal: int = 0  # the signal that ended the process (it did not exit by itself), else 0
+    played: bool = True  # False: the run had a trap and never reached it
 
 
 class Runner:
@@ -347,6 +357,7 @@ class Runner:
                 os.dup2(err, 2)
                 os.umask(umask)
                 os.chdir(cwd or self.work)
+                os.environ["PROBE_LOGS"] = str(logs)
                 resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
@@ -393,9 +404,11 @@ class Runner:
     def _result(self, pid, status, usage, logs: Path, started: float) -> Result:
         self._reap_group(pid)
         rc = os.waitstatus_to_exitcode(status)
+        trapped = json.loads((logs / "argv").read_text())["trap"] is not None
         return Result(128 - rc if rc < 0 else rc,  # killed by a signal: the shell's 128 + N
                       (logs / "stdout").read_text(errors="replace"), (logs / "stderr").read_text(errors="replace"),
-                      time.monotonic() - started, usage.ru_maxrss * 1024, -rc if rc < 0 else 0)
+                      time.monotonic() - started, usage.ru_maxrss * 1024, -rc if rc < 0 else 0,
+                      not trapped or (logs / "fired").exists())
 
     @staticmethod
     def _reap_group(pid: int) -> None:
@@ -487,6 +500,7 @@ class Case:
     ok: bool = False
     traceback: bool = False
     note: str = ""
+    played: bool = True  # a fault whose moment never came (the write it waits for did not happen)
 
 
 class Probe:
@@ -648,9 +662,10 @@ class Probe:
         if TRACEBACK in res.stderr and res.rc not in (137, 143):
             problems.append("traceback")
         rerun = self.r.run("altogether.train", [*args, *self.v.resume(run)])
-        self.settle(name, first, problems, rerun, run, lambda: [] if self.export_state(run / "export") == "whole" and (
-            self.same_weights(run / "export", self.train_ref / "export")) else [
-            "resumed export differs from an uninterrupted run's"])
+        same = lambda: self.export_state(run / "export") == "whole" and self.same_weights(run / "export",
+                                                                                         self.train_ref / "export")
+        self.settle(name, res, first, problems, rerun, run,
+                    lambda: [] if same() else ["resumed export differs from an uninterrupted run's"])
 
     def fault_recaption(self, name: str, *, trap: Trap | None = None, at: float | None = None,
                         sig: int = signal.SIGKILL, when: Callable[[Path], bool] | None = None) -> None:
@@ -685,7 +700,7 @@ class Probe:
         if term and res.rc == 0 and self.tree(out, ("summary.json",)) != self.tree(self.rc_ref, ("summary.json",)):
             problems.append("SIGTERM: exit 0 but outputs incomplete")
         rerun = self.r.run("altogether.recaption", args)
-        self.settle(name, f"exit {res.rc}", problems, rerun, out, lambda: [
+        self.settle(name, res, f"exit {res.rc}", problems, rerun, out, lambda: [
             *(["outputs differ from a clean run's"] if self.tree(out, ("summary.json",)) != self.tree(
                 self.rc_ref, ("summary.json",)) else []),
             *([f"summary counts {_counts(out)} != clean {_counts(self.rc_ref)}"] if _counts(out) != _counts(
@@ -705,8 +720,8 @@ class Probe:
         if out.exists() and res.rc != 0 and _mix_content(out) != _mix_content(ref):
             problems.append("a partial output left in place after the kill")
         rerun = self.r.run(module, args)
-        self.settle(name, f"exit {res.rc}", problems, rerun, folder, lambda: [] if _mix_content(out) == _mix_content(
-            ref) else ["output differs from a clean run's"])
+        self.settle(name, res, f"exit {res.rc}", problems, rerun, folder,
+                    lambda: [] if _mix_content(out) == _mix_content(ref) else ["output differs from a clean run's"])
 
     def fault_annotate(self, name: str, trap: Trap) -> None:
         folder = self.dir("ann-fault")
@@ -729,9 +744,9 @@ class Probe:
                        cwd=clean)
             files = lambda f: {p.name: p.read_bytes() for p in f.glob("tasks-*.jsonl")}
             return [] if files(folder) == files(clean) else ["vendor files differ from a clean run's"]
-        self.settle(name, f"exit {res.rc}", problems, rerun, folder, differences)
+        self.settle(name, res, f"exit {res.rc}", problems, rerun, folder, differences)
 
-    def settle(self, name: str, first: str, problems: list[str], rerun: Result, folder: Path,
+    def settle(self, name: str, killed: Result, first: str, problems: list[str], rerun: Result, folder: Path,
                differences: Callable[[], list[str]]) -> None:
         """Record a fault: survived when no ``problems`` were seen after the kill and the rerun exits 0, leaves no
         temporaries under ``folder`` and shows none of ``differences()`` from a clean run."""
@@ -740,8 +755,10 @@ class Probe:
         else:
             stale = self.temporaries(folder)
             problems += [f"temporaries left: {stale[:3]}"] * bool(stale) + differences()
+        if not killed.played:
+            problems.append("not played: the trapped write never happened")
         self.record(Case("fault", name, "survive", f"{first}; rerun exit {rerun.rc}", not problems,
-                         note="; ".join(problems)), rerun)
+                         note="; ".join(problems), played=killed.played), rerun)
 
     def faults(self) -> None:
         K, T = signal.SIGKILL, signal.SIGTERM
@@ -1431,6 +1448,7 @@ def probe(world: Path, work: Path, only: str, report: Path | None) -> None:
     inputs = [c for c in p.cases if c.kind == "input"]
     totals = {"faults_survived": sum(c.ok for c in faults), "faults_tried": len(faults),
               "inputs_handled": sum(c.ok for c in inputs), "inputs_tried": len(inputs),
+              "faults_not_played": sum(not c.played for c in faults),
               "failures": sum(not c.ok for c in p.cases), "tracebacks": sum(c.traceback for c in p.cases),
               "minutes": round((time.monotonic() - started) / 60, 1)}
     print(f"\nfaults survived {totals['faults_survived']} / {totals['faults_tried']}; inputs handled "
