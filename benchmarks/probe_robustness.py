@@ -773,17 +773,18 @@ class Probe:
             at = self.rng.uniform(0, self.train_seconds)
             self.fault_train(f"train: {sig.name} at random {at:.2f}s of {self.train_seconds:.1f}s", at=at, sig=sig)
         # recaption (3 shards of 5): chosen moments, then random ones
-        done = lambda name: (lambda out: (out / name).is_file())
-        self.fault_recaption("recaption: SIGKILL mid-shard (shard 1 in progress)", when=done("00000.recaption.parquet"))
+        # output names: 00000.recaption.parquet (00000.parquet in older versions)
+        done = lambda shard: (lambda out: any(out.glob(f"{shard}*.parquet")))
+        self.fault_recaption("recaption: SIGKILL mid-shard (shard 1 in progress)", when=done("00000"))
         self.fault_recaption("recaption: SIGKILL writing shard 1's output",
-                             trap=Trap("write", "*00001.recaption.parquet*", K))
+                             trap=Trap("write", "*00001*.parquet*", K))
         self.fault_recaption("recaption: SIGKILL renaming shard 2's output into place",
-                             trap=Trap("rename", "00002.recaption.parquet", K))
+                             trap=Trap("rename", "00002*.parquet", K))
         self.fault_recaption("recaption: SIGKILL writing summary.json", trap=Trap("write", "*summary.json*", K))
         self.fault_recaption("recaption: SIGTERM mid-shard (shard 1 in progress)", sig=T,
-                             when=done("00000.recaption.parquet"))
+                             when=done("00000"))
         self.fault_recaption("recaption: SIGTERM writing shard 1's output",
-                             trap=Trap("write", "*00001.recaption.parquet*", T))
+                             trap=Trap("write", "*00001*.parquet*", T))
         for sig in (K, K, T):
             at = self.rng.uniform(0, self.rc_seconds)
             self.fault_recaption(f"recaption: {sig.name} at random {at:.2f}s of {self.rc_seconds:.1f}s", at=at,
@@ -1255,7 +1256,7 @@ class Probe:
             s = _summary(out)
             if not s:
                 return "no summary.json"
-            if not (out / "00000.recaption.parquet").is_file():
+            if not any(out.glob("00000*.parquet")):
                 return "the good shard was not written"
             text = json.dumps(s)
             return "" if ("00001" in text) else "the damaged shard is not named in the summary"
