@@ -1278,12 +1278,22 @@ class Probe:
             os.truncate(found[0], found[0].stat().st_size // 2)
 
 
+# What a notebook user sees of an API error: its type and first line. Handled: a library or builtin error (exit 2
+# here); anything else (a raw SafetensorError, MemoryError) is re-raised as a traceback.
+_API_ERROR = """
+except Exception as err:
+    if type(err).__module__.split(".")[0] in ("altogether", "builtins") and not isinstance(err, MemoryError):
+        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        sys.exit(2)
+    raise
+"""
+
 RECAPTIONER_LOAD = """
 import sys
 from altogether import Recaptioner
-Recaptioner.from_pretrained(sys.argv[1])
-print("loaded")
-"""
+try:
+    Recaptioner.from_pretrained(sys.argv[1])
+""" + _API_ERROR
 
 RECAPTIONER_IMAGE = """
 import sys
@@ -1291,12 +1301,7 @@ from altogether import Recaptioner
 r = Recaptioner.from_pretrained(sys.argv[1])
 try:
     print(r.recaption(DATA, "an alt-text", max_new_tokens=4))
-except Exception as err:  # what a notebook user sees: the error's type and its first line
-    if type(err).__module__.split(".")[0] in ("altogether", "builtins") and not isinstance(err, MemoryError):
-        print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
-        sys.exit(2)
-    raise
-"""
+""" + _API_ERROR
 
 HUB_PUSH = """
 import runpy, shutil, sys
