@@ -136,6 +136,13 @@ class ShardClaims:
             except OSError:  # another worker's lease or claims are still there
                 break
 
+    def others_alive(self, now: float) -> bool:
+        """Whether a worker other than this one still holds a live lease on the folder; ``now`` from :meth:`now`."""
+        leases = self.lease.parent
+        others = [p for p in leases.iterdir() if p != self.lease and not p.name.startswith(".")] if (
+            leases.is_dir()) else []
+        return any(not self._dead(lease, now) for lease in others)
+
     def now(self) -> float:
         """The filesystem's clock: renew our lease and read back its modification time."""
         os.utime(self.lease)

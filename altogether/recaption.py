@@ -738,9 +738,11 @@ def _run_rounds(trainer: L.Trainer, module: RecaptionModule, data: ShardData, qu
 
 
 def _remove_stale_writes(output: Path, claims: ShardClaims) -> None:
-    """Leftovers of writes interrupted longer ago than the claim expiry (summaries, shards whose claim no one
-    took since): any worker still writing them would have renewed its lease since."""
-    before = claims.now() - claims.expiry_s
+    """Leftovers of interrupted writes (summaries, shards whose claim no one took since): every one when no other
+    worker is alive (a rerun after a kill), else those older than the claim expiry (any worker still writing
+    them would have renewed its lease since)."""
+    now = claims.now()
+    before = now - claims.expiry_s if claims.others_alive(now) else now
     for pattern in (SUMMARY_FILE, f"*{OUTPUT_SUFFIX}.*"):
         remove_stale_temporaries(output, pattern, older_than=before)
 

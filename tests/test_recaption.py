@@ -165,6 +165,38 @@ def test_resume_after_sigkill_mid_shard_matches_an_uninterrupted_run(export, sha
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_summary_half_written_by_a_killed_run_is_removed_by_the_next_run(export, shards, reference, tmp_path):
+    """A kill while the summary was written leaves ``.summary.json.XXXX.tmp`` and the killed worker's lease. The
+    rerun removes the temporary at once when that worker's process is gone from this machine, and leaves it
+    while another worker that may be writing it is alive (its lease renewed, its process running)."""
+    from dataclasses import asdict
+
+    from altogether.claims import Worker, machine_id
+    from altogether.io import process_start
+
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    leases = out / ".claims" / "workers"
+    leases.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = Worker(f"node-{gone.stdout.strip()}-dead", machine_id(), int(gone.stdout), "1")
+    (leases / killed.lease).write_text(json.dumps(asdict(killed)))
+    half = out / ".summary.json.k1ll3d.tmp"
+
+    alive = Worker(f"node-{os.getpid()}-live", machine_id(), os.getpid(), process_start(os.getpid()))
+    (leases / alive.lease).write_text(json.dumps(asdict(alive)))
+    half.write_text('{"samples": {"capt')
+    recaption_shards(export, shards[0], out, **RUN)
+    assert half.exists()  # the live worker's, perhaps
+
+    (leases / alive.lease).unlink()
+    summary = recaption_shards(export, shards[0], out, **RUN)
+    assert not half.exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert summary["shards"]["written"] == 3 and summary["samples"]["captioned"] == 15
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
 def test_two_cpu_processes_cover_every_shard_exactly_once(export, shards, reference, tmp_path):
     out = tmp_path / "ddp"
     done = subprocess.run([sys.executable, "-m", "altogether.recaption", str(export), shards[0], str(out),

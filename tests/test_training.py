@@ -416,6 +416,81 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_auto_continues(tiny_dir
     assert meta["training"]["steps"] == 8
 
 
+# The same slowed training CLI as a script file: Lightning's DDP launcher re-runs the script, with the same
+# arguments and environment, for rank 1. Each rank writes its pid when it starts and the exit status its command
+# returned, in the folder $MARKS.
+_SLOW_TRAIN_RANKS = """
+import os, sys
+from pathlib import Path
+marks = Path(os.environ["MARKS"])
+rank = os.environ.get("LOCAL_RANK", "0")
+(marks / f"pid{rank}").write_text(str(os.getpid()))
+try:
+""" + "".join("    " + line + "\n" for line in _SLOW_TRAIN.strip().splitlines()) + """
+except SystemExit as done:
+    (marks / f"exit{rank}").write_text(str(done.code))
+    raise
+"""
+
+
+@pytest.mark.parametrize("signalled", ["launcher", "rank 1"])
+def test_sigterm_under_ddp_stops_every_rank_with_143_and_resume_auto_continues(tiny_dirs, jsonl_data, tmp_path,
+                                                                              signalled):
+    """Two CPU processes (gloo). SIGTERM to the launching process (rank 0) or to the rank it started: every rank
+    stops after the same optimizer step and exits 143, last.ckpt holds that step and loads; the requeued command
+    with resume=auto ends as an uninterrupted two-process run does."""
+    import signal
+    import time
+
+    script = tmp_path / "slow_train.py"
+    script.write_text(_SLOW_TRAIN_RANKS)
+    settings = {"data.format": "jsonl", "data.train": jsonl_data, "data.micro_batch_size": 2,
+                "optim.global_batch_size": 4, "optim.max_steps": 8, "optim.warmup_steps": 1,
+                "trainer.checkpoint_every_n_steps": 2, "trainer.accelerator": "cpu", "trainer.devices": 2,
+                "trainer.strategy": "ddp"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def command(run: str, *extra: str) -> tuple[Path, list[str], dict[str, str]]:
+        marks = tmp_path / f"marks-{run}-{len(extra)}"
+        marks.mkdir()
+        args = ["recipe=finetune_round3", *_cli_args(tiny_dirs, {**settings, "output_dir": tmp_path / run}), *extra]
+        return marks, [sys.executable, str(script), *args], {**env, "MARKS": str(marks)}
+
+    marks, argv, marked = command("run")
+    proc = subprocess.Popen(argv, env=marked, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "run" / "checkpoints" / "step000002.ckpt"
+    try:
+        deadline = time.monotonic() + 400
+        while not (first.exists() and (marks / "pid1").exists()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never reached its first checkpoint"
+            time.sleep(0.1)
+        target = proc.pid if signalled == "launcher" else int((marks / "pid1").read_text())
+        os.kill(target, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        while not (marks / "exit1").exists():  # rank 1 may still be tearing down when rank 0 has exited
+            assert time.monotonic() < deadline + 300, "rank 1 never exited"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert (marks / "exit0").read_text() == "143" and (marks / "exit1").read_text() == "143"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 2 <= step < 8
+    assert f"error: stopped by SIGTERM after optimizer step {step}; checkpoint saved to {last}" in err
+    assert not (tmp_path / "run" / "export").exists()
+
+    for run, extra in (("run", ["resume=auto"]), ("straight", [])):
+        _, argv, marked = command(run, *extra)
+        done = subprocess.run(argv, env=marked, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    _same_weights(tmp_path / "straight" / "export", tmp_path / "run" / "export")
+    meta = json.loads((tmp_path / "run" / "export" / "altogether.json").read_text())
+    assert meta["training"]["steps"] == 8
+
+
 def test_an_unreadable_validation_image_is_skipped_by_the_sample_captions(make_recipe, jsonl_data, tmp_path, caplog):
     rows = [json.loads(line) for line in jsonl_data.read_text().splitlines()]
     (jsonl_data.parent / rows[0]["img_path"]).write_bytes(b"not an image")
