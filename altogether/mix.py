@@ -493,11 +493,12 @@ def add_clip_scores(
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _parquet_schema(both_columns: bool, passthrough: Sequence[str]):
+def _parquet_schema(samples: Sequence[dict], both_columns: bool):
     import pyarrow as pa
 
     columns = ["key", ALT_TEXT_COLUMN, CAPTION_COLUMN] if both_columns else ["key", "text", "source"]
-    return pa.schema([(name, pa.string()) for name in [*columns, *passthrough]])
+    columns += [name for name in PASSTHROUGH if samples and name in samples[0]]
+    return pa.schema([(name, pa.string()) for name in columns])
 
 
 def summary_path(parquet: str | os.PathLike) -> Path:
@@ -506,29 +507,29 @@ def summary_path(parquet: str | os.PathLike) -> Path:
 
 
 def write_parquet(samples: Iterable[dict], path: str | os.PathLike, *, both_columns: bool = False,
-                  passthrough: Sequence[str] = (), summary: Callable[[], dict] | None = None,
-                  batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+                  summary: Callable[[], dict] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
     """Write samples as one Parquet file (all columns strings: key, text and source, or key, alt_text and caption
-    with ``both_columns``, then the ``passthrough`` columns) and, given ``summary`` (called once every sample is
-    written), :func:`summary_path` beside it; returns the number of samples.
+    with ``both_columns``, then the url / img_path columns the first sample has: a :class:`Mixer` gives every
+    sample the same ones) and, given ``summary`` (called once every sample is written), :func:`summary_path`
+    beside it; returns the number of samples.
 
     Streamed: ``batch_rows`` samples per row group, one group in memory. Both files or neither, each written
-    beside its target and renamed into place once both are written (:func:`altogether.io.atomic_open`). No
-    sample at all gives an empty file without the passthrough columns.
+    beside its target and renamed into place once both are written (:func:`altogether.io.atomic_open`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema, written, writer = _parquet_schema(both_columns, passthrough), 0, None
+    written, writer = 0, None
     with ExitStack() as stack:
         handle = stack.enter_context(atomic_open(path))
         for batch in _batches(samples, batch_rows):
-            if writer is None:  # opened by the first sample, so that no sample writes no passthrough column
+            if writer is None:  # the first batch gives the columns
+                schema = _parquet_schema(batch, both_columns)
                 writer = stack.enter_context(pq.ParquetWriter(handle, schema))
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             written += len(batch)
         if writer is None:
-            pq.write_table(pa.Table.from_pylist([], schema=_parquet_schema(both_columns, ())), handle)
+            pq.write_table(pa.Table.from_pylist([], schema=_parquet_schema([], both_columns)), handle)
         else:
             writer.close()  # the footer, before the file is flushed and renamed
         if summary is not None:
@@ -790,8 +791,7 @@ def mix_files(
         }
 
     if parquet:
-        write_parquet(samples, s.out, both_columns=s.both_columns, passthrough=survey.passthrough, summary=summary,
-                      batch_rows=s.batch_rows)
+        write_parquet(samples, s.out, both_columns=s.both_columns, summary=summary, batch_rows=s.batch_rows)
         return summary()
     images = None
     if s.with_images:

@@ -5,13 +5,15 @@ Writes ``--rows`` recaption-output rows through recaption's own writer (``write_
 ``--shard-rows`` rows per shard, with paper-like lengths: alt-texts about 13 words (a tenth empty), captions
 about 90 words. The annotation side is a records JSONL of the same number of records (alt-text, rounds 2 and 3
 of about 90 words each) and one completed round-4 task per record. Each command then runs in its own child
-process, timed, its peak RSS read from the kernel (``wait4``'s ``ru_maxrss``):
+process (its ``main``), timed, its peak RSS read from the kernel (``wait4``'s ``ru_maxrss``):
 
 * ``mix``: ``mix`` to Parquet; ``mix_top``: the same keeping the top half of captions by CLIP score
   (``caption_top=0.5``);
 * ``next_round``, ``merge``: ``annotate next-round`` and ``annotate merge``.
 
-The commands run from the current folder's ``altogether`` (``python -m``), so ``cd`` into another checkout
+Loading the modules (torch among them, through the CLIP scorer) costs most of a child's memory whatever the
+rows, so each line also says how much the peak rose after the imports, and the wall time is the command's own.
+The commands run from the current folder's ``altogether`` (``python -c``), so ``cd`` into another checkout
 to measure its code with the same data.
 
 Prints one line per command, then one JSON object as its last line.
@@ -77,19 +79,35 @@ def write_annotations(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Pat
     return records_path, tasks_path
 
 
-def measure(name: str, argv: list[str]) -> dict:
-    """Run ``python -m argv`` as a child; its wall time and peak RSS (bytes)."""
-    with tempfile.TemporaryFile() as stderr:
-        start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.DEVNULL, stderr=stderr)
+# Runs in the child: times the import and the command apart, and notes the peak RSS once the modules are loaded.
+CHILD = """
+import importlib, json, resource, sys, time
+start = time.perf_counter()
+module = importlib.import_module(sys.argv[1])
+loaded, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = module.main(sys.argv[3:])
+json.dump({"code": code, "import_s": loaded - start, "import_rss_kb": rss, "work_s": time.perf_counter() - loaded},
+          open(sys.argv[2], "w"))
+"""
+
+
+def measure(name: str, module: str, argv: list[str]) -> dict:
+    """Run ``module.main(argv)`` in a child (``python -c``, so the current folder's ``altogether``): the command's
+    own wall time, the peak RSS of the whole child (``wait4``), and how much of it came after the imports."""
+    with tempfile.TemporaryFile() as stderr, tempfile.NamedTemporaryFile(suffix=".json") as report:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, module, report.name, *argv], stdout=subprocess.DEVNULL,
+                                 stderr=stderr)
         _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
+        if os.waitstatus_to_exitcode(status):
             stderr.seek(0)
-            raise SystemExit(f"{name}: exit {child.returncode}\n{stderr.read().decode(errors='replace')[-2000:]}")
-    result = {"name": name, "wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-    print(f"{name:<24} {result['wall_s']:>8.2f} s {result['peak_rss_mb']:>9.1f} MB", flush=True)
+            raise SystemExit(f"{name}: exit {os.waitstatus_to_exitcode(status)}\n"
+                             f"{stderr.read().decode(errors='replace')[-2000:]}")
+        timing = json.loads(Path(report.name).read_text())
+    result = {"name": name, "wall_s": round(timing["work_s"], 2), "import_s": round(timing["import_s"], 1),
+              "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+              "above_import_mb": round((usage.ru_maxrss - timing["import_rss_kb"]) / 1024, 1)}
+    print(f"{name:<12} {result['wall_s']:>8.2f} s  peak {result['peak_rss_mb']:>7.1f} MB  "
+          f"above the imports {result['above_import_mb']:>7.1f} MB", flush=True)
     return result
 
 
@@ -109,12 +127,12 @@ def main() -> None:
                  "records_mb": round(records.stat().st_size / 2**20, 1)}
         print(f"{args.rows} rows in {len(shards)} shard(s); {sizes}", flush=True)
         commands = {
-            "mix": ["altogether.mix", *shards, f"out={folder / 'mixed.parquet'}"],
-            "mix_top": ["altogether.mix", *shards, f"out={folder / 'top.parquet'}", "caption_top=0.5"],
-            "next_round": ["altogether.annotate", "next-round", str(records), str(folder / "next.jsonl")],
-            "merge": ["altogether.annotate", "merge", str(records), str(tasks), str(folder / "merged.jsonl")],
+            "mix": ("altogether.mix", [*shards, f"out={folder / 'mixed.parquet'}"]),
+            "mix_top": ("altogether.mix", [*shards, f"out={folder / 'top.parquet'}", "caption_top=0.5"]),
+            "next_round": ("altogether.annotate", ["next-round", str(records), str(folder / "next.jsonl")]),
+            "merge": ("altogether.annotate", ["merge", str(records), str(tasks), str(folder / "merged.jsonl")]),
         }
-        results = [measure(name, commands[name]) for name in cases]
+        results = [measure(name, *commands[name]) for name in cases]
     print(json.dumps({"rows": args.rows, "shards": len(shards), **sizes, "results": results}))
 
 
