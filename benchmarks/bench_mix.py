@@ -122,9 +122,11 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "out").mkdir()
         shards = write_recaptions(folder / "out", args.rows, args.shard_rows)
-        records, tasks = write_annotations(folder, args.rows)
-        sizes = {"recaption_mb": round(sum(os.path.getsize(p) for p in shards) / 2**20, 1),
-                 "records_mb": round(records.stat().st_size / 2**20, 1)}
+        sizes = {"recaption_mb": round(sum(os.path.getsize(p) for p in shards) / 2**20, 1)}
+        records = tasks = folder / "not written"
+        if {"next_round", "merge"} & set(cases):
+            records, tasks = write_annotations(folder, args.rows)
+            sizes["records_mb"] = round(records.stat().st_size / 2**20, 1)
         print(f"{args.rows} rows in {len(shards)} shard(s); {sizes}", flush=True)
         commands = {
             "mix": ("altogether.mix", [*shards, f"out={folder / 'mixed.parquet'}"]),
