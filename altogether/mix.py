@@ -20,6 +20,10 @@ Command line (``python -m altogether.mix`` is the same; ``--help`` lists every s
         [originals=FILE_OR_PATTERN [alt_column=NAME]] [alt_threshold=T | alt_top=F]
         [caption_threshold=T | caption_top=F] [clip_model=NAME clip_pretrained=TAG]
         [image_root=DIR [allow_outside_root=true]] [with_images=true | images_from=SHARDS] [shard_size=N] [seed=N]
+        [batch_rows=N] [progress=false]
+
+Rows are streamed ``batch_rows`` at a time, so memory does not grow with the number of rows (:func:`mix_files`
+says what is kept per row).
 """
 
 from __future__ import annotations
