@@ -21,18 +21,19 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import lru_cache, partial
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from jsonschema import Draft202012Validator, FormatChecker
 from rapidfuzz.distance import Levenshtein
 
-from .cli import Command, run_action, run_cli, setting
+from .cli import PROGRESS_HELP, Command, progress, run_action, run_cli, setting
 from .clip_score import CLIPSCORE_FORMULA, ClipScorer, score_image_files
 from .data.images import image_file
 from .data.readers import table_rows
@@ -146,50 +147,85 @@ def validate_record(record: Any, where: str = "") -> None:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line_number, object)`` for every non-blank line; a line that is not a UTF-8 JSON object names the file
-    and line."""
-    rows = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` for every non-blank line, streamed; a line that is not a UTF-8 JSON object names
+    the file and line."""
     try:
         for number, value, problem in table_rows(path):
             if problem:
                 raise AnnotationError(f"{path}:{number}: {problem}")
-            rows.append((number, value))
+            yield number, value
     except OSError as err:
         raise AnnotationError(f"{path}: cannot read ({err.strerror})") from None
-    return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """:func:`iter_jsonl` as a list."""
+    return list(iter_jsonl(path))
+
+
+class JsonlFiles:
+    """JSONL files written as one, streamed: ``write(path, row)`` appends a line to ``path``'s file, ``open(path)``
+    makes sure it exists. Each is written beside its target (:func:`altogether.io.atomic_open`) and renamed into
+    place when the ``with`` block ends without error; the renames wait until every file is written, so a failure
+    while writing (a full disk, a row that is not JSON, a bad record found late) leaves every target as it was.
+    """
+
+    def __enter__(self) -> JsonlFiles:
+        self.stack = ExitStack().__enter__()
+        self.handles: dict[str, Any] = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return self.stack.__exit__(*exc)
+
+    def open(self, path: str | os.PathLike) -> Any:
+        handle = self.handles.get(str(path))
+        if handle is None:
+            if Path(path).is_dir():
+                raise AnnotationError(f"{path}: is a folder, not a file to write")
+            handle = self.handles[str(path)] = self.stack.enter_context(atomic_open(path))
+        return handle
+
+    def write(self, path: str | os.PathLike, row: dict) -> None:
+        self.open(path).write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_jsonl_files(files: dict[str | os.PathLike, Iterable[dict]]) -> None:
-    """Write each ``{path: rows}`` as JSONL (one object per line), all files or none.
-
-    Each file is written beside its target and renamed into place (:func:`altogether.io.atomic_open`); the renames
-    wait until every file is written, so a failure while writing (a full disk, a row that is not JSON) leaves every
-    target as it was.
-    """
-    with ExitStack() as stack:
+    """Write each ``{path: rows}`` as JSONL (one object per line), all files or none (:class:`JsonlFiles`)."""
+    with JsonlFiles() as out:
         for path, rows in files.items():
-            if Path(path).is_dir():
-                raise AnnotationError(f"{path}: is a folder, not a file to write")
-            handle = stack.enter_context(atomic_open(path))
-            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+            out.open(path)
+            for row in rows:
+                out.write(path, row)
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Atomically write one JSON object per line."""
-    write_jsonl_files({path: rows})
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Atomically write one JSON object per line, streamed; returns the number of rows."""
+    count = 0
+    with JsonlFiles() as out:
+        out.open(path)
+        for row in rows:
+            out.write(path, row)
+            count += 1
+    return count
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Read and validate a record file; errors name the file, line, record id and field."""
-    records, seen = [], {}
-    for number, obj in read_jsonl(path):
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Read and validate a record file, streamed; errors name the file, line, record id and field. Memory keeps
+    each id and its line (to name a duplicate), not the records."""
+    seen: dict[str, int] = {}
+    for number, obj in iter_jsonl(path):
         _raise_problems(schema_errors(obj), f"{path}:{number}: {_record_name(obj)}")
         if obj["id"] in seen:
             raise AnnotationError(f"{path}:{number}: record {obj['id']!r}: id: duplicate of line {seen[obj['id']]}")
         seen[obj["id"]] = number
-        records.append(obj)
-    return records
+        yield obj
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """:func:`iter_records` as a list."""
+    return list(iter_records(path))
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -242,49 +278,62 @@ def assign_vendors(
     return assigned  # type: ignore[return-value]
 
 
+def previous_vendor(record: dict) -> str | None:
+    """The vendor of a record's latest round (``None`` for the alt-text)."""
+    return record["rounds"][-1]["vendor"] if record["rounds"] else None
+
+
+def vendor_plan(
+    previous: Sequence[str | None], vendors: Sequence[str] | None, *, swap: bool = False, seed: int = 0
+) -> list[str | None]:
+    """:func:`assign_vendors`, or no vendor for anyone without ``vendors``."""
+    if swap and not vendors:
+        raise AnnotationError("swap=true needs vendors=")
+    return assign_vendors(previous, vendors, swap=swap, seed=seed) if vendors else [None] * len(previous)
+
+
+def next_task(record: dict, vendor: str | None) -> dict:
+    """A record's next-round task, its previous caption prefilled as the starting text."""
+    previous = round_texts(record)
+    last = max(previous)
+    return {
+        "id": record["id"],
+        **_image_fields(record),
+        "alt": record["alt"],
+        "round": last + 1,
+        "previous_caption": previous[last],
+        "previous_vendor": previous_vendor(record),
+        "caption": previous[last],
+        "draft_source": PREVIOUS_ROUND,
+        "annotator": None,
+        "vendor": vendor,
+        "timestamp": None,
+    }
+
+
 def make_tasks(
     records: Sequence[dict], *, vendors: Sequence[str] | None = None, swap: bool = False, seed: int = 0
 ) -> list[dict]:
-    """The next-round task of every record, its previous caption prefilled as the starting text."""
-    previous_vendors = [record["rounds"][-1]["vendor"] if record["rounds"] else None for record in records]
-    if swap and not vendors:
-        raise AnnotationError("swap=true needs vendors=")
-    assigned = assign_vendors(previous_vendors, vendors, swap=swap, seed=seed) if vendors else [None] * len(records)
-    tasks = []
-    for record, previous_vendor, vendor in zip(records, previous_vendors, assigned):
-        previous = round_texts(record)
-        last = max(previous)
-        tasks.append(
-            {
-                "id": record["id"],
-                **_image_fields(record),
-                "alt": record["alt"],
-                "round": last + 1,
-                "previous_caption": previous[last],
-                "previous_vendor": previous_vendor,
-                "caption": previous[last],
-                "draft_source": PREVIOUS_ROUND,
-                "annotator": None,
-                "vendor": vendor,
-                "timestamp": None,
-            }
-        )
-    return tasks
+    """The next-round task of every record (:func:`next_task`), vendors by :func:`vendor_plan`."""
+    assigned = vendor_plan([previous_vendor(record) for record in records], vendors, swap=swap, seed=seed)
+    return [next_task(record, vendor) for record, vendor in zip(records, assigned)]
 
 
-def write_tasks(path: str, tasks: Sequence[dict]) -> list[str]:
-    """Write tasks to ``path``; a ``{vendor}`` placeholder in it gives one file per vendor. Returns the paths."""
-    if "{vendor}" not in path:
-        write_jsonl(path, tasks)
-        return [path]
-    if any(task["vendor"] is None for task in tasks):
-        raise AnnotationError(f"{path}: the {{vendor}} placeholder needs vendors=")
-    by_vendor: dict[str, list[dict]] = {}
-    for task in tasks:
-        by_vendor.setdefault(task["vendor"], []).append(task)
-    files = {path.replace("{vendor}", vendor): group for vendor, group in sorted(by_vendor.items())}
-    write_jsonl_files(files)  # all vendors' files or none
-    return list(files)
+def write_tasks(path: str, tasks: Iterable[dict]) -> list[str]:
+    """Write tasks to ``path``, streamed; a ``{vendor}`` placeholder in it gives one file per vendor (all or none).
+    Returns the paths, in vendor order."""
+    split = "{vendor}" in path
+    files: dict[str, str] = {}
+    with JsonlFiles() as out:
+        if not split:
+            out.open(path)
+        for task in tasks:
+            if split and task["vendor"] is None:
+                raise AnnotationError(f"{path}: the {{vendor}} placeholder needs vendors=")
+            target = path.replace("{vendor}", task["vendor"]) if split else path
+            files[task["vendor"] if split else ""] = target
+            out.write(target, task)
+    return [path] if not split else [files[vendor] for vendor in sorted(files)]
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -300,21 +349,21 @@ class MergeSummary:
     records_without_task: int = 0
 
 
-def _task_problems(task: Any, records: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """``(problems, unfinished)``: what is wrong with a task, and what the annotator has not filled in yet."""
+def _task_problems(task: Any, rounds: dict[str, int]) -> tuple[list[str], list[str]]:
+    """``(problems, unfinished)``: what is wrong with a task, and what the annotator has not filled in yet.
+    ``rounds``: record id -> how many human rounds the record has."""
     problems = schema_errors(task, kind="task")
     if problems:
         return problems, []
     unfinished = [f"{name}: not filled in yet" for name in ("annotator", "vendor", "timestamp") if task[name] is None]
     if not task["caption"].strip():
         unfinished.append("caption: empty")
-    record = records.get(task["id"])
-    if record is None:
+    done = rounds.get(task["id"])
+    if done is None:
         problems.append("id: no record with this id in the records file")
-    elif task["round"] != len(record["rounds"]) + 2:
-        expected = len(record["rounds"]) + 2
+    elif task["round"] != done + 2:
         problems.append(
-            f"round: the record has rounds up to {expected - 1}, so its next round is {expected}, got {task['round']}"
+            f"round: the record has rounds up to {done + 1}, so its next round is {done + 2}, got {task['round']}"
         )
     return problems, unfinished
 
@@ -322,21 +371,21 @@ def _task_problems(task: Any, records: dict[str, dict]) -> tuple[list[str], list
 _ROUND_FIELDS = ("round", "caption", "annotator", "vendor", "timestamp", "draft_source")
 
 
-def merge_tasks(
-    records: Sequence[dict], tasks: Sequence[tuple[str, Any]], *, skip_incomplete: bool = False
-) -> tuple[list[dict], MergeSummary]:
-    """Fold completed tasks into copies of ``records``.
+def collect_rounds(
+    tasks: Iterable[tuple[str, Any]], rounds: dict[str, int], summary: MergeSummary, problems: list[str], *,
+    skip_incomplete: bool = False,
+) -> dict[str, dict]:
+    """The new round of each record from completed ``(where, task)`` pairs: record id -> round entry.
 
-    ``tasks`` are ``(where, task)`` pairs, ``where`` naming the file and line for error messages. Every
-    problem is collected and raised together, so nothing is ever half-merged. Unfinished tasks (no
-    annotator, vendor or timestamp yet, or an empty caption) are errors unless ``skip_incomplete``.
+    ``rounds``: record id -> how many human rounds it has. Problems are appended to ``problems`` (each naming the
+    file and line ``where`` says), counts to ``summary``. This is the part of a merge that is held in memory: one
+    round per task, keyed by id, since the records come in their own order.
     """
-    by_id = {record["id"]: record for record in records}
-    summary, problems, new_rounds, seen = MergeSummary(), [], {}, {}
+    new_rounds, seen = {}, {}
     for where, task in tasks:
         has_id = isinstance(task, dict) and isinstance(task.get("id"), str)
         name = f"{where}: task {task['id']!r}" if has_id else f"{where}: task"
-        task_problems, unfinished = _task_problems(task, by_id)
+        task_problems, unfinished = _task_problems(task, rounds)
         if unfinished and skip_incomplete and not task_problems:
             summary.skipped_incomplete += 1
             continue
@@ -349,18 +398,44 @@ def merge_tasks(
         seen[task["id"]] = where
         new_rounds[task["id"]] = {key: task[key] for key in _ROUND_FIELDS}
         summary.unchanged_captions += task["caption"] == task["previous_caption"]
-    merged = []
+    return new_rounds
+
+
+def merged_records(
+    records: Iterable[dict], new_rounds: dict[str, dict], summary: MergeSummary, problems: list[str]
+) -> Iterator[dict]:
+    """``records`` with their new rounds (:func:`collect_rounds`) appended, streamed; a merged record that breaks
+    the schema is appended to ``problems``."""
     for record in records:
         entry = new_rounds.get(record["id"])
         if entry is None:
             summary.records_without_task += 1
-            merged.append(record)
+            yield record
             continue
         updated = {**record, "rounds": [*record["rounds"], entry]}
         problems.extend(f"record {record['id']!r} after merge: {p}" for p in schema_errors(updated))
-        merged.append(updated)
         summary.merged += 1
+        yield updated
+
+
+def _merge_problems(problems: list[str]) -> None:
     _raise_problems(problems, f"{len(problems)} problem(s), nothing written")
+
+
+def merge_tasks(
+    records: Sequence[dict], tasks: Sequence[tuple[str, Any]], *, skip_incomplete: bool = False
+) -> tuple[list[dict], MergeSummary]:
+    """Fold completed tasks into copies of ``records``.
+
+    ``tasks`` are ``(where, task)`` pairs, ``where`` naming the file and line for error messages. Every
+    problem is collected and raised together, so nothing is ever half-merged. Unfinished tasks (no
+    annotator, vendor or timestamp yet, or an empty caption) are errors unless ``skip_incomplete``.
+    """
+    summary, problems = MergeSummary(), []
+    rounds = {record["id"]: len(record["rounds"]) for record in records}
+    new_rounds = collect_rounds(tasks, rounds, summary, problems, skip_incomplete=skip_incomplete)
+    merged = list(merged_records(records, new_rounds, summary, problems))
+    _merge_problems(problems)
     return merged, summary
 
 
@@ -384,38 +459,45 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def round_stats(records: Sequence[dict], clip_scores: dict[tuple[str, int], float] | None = None) -> list[RoundStats]:
+def round_stats(records: Iterable[dict], clip_scores: dict[tuple[str, int], float] | None = None) -> list[RoundStats]:
     """Per round: count, mean words, mean edit distance to the same record's previous round, mean CLIP score.
 
-    ``clip_scores`` maps ``(record id, round)`` to an image-text score; records missing from it are left
-    out of that round's CLIP mean only (``clip_n`` says how many were scored).
+    ``records`` are read once, streamed (running sums per round are all that is kept). ``clip_scores`` maps
+    ``(record id, round)`` to an image-text score; records missing from it are left out of that round's CLIP mean
+    only (``clip_n`` says how many were scored).
     """
-    words: dict[int, list[int]] = {}
-    edits: dict[int, list[int]] = {}
+    words: dict[int, list[float]] = {}  # round -> [count, sum]
+    edits: dict[int, list[float]] = {}
     clips: dict[int, list[float]] = {}
     for record in records:
         texts = round_texts(record)
         for number, text in texts.items():
-            words.setdefault(number, []).append(word_count(text))
+            _add(words, number, word_count(text))
             if number > 1:
-                edits.setdefault(number, []).append(Levenshtein.distance(texts[number - 1], text))
+                _add(edits, number, Levenshtein.distance(texts[number - 1], text))
             if clip_scores and (record["id"], number) in clip_scores:
-                clips.setdefault(number, []).append(clip_scores[(record["id"], number)])
+                _add(clips, number, clip_scores[(record["id"], number)])
     return [
         RoundStats(
             round=number,
-            n=len(words[number]),
+            n=words[number][0],
             mean_words=_mean(words[number]),
             mean_edit_distance=_mean(edits[number]) if number in edits else None,
-            clip_n=len(clips.get(number, [])),
+            clip_n=clips[number][0] if number in clips else 0,
             mean_clip_score=_mean(clips[number]) if number in clips else None,
         )
         for number in sorted(words)
     ]
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
+def _add(sums: dict[int, list[float]], number: int, value: float) -> None:
+    count_sum = sums.setdefault(number, [0, 0])
+    count_sum[0] += 1
+    count_sum[1] += value
+
+
+def _mean(count_sum: list[float]) -> float:
+    return count_sum[1] / count_sum[0]
 
 
 def stats_markdown(stats: Sequence[RoundStats]) -> str:
@@ -447,19 +529,29 @@ def resolve_image(record: dict, image_root: str | os.PathLike | None) -> Path | 
 
 
 def clip_scores_for_records(
-    records: Sequence[dict], scorer: Any, image_root: str | os.PathLike | None
+    records: Iterable[dict], scorer: Any, image_root: str | os.PathLike | None, *, batch_records: int = 256
 ) -> dict[tuple[str, int], float]:
-    """``{(record id, round): CLIPScore}`` for every round of every record with a local image."""
-    keys, images, texts = [], [], []
-    for record in records:
-        image = resolve_image(record, image_root)
-        if image is None:
-            continue
-        for number, text in round_texts(record).items():
-            keys.append((record["id"], number))
-            images.append(image)
-            texts.append(text)
-    return dict(zip(keys, score_image_files(scorer, images, texts)))
+    """``{(record id, round): CLIPScore}`` for every round of every record with a local image; ``records`` are
+    streamed, ``batch_records`` at a time (the scores, a float per round, are what is kept)."""
+    scores: dict[tuple[str, int], float] = {}
+    for batch in _batches(records, batch_records):
+        keys, images, texts = [], [], []
+        for record in batch:
+            image = resolve_image(record, image_root)
+            if image is None:
+                continue
+            for number, text in round_texts(record).items():
+                keys.append((record["id"], number))
+                images.append(image)
+                texts.append(text)
+        scores.update(zip(keys, score_image_files(scorer, images, texts)))
+    return scores
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -501,6 +593,27 @@ def local_images(records: Sequence[dict], image_root: str | os.PathLike | None) 
     return images
 
 
+def prefilled_tasks(
+    records: Iterable[dict],
+    assigned: Iterable[str | None],
+    captioner: Captioner,
+    *,
+    model_name: str,
+    image_root: str | os.PathLike | None = None,
+    batch_size: int = 16,
+) -> Iterator[dict]:
+    """Next-round tasks (:func:`next_task`, vendors ``assigned`` in record order) whose starting text is the
+    captioner's draft instead of the previous caption; streamed, ``batch_size`` records at a time."""
+    if batch_size < 1:
+        raise AnnotationError(f"batch_size must be >= 1, got {batch_size}")
+    vendors = iter(assigned)
+    for batch in _batches(records, batch_size):
+        drafts = draft_captions(captioner, local_images(batch, image_root), [r["alt"] or None for r in batch],
+                                batch_size)
+        for record, draft in zip(batch, drafts):
+            yield {**next_task(record, next(vendors)), "caption": draft, "draft_source": f"model:{model_name}"}
+
+
 def prefill_tasks(
     records: Sequence[dict],
     captioner: Captioner,
@@ -512,30 +625,27 @@ def prefill_tasks(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[dict]:
-    """Next-round tasks whose starting text is the captioner's draft instead of the previous caption."""
-    images = local_images(records, image_root)
-    tasks = make_tasks(records, vendors=vendors, swap=swap, seed=seed)
-    alt_texts = [record["alt"] or None for record in records]
-    for task, draft in zip(tasks, draft_captions(captioner, images, alt_texts, batch_size)):
-        task["caption"] = draft
-        task["draft_source"] = f"model:{model_name}"
-    return tasks
+    """:func:`prefilled_tasks` of records in memory, vendors by :func:`vendor_plan`; every image is checked first."""
+    local_images(records, image_root)
+    assigned = vendor_plan([previous_vendor(record) for record in records], vendors, swap=swap, seed=seed)
+    return list(prefilled_tasks(records, assigned, captioner, model_name=model_name, image_root=image_root,
+                                batch_size=batch_size))
 
 
 # ---------------------------------------------------------------------------------------------- Altogether-FT
 
 
-def records_from_ft(
+def iter_records_from_ft(
     ft: Any, *, timestamp: str, annotator: str = "unknown", vendor: str = "unknown", id_prefix: str = "ft-"
-) -> list[dict]:
-    """Records from the Altogether-FT layout ``{"data": [{"alt", "url", "img_path", "round2", "round3", ...}]}``.
+) -> Iterator[dict]:
+    """Records from the Altogether-FT layout ``{"data": [{"alt", "url", "img_path", "round2", "round3", ...}]}``,
+    one at a time (the layout is one JSON document, so ``ft`` is the whole of it, parsed).
 
     The layout has no provenance, so every round gets ``annotator``, ``vendor`` and ``timestamp``. Items
     without an ``id`` get ``{id_prefix}{index:06d}``; keys other than the known ones go to ``meta``.
     """
     if not isinstance(ft, dict) or not isinstance(ft.get("data"), list):
         raise AnnotationError('expected the Altogether-FT layout {"data": [...]}')
-    records = []
     for index, item in enumerate(ft["data"]):
         if not isinstance(item, dict):
             raise AnnotationError(f"data[{index}]: expected a JSON object")
@@ -554,13 +664,16 @@ def records_from_ft(
         if extra:
             record["meta"] = extra
         _raise_problems(schema_errors(record), f"data[{index}]: {_record_name(record)}")
-        records.append(record)
-    return records
+        yield record
 
 
-def records_to_ft(records: Sequence[dict]) -> dict:
-    """The Altogether-FT layout of ``records`` (``meta`` keys are written back as top-level keys)."""
-    data = []
+def records_from_ft(ft: Any, **options: Any) -> list[dict]:
+    """:func:`iter_records_from_ft` as a list."""
+    return list(iter_records_from_ft(ft, **options))
+
+
+def ft_items(records: Iterable[dict]) -> Iterator[dict]:
+    """Each record as an Altogether-FT item (``meta`` keys are written back as top-level keys), streamed."""
     for record in records:
         item = {"id": record["id"], "alt": record["alt"], **_image_fields(record)}
         for key in record.get("meta", {}):
@@ -568,15 +681,41 @@ def records_to_ft(records: Sequence[dict]) -> dict:
                 raise AnnotationError(f"record {record['id']!r}: meta.{key}: clashes with an Altogether-FT field")
         item.update(record.get("meta", {}))
         item.update((f"round{entry['round']}", entry["caption"]) for entry in record["rounds"])
-        data.append(item)
-    return {"data": data}
+        yield item
+
+
+def records_to_ft(records: Iterable[dict]) -> dict:
+    """The Altogether-FT layout of ``records``: ``{"data": [item, ...]}`` (:func:`ft_items`)."""
+    return {"data": list(ft_items(records))}
+
+
+def write_ft(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write the Altogether-FT JSON of ``records`` atomically, streamed item by item; returns the number of items.
+
+    The text is ``json.dumps(records_to_ft(records), ensure_ascii=False, indent=1)`` and a newline, without the
+    whole document in memory.
+    """
+    count = 0
+    with atomic_open(path) as out:
+        out.write(b'{\n "data": [')
+        for item in ft_items(records):
+            text = json.dumps(item, ensure_ascii=False, indent=1).replace("\n", "\n  ")  # nested two levels
+            out.write(((",\n  " if count else "\n  ") + text).encode("utf-8"))
+            count += 1
+        out.write(b"\n ]\n}\n" if count else b"]\n}\n")
+    return count
 
 
 # ---------------------------------------------------------------------------------------------- command line
 
 
 @dataclass
-class VendorSettings:
+class ProgressSettings:
+    progress: bool = setting(True, PROGRESS_HELP)
+
+
+@dataclass
+class VendorSettings(ProgressSettings):
     """How ``next-round`` and ``prefill`` split the records between annotation vendors."""
 
     vendors: Optional[str] = setting(None, "comma-separated vendor names to split the records between, e.g. A,B")
@@ -585,12 +724,12 @@ class VendorSettings:
 
 
 @dataclass
-class MergeSettings:
+class MergeSettings(ProgressSettings):
     skip_incomplete: bool = setting(False, "leave out tasks not yet done instead of failing")
 
 
 @dataclass
-class StatsSettings:
+class StatsSettings(ProgressSettings):
     clip_model: Optional[str] = setting(None, "open_clip model name for image-text alignment, e.g. ViT-B-32")
     clip_pretrained: Optional[str] = setting(None, "open_clip pretrained tag or checkpoint file")
     device: str = setting("cpu", "device for the CLIP model")
@@ -605,16 +744,11 @@ class PrefillSettings(VendorSettings):
 
 
 @dataclass
-class FromFtSettings:
+class FromFtSettings(ProgressSettings):
     annotator: str = setting("unknown", "annotator recorded for every round")
     vendor: str = setting("unknown", "vendor recorded for every round")
     timestamp: Optional[str] = setting(None, "ISO 8601 time recorded for every round (default: the file's "
                                              "modification time)")
-
-
-@dataclass
-class NoSettings:
-    pass
 
 
 def _load_recaptioner(model: str) -> Captioner:
@@ -630,43 +764,82 @@ def _vendor_list(text: str | None) -> list[str] | None:
     return [name.strip() for name in str(text).split(",")] if text is not None else None
 
 
+def _records_again(records_path: str, s: ProgressSettings, label: str) -> Iterator[dict]:
+    """The second pass over a record file a first pass validated: read, not validated again."""
+    return (record for _, record in progress(iter_jsonl(records_path), label, enabled=s.progress))
+
+
+def _tasks_plan(records_path: str, s: VendorSettings, label: str) -> tuple[Iterable[str | None], Iterator[dict]]:
+    """Each record's vendor (:func:`vendor_plan`) and the records to make tasks of. With ``vendors``, a first pass
+    validates every record and keeps only its previous vendor, and the records are then read again; without, they
+    are read once."""
+    vendors = _vendor_list(s.vendors)
+    vendor_plan([], vendors, swap=s.swap, seed=s.seed)  # the options' errors before any reading
+    if not vendors:
+        return repeat(None), progress(iter_records(records_path), label, enabled=s.progress)
+    previous = [previous_vendor(r) for r in progress(iter_records(records_path), "records", enabled=s.progress)]
+    assigned = vendor_plan(previous, vendors, swap=s.swap, seed=s.seed)
+    return assigned, _records_again(records_path, s, label)
+
+
 def _next_round(paths: list[str], s: VendorSettings) -> int:
+    """Streamed: one record at a time (:func:`_tasks_plan`)."""
     records_path, out = paths
-    tasks = make_tasks(read_records(records_path), vendors=_vendor_list(s.vendors), swap=s.swap, seed=s.seed)
-    written = write_tasks(out, tasks)
-    rounds = sorted({task["round"] for task in tasks})
-    print(f"wrote {len(tasks)} task(s) for round(s) {rounds} to {', '.join(written)}")
+    assigned, records = _tasks_plan(records_path, s, "tasks")
+    rounds: set[int] = set()
+    count = 0
+
+    def counted(tasks: Iterable[dict]) -> Iterator[dict]:
+        nonlocal count
+        for task in tasks:
+            rounds.add(task["round"])
+            count += 1
+            yield task
+
+    written = write_tasks(out, counted(next_task(record, vendor) for record, vendor in zip(records, assigned)))
+    print(f"wrote {count} task(s) for round(s) {sorted(rounds)} to {', '.join(written)}")
     return 0
 
 
 def _merge(paths: list[str], s: MergeSettings) -> int:
+    """Records read twice, streamed: a first pass validates them and keeps each id's number of rounds, the tasks'
+    new rounds are held by id (:func:`collect_rounds`), the second pass writes the merged records in order."""
     records_path, *task_paths, out = paths
-    records = read_records(records_path)
-    tasks = [(f"{path}:{number}", task) for path in task_paths for number, task in read_jsonl(path)]
-    merged, summary = merge_tasks(records, tasks, skip_incomplete=s.skip_incomplete)
-    write_jsonl(out, merged)
+    rounds = {r["id"]: len(r["rounds"]) for r in progress(iter_records(records_path), "records", enabled=s.progress)}
+    summary, problems = MergeSummary(), []
+    tasks = ((f"{path}:{number}", task) for path in task_paths for number, task in iter_jsonl(path))
+    new_rounds = collect_rounds(progress(tasks, "tasks", enabled=s.progress), rounds, summary, problems,
+                                skip_incomplete=s.skip_incomplete)
+    with JsonlFiles() as files:
+        files.open(out)
+        for record in merged_records(_records_again(records_path, s, "merge"), new_rounds, summary, problems):
+            files.write(out, record)
+        _merge_problems(problems)  # inside: nothing is renamed into place
     print(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in asdict(summary).items()))
     return 0
 
 
 def _stats(paths: list[str], s: StatsSettings, *, load_scorer: Callable[..., Any]) -> int:
+    """Streamed: running sums per round (with a CLIP model, a first pass keeps a score per round and record)."""
     (records_path,) = paths
-    records = read_records(records_path)
-    if not records:
-        raise AnnotationError(f"{records_path}: no records")
     if s.clip_pretrained and not s.clip_model:
         raise AnnotationError("clip_pretrained needs clip_model")
     scores = None
     if s.clip_model:
-        scores = clip_scores_for_records(records, load_scorer(s.clip_model, s.clip_pretrained, s.device), s.image_root)
-    stats = round_stats(records, scores)
+        scorer = load_scorer(s.clip_model, s.clip_pretrained, s.device)
+        scores = clip_scores_for_records(progress(iter_records(records_path), "CLIP", enabled=s.progress), scorer,
+                                         s.image_root)
+    stats = round_stats(progress(iter_records(records_path), "stats", enabled=s.progress), scores)
+    if not stats:
+        raise AnnotationError(f"{records_path}: no records")
+    records = stats[0].n  # every record has round 1, its alt-text
     print(stats_markdown(stats), end="")
     if scores is not None:
         scored = len({record_id for record_id, _ in scores})
-        print(f"CLIPScore ({CLIPSCORE_FORMULA}) for {scored} of {len(records)} record(s); the others have no local image")
+        print(f"CLIPScore ({CLIPSCORE_FORMULA}) for {scored} of {records} record(s); the others have no local image")
     if s.json:
         payload = {
-            "records": len(records),
+            "records": records,
             "length_unit": "words (whitespace-separated)",
             "edit_distance_unit": "characters (Levenshtein, unit costs) to the same record's previous round",
             "clip_score": f"CLIPScore = {CLIPSCORE_FORMULA} with the model below" if s.clip_model else None,
@@ -679,13 +852,19 @@ def _stats(paths: list[str], s: StatsSettings, *, load_scorer: Callable[..., Any
 
 
 def _prefill(paths: list[str], s: PrefillSettings, *, load_captioner: Callable[[str], Captioner]) -> int:
+    """Streamed, ``batch_size`` records at a time; a first pass validates the records, checks every image (before
+    the slow model load) and keeps each record's previous vendor."""
     model, records_path, out = paths
-    records = read_records(records_path)
-    local_images(records, s.image_root)  # fail on a missing image before the (slow) model load
-    tasks = prefill_tasks(records, load_captioner(model), model_name=model, image_root=s.image_root,
-                          vendors=_vendor_list(s.vendors), swap=s.swap, seed=s.seed, batch_size=s.batch_size)
+    vendors = _vendor_list(s.vendors)
+    previous = []
+    for record in progress(iter_records(records_path), "records", enabled=s.progress):
+        local_images([record], s.image_root)
+        previous.append(previous_vendor(record))
+    assigned = vendor_plan(previous, vendors, swap=s.swap, seed=s.seed)
+    tasks = prefilled_tasks(_records_again(records_path, s, "prefill"), assigned, load_captioner(model), model_name=model, image_root=s.image_root,
+                            batch_size=s.batch_size)
     written = write_tasks(out, tasks)
-    print(f"wrote {len(tasks)} model-drafted task(s) to {', '.join(written)}")
+    print(f"wrote {len(assigned)} model-drafted task(s) to {', '.join(written)}")
     return 0
 
 
@@ -702,20 +881,20 @@ def _from_ft(paths: list[str], s: FromFtSettings) -> int:
                               f"{column})") from None
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{ft_path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    records = iter_records_from_ft(ft, timestamp=stamp, annotator=s.annotator, vendor=s.vendor)
     try:
-        records = records_from_ft(ft, timestamp=stamp, annotator=s.annotator, vendor=s.vendor)
+        count = write_jsonl(out, progress(records, "records", enabled=s.progress))
     except AnnotationError as err:
         raise AnnotationError(f"{ft_path}: {err}") from None
-    write_jsonl(out, records)
-    print(f"wrote {len(records)} record(s) to {out}")
+    print(f"wrote {count} record(s) to {out}")
     return 0
 
 
-def _to_ft(paths: list[str], s: NoSettings) -> int:
+def _to_ft(paths: list[str], s: ProgressSettings) -> int:
+    """Streamed: one record at a time (:func:`write_ft`)."""
     records_path, out = paths
-    ft = records_to_ft(read_records(records_path))
-    atomic_write_text(out, json.dumps(ft, ensure_ascii=False, indent=1) + "\n")
-    print(f"wrote {len(ft['data'])} item(s) to {out}")
+    count = write_ft(out, progress(iter_records(records_path), "records", enabled=s.progress))
+    print(f"wrote {count} item(s) to {out}")
     return 0
 
 
@@ -744,7 +923,7 @@ def actions(
                            {"FT_JSON": 'Altogether-FT JSON ({"data": [...]})', "OUT": "records JSONL to write"},
                            FromFtSettings, _from_ft),
         "to-ft": Command("convert records JSONL to the Altogether-FT JSON layout",
-                         {**_RECORDS, "OUT": "Altogether-FT JSON to write"}, NoSettings, _to_ft),
+                         {**_RECORDS, "OUT": "Altogether-FT JSON to write"}, ProgressSettings, _to_ft),
     }
 
 

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Callable, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from .config import ConfigError
 from .export import ExportError
@@ -96,12 +96,26 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> 
 # ---------------------------------------------------------------------------------------------- the grammar
 
 Settings = TypeVar("Settings")
+T = TypeVar("T")
 _SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")  # `key=` or `group.key=`; a path such as a/b=c.txt is positional
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     """A settings dataclass field with the line ``--help`` shows for it; no default: the key is required."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+PROGRESS_HELP = "progress bars on stderr when it is a terminal (false: never)"
+
+
+def progress(items: Iterable[T], desc: str, *, enabled: bool = True, total: int | None = None,
+             unit: str = "row") -> Iterable[T]:
+    """``items`` counted by a tqdm bar on stderr, drawn only when stderr is a terminal (so logs and captured test
+    output get none) and ``enabled`` (a command's ``progress=`` setting, help :data:`PROGRESS_HELP`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled else True)
 
 
 def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -20,6 +20,10 @@ Command line (``python -m altogether.mix`` is the same; ``--help`` lists every s
         [originals=FILE_OR_PATTERN [alt_column=NAME]] [alt_threshold=T | alt_top=F]
         [caption_threshold=T | caption_top=F] [clip_model=NAME clip_pretrained=TAG]
         [image_root=DIR [allow_outside_root=true]] [with_images=true | images_from=SHARDS] [shard_size=N] [seed=N]
+        [batch_rows=N] [progress=false]
+
+Rows are streamed ``batch_rows`` at a time, so memory does not grow with the number of rows (:func:`mix_files`
+says what is kept per row).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
-from .cli import Command, run_cli, setting
+from .cli import PROGRESS_HELP, Command, progress, run_cli, setting
 from .clip_score import ClipScorer, score_image_files
 from .data.images import image_file, load_image
 from .data.inputs import discover_shards
@@ -55,6 +61,9 @@ DEFAULT_ALT_COLUMN = ALT_TEXT_COLUMN
 # open_clip's webdataset loader reads images under these extensions only (open_clip_train/data.py); others
 # are re-encoded as PNG rather than silently lost.
 OPEN_CLIP_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")
+# Rows handled together: a Parquet row group written, a batch of CLIP scoring. Memory holds one batch of rows and
+# samples, whatever the number of rows.
+DEFAULT_BATCH_ROWS = 10_000
 
 
 class MixError(ValueError):
@@ -64,36 +73,33 @@ class MixError(ValueError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_one(path: Path) -> list[dict]:
-    rows = []
+def _file_rows(path: Path) -> Iterator[dict]:
     try:
         for number, row, problem in table_rows(path):
             if problem:
                 raise MixError(f"{path}:{number}: {problem}")
             if row.get("key") is None:
                 raise MixError(f"{path}: no 'key' column in row {number} (columns: {', '.join(map(str, row))})")
-            rows.append(row)
+            yield row
     except OSError as err:
         raise MixError(f"{path}: cannot read ({err.strerror})") from None
-    return rows
 
 
-def read_rows(
+def iter_rows(
     paths: Sequence[str | os.PathLike], *, require: str | None = None, origins: dict[str, Path] | None = None
-) -> list[dict]:
-    """Rows of one or more Parquet (``.parquet``) or JSONL files, keys as strings; ``origins`` (if given) gets
-    each key's file.
+) -> Iterator[dict]:
+    """Rows of one or more Parquet (``.parquet``) or JSONL files, streamed in order, keys as strings.
 
-    Raises :class:`MixError` naming the file (and row) for a duplicate key, a non-string ``url`` or
-    ``img_path``, or a file without the ``require`` column (in no row of a JSONL file).
+    ``origins`` (a new dict if not given) gets each key's file as its row goes by: it is how a repeated key is
+    found, the one thing kept per row (a key and a shared path, about 100 bytes). Raises :class:`MixError` naming
+    the file (and row) for a duplicate key, a non-string ``url`` or ``img_path``, or a file without the
+    ``require`` column (in no row of a JSONL file; raised once the file is read, before its rows are used, by a
+    caller that reads them all first, such as :func:`index_originals`).
     """
-    rows, origin = [], {}
+    origin = {} if origins is None else origins
     for path in map(Path, paths):
-        file_rows = _read_one(path)
-        columns = dict.fromkeys(name for row in file_rows for name in row)
-        if require is not None and require not in columns:
-            raise MixError(f"{path}: no column {require!r} (columns: {', '.join(map(str, columns)) or 'none'})")
-        for row in file_rows:
+        columns: dict[str, None] = {}
+        for row in _file_rows(path):
             key = str(row["key"])
             if key in origin:
                 raise MixError(f"{path}: key {key!r} appears again (first in {origin[key]})")
@@ -101,19 +107,45 @@ def read_rows(
                 if row.get(name) is not None and not isinstance(row[name], str):
                     raise MixError(f"{path}: row {key!r}: {name} must be a string, got {type(row[name]).__name__}")
             origin[key] = path
-            rows.append({**row, "key": key})
-    if origins is not None:
-        origins.update(origin)
-    return rows
+            if require is not None:
+                columns.update(dict.fromkeys(row))
+            yield {**row, "key": key}
+        if require is not None and require not in columns:
+            raise MixError(f"{path}: no column {require!r} (columns: {', '.join(map(str, columns)) or 'none'})")
 
 
-def read_recaptions(paths: Sequence[str | os.PathLike], origins: dict[str, Path] | None = None) -> list[dict]:
-    """:func:`read_rows` of recaption outputs; a file that is not one is a :class:`MixError` saying why."""
+def read_rows(
+    paths: Sequence[str | os.PathLike], *, require: str | None = None, origins: dict[str, Path] | None = None
+) -> list[dict]:
+    """:func:`iter_rows` as a list (every row in memory: for small inputs and tests)."""
+    return list(iter_rows(paths, require=require, origins=origins))
+
+
+def check_recaption_outputs(paths: Sequence[str | os.PathLike]) -> None:
+    """Raise :class:`MixError` for a file that is not a recaption output, saying why."""
     for path in map(Path, paths):
         if path.exists() and (problem := recaption_output_problem(path)):
             raise MixError(f"{path}: not a recaption output ({problem}); mix reads what altogether.recaption writes, "
                            "and takes original alt-texts with originals=")
+
+
+def read_recaptions(paths: Sequence[str | os.PathLike], origins: dict[str, Path] | None = None) -> list[dict]:
+    """:func:`read_rows` of recaption outputs (:func:`check_recaption_outputs` first)."""
+    check_recaption_outputs(paths)
     return read_rows(paths, origins=origins)
+
+
+def count_rows(paths: Sequence[str | os.PathLike]) -> int | None:
+    """How many rows the files hold, from the Parquet footers (no data read); ``None`` if one is JSONL (a
+    progress bar then counts without a total)."""
+    import pyarrow.parquet as pq
+
+    if not all(str(path).lower().endswith(".parquet") for path in paths):
+        return None
+    try:
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    except (OSError, ValueError):  # named by the read itself
+        return None
 
 
 def output_shard(path: Path) -> str:
@@ -124,6 +156,30 @@ def output_shard(path: Path) -> str:
     return path.stem
 
 
+# What the join takes from an original row besides its alt-text (when the row has it).
+CARRIED = (*PASSTHROUGH, SCORE_COLUMN[ALT])
+
+
+def index_originals(originals: Iterable[dict], alt_column: str = DEFAULT_ALT_COLUMN) -> dict[str, tuple]:
+    """``key -> (alt-text, url, img_path, alt_clip_score)`` of the original rows: the only part of them a join
+    uses, so the originals are read once, streamed, and only these few short fields stay in memory."""
+    return {row["key"]: (row.get(alt_column), *(row.get(name) for name in CARRIED)) for row in originals}
+
+
+def join_rows(rows: Iterable[dict], index: dict[str, tuple], summary: MixSummary) -> Iterator[dict]:
+    """Each recaption row with ``alt_text`` (and url, img_path, alt_clip_score where given) from
+    :func:`index_originals`, streamed; a row without an original is dropped and counted in
+    ``summary.missing_original``."""
+    for row in rows:
+        original = index.get(row["key"])
+        if original is None:
+            summary.missing_original += 1
+            continue
+        alt, *values = original
+        carried = {name: value for name, value in zip(CARRIED, values) if value is not None}
+        yield {**row, **carried, ALT_TEXT_COLUMN: alt}
+
+
 def join_originals(
     rows: Sequence[dict], originals: Sequence[dict], alt_column: str = DEFAULT_ALT_COLUMN
 ) -> tuple[list[dict], int]:
@@ -132,16 +188,9 @@ def join_originals(
     ``alt_column``: ``alt_text`` (recaption's own), ``caption`` (img2dataset's metadata), ``alt`` (a manifest).
     Returns the joined rows and how many recaption rows had no original (they are dropped).
     """
-    by_key = {row["key"]: row for row in originals}
-    joined, missing = [], 0
-    for row in rows:
-        original = by_key.get(row["key"])
-        if original is None:
-            missing += 1
-            continue
-        carried = {name: original[name] for name in (*PASSTHROUGH, SCORE_COLUMN[ALT]) if original.get(name) is not None}
-        joined.append({**row, **carried, ALT_TEXT_COLUMN: original.get(alt_column)})
-    return joined, missing
+    summary = MixSummary(mode="", p=0.0, seed=0)
+    joined = list(join_rows(rows, index_originals(originals, alt_column), summary))
+    return joined, summary.missing_original
 
 
 # ---------------------------------------------------------------------------------------------- filtering
@@ -160,22 +209,52 @@ class ScoreFilter:
         if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
             raise MixError(f"top fraction must be in (0, 1], got {self.top_fraction}")
 
+    def keeps(self, scores: Sequence[float]) -> Iterator[bool]:
+        """Keep-decision for each of ``scores`` in order: ``score >= threshold``, or the ``round(top_fraction * n)``
+        highest (:func:`top_fraction_cut`); NaN is never kept by a threshold and ranks last."""
+        if self.threshold is not None:
+            return (score >= self.threshold for score in scores)
+        return _top_fraction_keeps(scores, *top_fraction_cut(scores, self.top_fraction))
+
+
+def top_fraction_cut(scores: Sequence[float], top_fraction: float) -> tuple[float, int]:
+    """``(cut, ties)`` such that keeping, in order, every score above ``cut`` and the first ``ties`` scores equal to
+    it keeps the ``round(top_fraction * n)`` highest, ties at the boundary going to the earlier position (NaN ranks
+    last, as ``-inf``).
+
+    The cut is the k-th highest score (``numpy.partition``, no full sort), so a stream can be filtered in a second
+    pass while only the scores (8 bytes each) are held.
+    """
+    import numpy as np
+
+    keep_count = round(top_fraction * len(scores))
+    if keep_count == 0:
+        return math.inf, 0
+    ranked = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    cut = float(np.partition(ranked, len(ranked) - keep_count)[len(ranked) - keep_count])
+    return cut, keep_count - int(np.count_nonzero(ranked > cut))
+
+
+def _top_fraction_keeps(scores: Iterable[float], cut: float, ties: int) -> Iterator[bool]:
+    for score in scores:
+        rank = _rankable(score)
+        if rank == cut and ties > 0:
+            ties -= 1
+            yield True
+        else:
+            yield rank > cut
+
 
 def filter_by_score(
     scores: Sequence[float], *, threshold: float | None = None, top_fraction: float | None = None
 ) -> list[bool]:
-    """Keep-mask over ``scores``: ``score >= threshold``, or the ``round(top_fraction * n)`` highest.
+    """Keep-mask over ``scores`` (:meth:`ScoreFilter.keeps`): ``score >= threshold``, or the
+    ``round(top_fraction * n)`` highest.
 
     Ties at the top-fraction boundary go to the earlier position; NaN scores are never kept by a
     threshold and rank last.
     """
-    ScoreFilter(threshold, top_fraction)
-    if threshold is not None:
-        return [score >= threshold for score in scores]
-    keep_count = round(top_fraction * len(scores))
-    ranked = sorted(range(len(scores)), key=lambda i: (-_rankable(scores[i]), i))
-    kept = set(ranked[:keep_count])
-    return [i in kept for i in range(len(scores))]
+    return list(ScoreFilter(threshold, top_fraction).keeps(scores))
 
 
 def _rankable(score: float) -> float:
@@ -198,25 +277,53 @@ def _candidates(row: dict, kind: str) -> list[tuple[str, float | None]]:
     return [(text, number) for text, number in zip(texts, scores) if text and text.strip()]
 
 
-def _filter_candidates(
-    rows: Sequence[dict], candidates: list[list[tuple[str, float | None]]], kind: str, score_filter: ScoreFilter
-) -> int:
-    """Apply ``score_filter`` to one kind of text pooled over all rows, in place; returns how many were removed."""
-    scores = []
-    for row, pairs in zip(rows, candidates):
-        for _, score in pairs:
-            if score is None:
-                raise MixError(
-                    f"row {row['key']!r}: no {SCORE_COLUMN[kind]}; filtering needs a score for every {kind} text "
-                    "(add the column, or set clip_model= with image_root= to compute it)"
-                )
-            scores.append(float(score))
-    keep = iter(filter_by_score(scores, threshold=score_filter.threshold, top_fraction=score_filter.top_fraction))
-    removed = 0
-    for index, pairs in enumerate(candidates):
-        candidates[index] = [pair for pair in pairs if next(keep)]
-        removed += len(pairs) - len(candidates[index])
-    return removed
+@dataclass
+class Survey:
+    """What a first pass over the rows learns for the second: which passthrough columns any row fills (the
+    Parquet schema), every candidate text's score of each filtered kind in stream order (``array('d')``, 8 bytes
+    a text: what a top-fraction filter ranks), and how many rows got CLIP scores computed."""
+
+    passthrough: list[str]
+    scores: dict[str, array]
+    rows_scored: int = 0
+
+
+def survey_rows(
+    rows: Iterable[dict],
+    kinds: Iterable[str],
+    *,
+    score_batch: Callable[[list[dict]], int] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Survey:
+    """The first pass (:class:`Survey`), streamed in batches of ``batch_rows``; ``score_batch`` (if given) fills
+    missing scores of a batch in place first and returns how many rows it scored (:func:`add_clip_scores`).
+
+    Raises :class:`MixError` naming the row for a text of a filtered kind without a score.
+    """
+    survey = Survey(passthrough=[], scores={kind: array("d") for kind in kinds})
+    filled = dict.fromkeys(PASSTHROUGH, False)
+    for batch in _batches(rows, batch_rows):
+        if score_batch is not None:
+            survey.rows_scored += score_batch(batch)
+        for row in batch:
+            for name in PASSTHROUGH:
+                filled[name] = filled[name] or row.get(name) is not None
+            for kind, scores in survey.scores.items():
+                for _, score in _candidates(row, kind):
+                    if score is None:
+                        raise MixError(
+                            f"row {row['key']!r}: no {SCORE_COLUMN[kind]}; filtering needs a score for every {kind} "
+                            "text (add the column, or set clip_model= with image_root= to compute it)"
+                        )
+                    scores.append(float(score))
+    survey.passthrough = [name for name in PASSTHROUGH if filled[name]]
+    return survey
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------- mixing
@@ -251,6 +358,77 @@ def _pick(pairs: list[tuple[str, float | None]], u: float) -> str | None:
     return pairs[int(u * len(pairs))][0] if pairs else None
 
 
+class Mixer:
+    """Turns recaption rows into training samples one at a time, counting into ``summary`` (:class:`MixSummary`).
+
+    Default: one ``text`` per sample, the synthetic caption with probability ``p`` and the alt-text
+    otherwise (``source`` says which). A row whose drawn kind is missing or filtered out falls back to
+    the other kind; a row with neither is dropped (``None``). With ``both_columns``, samples carry ``alt_text`` and
+    ``caption`` for loaders that draw per epoch. Several captions (or alt-texts) in a row: one is chosen
+    uniformly. The ``passthrough`` columns (url, img_path) are kept.
+
+    ``filters``: kind (``alt``, ``caption``) -> :class:`ScoreFilter`, applied to ``survey.scores[kind]`` (the
+    first pass, :func:`survey_rows`): rows must come in the order they were surveyed.
+    """
+
+    def __init__(self, p: float, seed: int = 0, *, both_columns: bool = False, passthrough: Sequence[str] = (),
+                 filters: dict[str, ScoreFilter] | None = None, survey: Survey | None = None):
+        if not 0.0 <= p <= 1.0:
+            raise MixError(f"p must be in [0, 1], got {p}")
+        filters = filters or {}
+        if filters and survey is None:
+            raise ValueError("filters need the survey's scores")
+        self.p, self.seed, self.both_columns, self.passthrough = p, seed, both_columns, list(passthrough)
+        self.keeps = {kind: score_filter.keeps(survey.scores[kind]) for kind, score_filter in filters.items()}
+        self.summary = MixSummary(mode="both-columns" if both_columns else "mixed", p=p, seed=seed)
+
+    def _kept(self, row: dict, kind: str) -> list[tuple[str, float | None]]:
+        pairs = _candidates(row, kind)
+        if kind not in self.keeps:
+            return pairs
+        kept = [pair for pair in pairs if next(self.keeps[kind])]
+        removed = len(pairs) - len(kept)
+        if kind == ALT:
+            self.summary.alt_filtered_out += removed
+        else:
+            self.summary.caption_filtered_out += removed
+        return kept
+
+    def __call__(self, row: dict) -> dict | None:
+        summary = self.summary
+        summary.rows_in += 1
+        alt_pairs, caption_pairs = self._kept(row, ALT), self._kept(row, CAPTION)
+        if not alt_pairs and not caption_pairs:
+            summary.dropped_no_text += 1
+            return None
+        u_mix, u_alt, u_caption = _draws(self.seed, row["key"])
+        alt, caption = _pick(alt_pairs, u_alt), _pick(caption_pairs, u_caption)
+        sample: dict[str, Any] = {"key": row["key"]}
+        if self.both_columns:
+            sample.update(alt_text=alt, caption=caption)
+            summary.kept_alt += alt is not None
+            summary.kept_caption += caption is not None
+        else:
+            wants_caption = u_mix < self.p
+            use_caption = caption is not None if wants_caption else alt is None
+            summary.fell_back_to_alt += wants_caption and not use_caption
+            summary.fell_back_to_caption += not wants_caption and use_caption
+            summary.kept_caption += use_caption
+            summary.kept_alt += not use_caption
+            sample.update(text=caption if use_caption else alt, source=CAPTION if use_caption else ALT)
+        sample.update((name, row.get(name)) for name in self.passthrough)
+        summary.rows_out += 1
+        return sample
+
+    def samples(self, rows: Iterable[dict]) -> Iterator[dict]:
+        """The samples of ``rows``, streamed."""
+        return (sample for row in rows if (sample := self(row)) is not None)
+
+
+def _filters(alt_filter: ScoreFilter | None, caption_filter: ScoreFilter | None) -> dict[str, ScoreFilter]:
+    return {kind: f for kind, f in ((ALT, alt_filter), (CAPTION, caption_filter)) if f is not None}
+
+
 def mix_captions(
     rows: Sequence[dict],
     p: float,
@@ -260,48 +438,11 @@ def mix_captions(
     alt_filter: ScoreFilter | None = None,
     caption_filter: ScoreFilter | None = None,
 ) -> tuple[list[dict], MixSummary]:
-    """Turn recaption rows into training samples.
-
-    Default: one ``text`` per sample, the synthetic caption with probability ``p`` and the alt-text
-    otherwise (``source`` says which). A row whose drawn kind is missing or filtered out falls back to
-    the other kind; a row with neither is dropped. With ``both_columns``, samples carry ``alt_text`` and
-    ``caption`` for loaders that draw per epoch. Several captions (or alt-texts) in a row: one is chosen
-    uniformly. Passthrough columns (url, img_path) are kept.
-    """
-    if not 0.0 <= p <= 1.0:
-        raise MixError(f"p must be in [0, 1], got {p}")
-    summary = MixSummary(mode="both-columns" if both_columns else "mixed", p=p, seed=seed, rows_in=len(rows))
-    alts = [_candidates(row, ALT) for row in rows]
-    captions = [_candidates(row, CAPTION) for row in rows]
-    if alt_filter:
-        summary.alt_filtered_out = _filter_candidates(rows, alts, ALT, alt_filter)
-    if caption_filter:
-        summary.caption_filtered_out = _filter_candidates(rows, captions, CAPTION, caption_filter)
-    passthrough = [name for name in PASSTHROUGH if any(row.get(name) is not None for row in rows)]
-    samples = []
-    for row, alt_pairs, caption_pairs in zip(rows, alts, captions):
-        if not alt_pairs and not caption_pairs:
-            summary.dropped_no_text += 1
-            continue
-        u_mix, u_alt, u_caption = _draws(seed, row["key"])
-        alt, caption = _pick(alt_pairs, u_alt), _pick(caption_pairs, u_caption)
-        sample: dict[str, Any] = {"key": row["key"]}
-        if both_columns:
-            sample.update(alt_text=alt, caption=caption)
-            summary.kept_alt += alt is not None
-            summary.kept_caption += caption is not None
-        else:
-            wants_caption = u_mix < p
-            use_caption = caption is not None if wants_caption else alt is None
-            summary.fell_back_to_alt += wants_caption and not use_caption
-            summary.fell_back_to_caption += not wants_caption and use_caption
-            summary.kept_caption += use_caption
-            summary.kept_alt += not use_caption
-            sample.update(text=caption if use_caption else alt, source=CAPTION if use_caption else ALT)
-        sample.update((name, row.get(name)) for name in passthrough)
-        samples.append(sample)
-    summary.rows_out = len(samples)
-    return samples, summary
+    """:class:`Mixer` over rows in memory (both passes over the same list): the samples and the summary."""
+    filters = _filters(alt_filter, caption_filter)
+    survey = survey_rows(rows, filters)
+    mixer = Mixer(p, seed, both_columns=both_columns, passthrough=survey.passthrough, filters=filters, survey=survey)
+    return list(mixer.samples(rows)), mixer.summary
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -369,20 +510,36 @@ def summary_path(parquet: str | os.PathLike) -> Path:
     return Path(parquet).with_suffix(".summary.json")
 
 
-def write_parquet(samples: Sequence[dict], path: str | os.PathLike, *, both_columns: bool = False,
-                  summary: dict | None = None) -> None:
-    """Write samples as one Parquet file (all columns strings) and, given ``summary``, :func:`summary_path` beside
-    it: both files or neither, each written beside its target and renamed into place once both are written
-    (:func:`altogether.io.atomic_open`)."""
+def write_parquet(samples: Iterable[dict], path: str | os.PathLike, *, both_columns: bool = False,
+                  summary: Callable[[], dict] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+    """Write samples as one Parquet file (all columns strings: key, text and source, or key, alt_text and caption
+    with ``both_columns``, then the url / img_path columns the first sample has: a :class:`Mixer` gives every
+    sample the same ones) and, given ``summary`` (called once every sample is written), :func:`summary_path`
+    beside it; returns the number of samples.
+
+    Streamed: ``batch_rows`` samples per row group, one group in memory. Both files or neither, each written
+    beside its target and renamed into place once both are written (:func:`altogether.io.atomic_open`).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(list(samples), schema=_parquet_schema(samples, both_columns))
+    written, writer = 0, None
     with ExitStack() as stack:
-        pq.write_table(table, stack.enter_context(atomic_open(path)))
+        handle = stack.enter_context(atomic_open(path))
+        for batch in _batches(samples, batch_rows):
+            if writer is None:  # the first batch gives the columns
+                schema = _parquet_schema(batch, both_columns)
+                writer = stack.enter_context(pq.ParquetWriter(handle, schema))
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            written += len(batch)
+        if writer is None:
+            pq.write_table(pa.Table.from_pylist([], schema=_parquet_schema([], both_columns)), handle)
+        else:
+            writer.close()  # the footer, before the file is flushed and renamed
         if summary is not None:
-            text = json.dumps(summary, indent=2) + "\n"
+            text = json.dumps(summary(), indent=2) + "\n"
             stack.enter_context(atomic_open(summary_path(path))).write(text.encode("utf-8"))
+    return written
 
 
 def _check_key(key: str) -> None:
@@ -430,17 +587,19 @@ def image_files(image_root: str | os.PathLike | None, *, allow_outside_root: boo
 class TarImages:
     """Images from the original webdataset shards, by the recaption output's shard and the row's key.
 
-    ``shards``: shard name -> tar path; ``key_shard``: row key -> shard name. Samples arrive shard after shard
-    (in input order), so one shard's images are held at a time.
+    ``shards``: shard name -> tar path; ``origins``: row key -> its recaption output (:func:`output_shard` names
+    the shard; :func:`iter_rows` fills it as rows are read, before their samples come here). Samples arrive shard
+    after shard (in input order), so one shard's images are held at a time.
     """
 
-    def __init__(self, shards: dict[str, str], key_shard: dict[str, str]):
-        self.shards, self.key_shard = shards, key_shard
+    def __init__(self, shards: dict[str, str], origins: Mapping[str, Path]):
+        self.shards, self.origins = shards, origins
         self.current: str | None = None
         self.members: dict[str, dict[str, bytes]] = {}
 
     def __call__(self, sample: dict) -> tuple[str, bytes]:
-        key, shard = sample["key"], self.key_shard[sample["key"]]
+        key = sample["key"]
+        shard = output_shard(self.origins[key])
         if shard != self.current:
             if shard not in self.shards:
                 raise MixError(f"row {key!r}: its recaption output is for shard {shard!r}, which images_from "
@@ -475,15 +634,21 @@ def _tar_sample(sample: dict, images: ImageSource | None) -> dict:
     return out
 
 
+def _check_out_dir(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise MixError(f"{target}: already exists and is not an empty folder; remove it or choose another out=")
+
+
 def write_webdataset(
-    samples: Sequence[dict],
+    samples: Iterable[dict],
     out_dir: str | os.PathLike,
-    summary: dict,
+    summary: Callable[[], dict],
     *,
     shard_size: int = 10000,
     images: ImageSource | None = None,
 ) -> list[str]:
-    """Write ``shard-000000.tar, ...`` and ``summary.json`` into ``out_dir``, all or nothing; returns the shard names.
+    """Write ``shard-000000.tar, ...`` and ``summary.json`` (``summary()``, called once every sample is written, with
+    ``shards`` added) into ``out_dir``, all or nothing; returns the shard names. Streamed: one sample in memory.
 
     Each sample has ``txt`` (mixed) or ``alt_text.txt`` / ``caption.txt`` (both columns), ``json`` with
     its columns, and with ``images`` (:func:`image_files`, :class:`TarImages`) the image under its extension
@@ -494,8 +659,7 @@ def write_webdataset(
     from webdataset import ShardWriter
 
     target = Path(out_dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise MixError(f"{target}: already exists and is not an empty folder; remove it or choose another out=")
+    _check_out_dir(target)
     if shard_size < 1:
         raise MixError(f"shard_size must be >= 1, got {shard_size}")
     with replacing_dir(target) as staging:
@@ -503,7 +667,7 @@ def write_webdataset(
             for sample in samples:
                 writer.write(_tar_sample(sample, images))
         shards = sorted(path.name for path in staging.glob("shard-*.tar"))
-        summary_text = json.dumps({**summary, "shards": shards}, indent=2) + "\n"
+        summary_text = json.dumps({**summary(), "shards": shards}, indent=2) + "\n"
         (staging / "summary.json").write_text(summary_text, encoding="utf-8")
     return shards
 
@@ -537,6 +701,9 @@ class MixSettings:
     images_from: Optional[str] = setting(None, "the recaptioned tar shards (as given to recaption): copy each image "
                                                "from its shard, found by the output's shard name and the key")
     shard_size: int = setting(10000, "samples per webdataset shard")
+    batch_rows: int = setting(DEFAULT_BATCH_ROWS, "rows read, scored and written together (a Parquet row group): "
+                                                  "what memory holds, whatever the number of rows")
+    progress: bool = setting(True, PROGRESS_HELP)
 
 
 def _score_filter(threshold: float | None, top: float | None, kind: str) -> ScoreFilter | None:
@@ -566,6 +733,13 @@ def mix_files(
 ) -> dict:
     """Read recaption outputs, mix (and filter) their texts, write ``settings.out``; returns the summary written.
 
+    Streamed, ``batch_rows`` rows at a time. Beyond one batch, memory holds per row only its key and file
+    (:func:`iter_rows`: to refuse a repeated key, and to find a row's shard for ``images_from``); with
+    ``originals`` each original's alt-text, url, img_path and alt_clip_score (:func:`index_originals`); with a
+    filter each candidate text's score (8 bytes). A filter or a Parquet output (whose columns depend on every row)
+    reads the inputs twice: the first pass (:func:`survey_rows`) computes CLIP scores if asked and collects what
+    the second, which mixes and writes, needs.
+
     ``load_scorer(clip_model, clip_pretrained, device)`` gives the CLIP scorer when ``clip_model`` is set.
     Raises :class:`MixError` (a ``ValueError``) naming the file, row or setting for bad input; nothing is written
     then.
@@ -575,35 +749,54 @@ def mix_files(
     p = TARGET_P[s.target] if s.p is None else s.p
     alt_filter = _score_filter(s.alt_threshold, s.alt_top, ALT)
     caption_filter = _score_filter(s.caption_threshold, s.caption_top, CAPTION)
-    origins: dict[str, Path] = {}
-    rows = read_recaptions(inputs, origins)
-    missing = 0
+    filters = _filters(alt_filter, caption_filter)
+    parquet = str(s.out).endswith(".parquet")
+    if not parquet:
+        _check_out_dir(Path(s.out))  # before a long first pass
+    check_recaption_outputs(inputs)
+    index = None
     if s.originals:
         originals = expand_shards(s.originals)
         if not originals:
             raise MixError(f"originals={s.originals}: matches no file")
-        rows, missing = join_originals(rows, read_rows(originals, require=s.alt_column), s.alt_column)
-    scored = 0
-    if s.clip_model:
-        kinds = [kind for kind, score_filter in ((ALT, alt_filter), (CAPTION, caption_filter)) if score_filter]
-        scorer = load_scorer(s.clip_model, s.clip_pretrained, s.device)
-        scored = add_clip_scores(rows, scorer, s.image_root, kinds, allow_outside_root=s.allow_outside_root)
-    samples, mix_summary = mix_captions(
-        rows, p, s.seed, both_columns=s.both_columns, alt_filter=alt_filter, caption_filter=caption_filter
-    )
-    mix_summary.missing_original = missing
-    summary = {
-        "target": s.target,
-        **asdict(mix_summary),
-        "alt_filter": asdict(alt_filter) if alt_filter else None,
-        "caption_filter": asdict(caption_filter) if caption_filter else None,
-        "rows_scored_with_clip": scored,
-        "inputs": [str(path) for path in inputs],
-        "out": str(s.out),
-    }
-    if str(s.out).endswith(".parquet"):
-        write_parquet(samples, s.out, both_columns=s.both_columns, summary=summary)
-        return summary
+        read = progress(iter_rows(originals, require=s.alt_column), "mix: originals", enabled=s.progress,
+                        total=count_rows(originals))
+        index = index_originals(read, s.alt_column)
+    passes = 2 if filters or parquet else 1
+    total = count_rows(inputs)
+
+    def rows(number: int, origins: dict[str, Path], summary: MixSummary) -> Iterator[dict]:
+        label = "mix" if passes == 1 else f"mix pass {number}/{passes}"
+        read = progress(iter_rows(inputs, origins=origins), label, enabled=s.progress, total=total)
+        return read if index is None else join_rows(read, index, summary)
+
+    survey = Survey(passthrough=list(PASSTHROUGH), scores={})  # webdataset drops a passthrough value that is None
+    if passes == 2:
+        score_batch = None
+        if s.clip_model:
+            score_batch = partial(add_clip_scores, scorer=load_scorer(s.clip_model, s.clip_pretrained, s.device),
+                                  image_root=s.image_root, kinds=list(filters), allow_outside_root=s.allow_outside_root)
+        first = MixSummary(mode="", p=p, seed=s.seed)  # the second pass counts
+        survey = survey_rows(rows(1, {}, first), filters, score_batch=score_batch, batch_rows=s.batch_rows)
+    mixer = Mixer(p, s.seed, both_columns=s.both_columns, passthrough=survey.passthrough, filters=filters,
+                  survey=survey)
+    origins: dict[str, Path] = {}
+    samples = mixer.samples(rows(passes, origins, mixer.summary))
+
+    def summary() -> dict:
+        return {
+            "target": s.target,
+            **asdict(mixer.summary),
+            "alt_filter": asdict(alt_filter) if alt_filter else None,
+            "caption_filter": asdict(caption_filter) if caption_filter else None,
+            "rows_scored_with_clip": survey.rows_scored,
+            "inputs": [str(path) for path in inputs],
+            "out": str(s.out),
+        }
+
+    if parquet:
+        write_parquet(samples, s.out, both_columns=s.both_columns, summary=summary, batch_rows=s.batch_rows)
+        return summary()
     images = None
     if s.with_images:
         images = image_files(s.image_root, allow_outside_root=s.allow_outside_root)
@@ -612,9 +805,9 @@ def mix_files(
             shards = {shard.name: shard.path for shard in discover_shards(s.images_from, input_format="webdataset")}
         except (OSError, ValueError) as err:
             raise MixError(f"images_from={s.images_from}: {err}") from None
-        images = TarImages(shards, {key: output_shard(path) for key, path in origins.items()})
-    summary["shards"] = write_webdataset(samples, s.out, summary, shard_size=s.shard_size, images=images)
-    return summary
+        images = TarImages(shards, origins)
+    shards = write_webdataset(samples, s.out, summary, shard_size=s.shard_size, images=images)
+    return {**summary(), "shards": shards}
 
 
 def _run(inputs: list[str], settings: MixSettings, *, load_scorer: Callable[..., Any]) -> int:
