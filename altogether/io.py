@@ -55,13 +55,19 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that appears at ``path`` whole or not at all: written as ``.NAME.XXXX.tmp`` in the same
     folder (the same filesystem, so the rename is atomic), flushed to disk, then renamed over ``path``.
 
-    An error removes the temporary file; a kill leaves it, and :func:`remove_stale_temporaries` clears it. A new
-    file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary file; a file
-    replaced keeps its permissions.
+    An error removes the temporary file; a kill leaves it. The temporary's name holds its writer
+    (``.NAME.<host>-<pid>.XXXX.tmp``), so the next write of ``path`` removes those of writers on this machine that
+    are gone, whatever command left them; :func:`remove_stale_temporaries` clears others by age. A new file gets
+    the usual permissions (0666 less the umask), not the private 0600 of a temporary file; a file replaced keeps
+    its permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        writer = leftover.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")[0]
+        if _dead_writer(writer):
+            leftover.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -64,3 +64,18 @@ def test_a_killed_folder_replacement_is_undone_or_cleared_by_the_next(tmp_path):
         (tmp / "model.safetensors").write_text("v2")
     assert (tmp_path / "export" / "model.safetensors").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".export.{live}.ijkl9012", "export"]
+
+
+def test_the_next_write_of_a_file_removes_temporaries_its_dead_writers_left(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".out.parquet.{host}-{gone.stdout.strip()}.ab12cd.tmp"  # as a SIGKILLed mix leaves it
+    alive = tmp_path / f".out.parquet.{host}-{os.getpid()}.ef34gh.tmp"  # a write still in progress here
+    elsewhere = tmp_path / ".out.parquet.other-host-12.ij56kl.tmp"  # a writer this machine cannot see
+    other_file = tmp_path / f".summary.json.{host}-{gone.stdout.strip()}.mn78op.tmp"
+    for leftover in (dead, alive, elsewhere, other_file):
+        leftover.write_text("half")
+    atomic_write_text(tmp_path / "out.parquet", "whole")
+    assert (tmp_path / "out.parquet").read_text() == "whole"
+    assert not dead.exists() and alive.exists() and elsewhere.exists() and other_file.exists()
+    assert sorted(p.name for p in tmp_path.glob(".out.parquet.*.tmp")) == sorted([alive.name, elsewhere.name])
