@@ -761,7 +761,8 @@ def describe(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     """The command: exit 0 when every shard is written, 1 when some held nothing captionable (a rerun
-    retries them), :data:`SIGTERM_EXIT_CODE` (143) when SIGTERM stopped it (rerun to finish)."""
+    retries them) or OUTPUT holds no caption at all (INPUT had no samples), :data:`SIGTERM_EXIT_CODE` (143) when
+    SIGTERM stopped it (rerun to finish)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("settings (key=value): " + ", ".join(f.name for f in dataclass_fields(RecaptionSettings)))
@@ -774,9 +775,13 @@ def main(argv: list[str]) -> int:
     except RecaptionInterrupted as stopped:
         print(f"{stopped}\n{describe(stopped.summary)}", file=sys.stderr)
         return SIGTERM_EXIT_CODE
+    # Every shard done and not one caption in OUTPUT (an empty manifest, shards of nothing): nothing useful.
+    empty = not summary["samples"]["captioned"] and not summary["shards"]["pending"]
     if rank_zero_only.rank == 0:
         print(describe(summary))
-    return 1 if summary["shards"]["not_written"] else 0
+        if empty:
+            print(f"recaption: nothing captioned: {source} holds no samples", file=sys.stderr)
+    return 1 if summary["shards"]["not_written"] or empty else 0
 
 
 if __name__ == "__main__":

@@ -669,3 +669,10 @@ def test_outputs_without_stats_are_counted_by_their_rows_and_named(export, shard
     summary = recaption_shards(export, shards[0], out, **RUN)
     assert summary["run"]["shards_written"] == 0 and summary["shards_without_stats"] == ["00001"]
     assert summary["shards"]["written"] == 3 and summary["samples"]["captioned"] == 15
+
+
+def test_an_input_without_samples_captions_nothing_and_does_not_exit_0(export, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main([str(export), str(tmp_path / "empty.jsonl"), str(tmp_path / "out"), "batch_size=2",
+                 "num_workers=0", "progress_bar=false"]) == 1
+    assert "nothing captioned" in capsys.readouterr().err
