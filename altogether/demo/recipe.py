@@ -11,8 +11,7 @@ Stages, each in its own folder of the run directory:
    into single characters, the same in every context.
 3. ``pretrain/``: the captioner reproduces each alt-text from itself (target = prompt = the alt-text), which
    teaches the decoder to copy any string, as the language pretraining of the full-size OPT-1.3B decoder did.
-4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout; a share of
-   copy samples keeps the copying skill while the caption template is learned.
+4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout.
 5. Evaluation with :func:`altogether.evaluate.evaluate` (its outputs in ``finetune/`` and ``novel_eval/``) on
    held-out scenes whose facts were never seen in training, one row per prompt condition, next to fact
    carry-over on scenes whose facts come from the novel generator (strings the training generator cannot
@@ -51,9 +50,8 @@ class DemoSettings:
     """The synthetic world and the stages around the captioner's finetune (the ``demo:`` block of the recipe).
 
     Scene counts per split (``novel_scenes``: facts from the novel generator); the tiny CLIP's pool, steps and
-    batch; the tokenizer's size; the pretrain (copy) stage's steps and warm-up; ``copy_share``, the fraction of
-    finetune samples that are copy samples (:func:`copy_records`). The finetune stage uses the recipe's own
-    settings.
+    batch; the tokenizer's size; the pretrain (copy) stage's steps and warm-up (:func:`copy_records`). The finetune
+    stage uses the recipe's own settings.
     """
 
     seed: int = 0
@@ -68,7 +66,6 @@ class DemoSettings:
     tokenizer_vocab: int = 1000
     pretrain_steps: int = 1000
     pretrain_warmup_steps: int = 50
-    copy_share: float = 0.2
 
 
 @dataclass
@@ -107,7 +104,7 @@ def copy_records(scenes: Sequence[Scene], split: str) -> list[Record]:
     A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
     signal (every target token is a copy, at a fixed offset from its source), so the demo's pretrain stage
-    trains on these, and the finetune mixes some in (``DemoSettings.copy_share``). Keys: ``<split>-copy-<i>``,
+    trains on these. Keys: ``<split>-copy-<i>``,
     ``i`` the scene's index.
 
     Scenes whose alt-text names a colour their image does not show give no copy sample: no target ever states what
@@ -125,18 +122,6 @@ def copy_target(alt_text: str) -> str:
     opening marks it, as it does in every caption (measured: with the bare alt-text as target, copying had not
     emerged after 1000 steps; docs/demo.md)."""
     return f"{CAPTION_OPENING} {alt_text}"
-
-
-def finetune_records(scenes: Sequence[Scene], copy_share: float, seed: int) -> list[Record]:
-    """The finetune stage's records: every scene's caption record, plus a random subset of their copy records
-    (:func:`copy_records`) sized so that a fraction ``copy_share`` (in [0, 1)) of all records are copies, or all
-    of them when there are fewer."""
-    if not 0 <= copy_share < 1:
-        raise ConfigError(f"key 'demo.copy_share': must be in [0, 1), got {copy_share}")
-    copies = copy_records(scenes, "train")
-    wanted = min(round(len(scenes) * copy_share / (1 - copy_share)), len(copies))
-    chosen = random.Random(f"altogether-demo-copy:{seed}").sample(range(len(copies)), wanted)
-    return scene_records(scenes, "train") + [copies[i] for i in sorted(chosen)]
 
 
 def demo_eval_set(scenes: Sequence[Scene], seed: int, *, name: str = "demo", info: dict[str, Any] | None = None
@@ -199,7 +184,7 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
     tokenizer_dir = write_tokenizer(run / "tokenizer", texts, vocab_size=d.tokenizer_vocab, words=VOCABULARY)
     val = scene_records(scenes["val"], "val")
     sources = {"pretrain": (copy_records(scenes["train"], "train"), copy_records(scenes["val"], "val")),
-               "finetune": (finetune_records(scenes["train"], d.copy_share, d.seed), val)}
+               "finetune": (scene_records(scenes["train"], "train"), val)}
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},
              "decoder": {"tokenizer": str(tokenizer_dir.resolve())}}
