@@ -297,8 +297,19 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         raise ConfigError(f"key 'optim.betas': {list(o.betas)} must be two numbers in [0, 1) (AdamW's beta1, beta2)")
     if not 0.0 <= lay.prompt_dropout <= 1.0:
         raise ConfigError(f"key 'layout.prompt_dropout': {lay.prompt_dropout} is not in [0, 1]")
-    if lay.max_caption_tokens < 1 or lay.max_alt_tokens < 0:
-        raise ConfigError("key 'layout': max_caption_tokens must be >= 1 and max_alt_tokens >= 0")
+    if lay.max_caption_tokens < 1:
+        raise ConfigError(f"key 'layout.max_caption_tokens': {lay.max_caption_tokens} must be >= 1")
+    if lay.max_alt_tokens < 0:
+        raise ConfigError(f"key 'layout.max_alt_tokens': {lay.max_alt_tokens} must be >= 0")
+    if not o.lr > 0:
+        raise ConfigError(f"key 'optim.lr': {o.lr} must be > 0")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"key 'optim.weight_decay': {o.weight_decay} must be >= 0")
+    if d.num_workers < 0:
+        raise ConfigError(f"key 'data.num_workers': {d.num_workers} must be >= 0")
+    devices = cfg.trainer.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise ConfigError(f"key 'trainer.devices': {devices} must be a count >= 1, -1 (all), 'auto' or a list of ids")
     if not 0 <= o.warmup_steps < o.max_steps:
         raise ConfigError(
             f"key 'optim.warmup_steps': {o.warmup_steps} must be in [0, optim.max_steps={o.max_steps}); "

@@ -510,6 +510,11 @@ def test_an_unreadable_validation_image_is_skipped_by_the_sample_captions(make_r
     ({"trainer.val_every_n_steps": 0}, "error: key 'trainer.val_every_n_steps': 0 must be >= 1"),
     ({"trainer.sample_every_n_steps": 0}, "error: key 'trainer.sample_every_n_steps': 0 must be >= 1"),
     ({"optim.betas": "[0.9]"}, "error: key 'optim.betas': [0.9] must be two numbers in [0, 1)"),
+    ({"optim.lr": -1}, "error: key 'optim.lr': -1.0 must be > 0"),
+    ({"optim.weight_decay": -0.1}, "error: key 'optim.weight_decay': -0.1 must be >= 0"),
+    ({"data.num_workers": -1}, "error: key 'data.num_workers': -1 must be >= 0"),
+    ({"trainer.devices": 0}, "error: key 'trainer.devices': 0 must be a count >= 1"),
+    ({"layout.max_alt_tokens": -1}, "error: key 'layout.max_alt_tokens': -1 must be >= 0"),
     ({"trainer.accelerator": "gpu"}, "error: key 'trainer.accelerator': gpu but torch sees no CUDA GPU"),
     ({"output_dir": "FILE"}, "error: key 'output_dir': FILE is a file; give a folder for the run"),
     ({"trainer.logger": "tensorboard"}, "error: key 'trainer.logger': tensorboard needs the tensorboard package: "
