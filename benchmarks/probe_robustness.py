@@ -1321,7 +1321,7 @@ runpy.run_module("altogether.hub", run_name="__main__", alter_sys=True)
 def _records_from_ft(probe: Probe) -> bytes:
     folder = probe.dir("records")
     module, args = probe.v.annotate("from-ft", [str(probe.world / "ft.json"), str(folder / "r.jsonl")],
-                                    timestamp="2026-01-01T00:00:00")
+                                    timestamp="2026-01-01T00:00:00+00:00")
     res = probe.r.run(module, args, cwd=probe.world)
     assert res.rc == 0, res.stderr
     return (folder / "r.jsonl").read_bytes()
