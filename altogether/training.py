@@ -515,7 +515,10 @@ def fit(
     if cfg.data.use_cache:
         from .cache_embeddings import CachedSource, EmbeddingCache
 
-        cache = EmbeddingCache(cfg.data.cache_dir, expect_encoder=to_container(cfg.model.encoder))
+        # An init_from export holds its own copy of a local encoder: the cache was made with the original.
+        encoder = {**to_container(cfg.model.encoder), **(encoder_source or {}),
+                   "resize_mode": cfg.model.encoder.resize_mode}
+        cache = EmbeddingCache(cfg.data.cache_dir, expect_encoder=encoder)
         train_source, val_source = (CachedSource(s, cache) if s is not None else None for s in (train_source, val_source))
     accumulate = accumulation_steps(cfg, _world_size(cfg))
     datamodule = CaptionDataModule(cfg, tokenizer, transform, accumulate=accumulate, train_source=train_source,

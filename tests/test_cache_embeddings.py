@@ -36,13 +36,15 @@ def test_cache_round_trip_and_same_loss_as_the_image_path(make_recipe, jsonl_dat
     torch.testing.assert_close(model(cache_batch).loss, model(image_batch).loss, atol=1e-3, rtol=0)
 
     from altogether.training import fit
-    run = make_recipe("finetune_round3", {**_flat(cfg), "data.use_cache": True, "data.cache_dir": str(cache_dir),
-                                          "data.val_fraction": 0.25, "data.micro_batch_size": 3, "data.num_workers": 0,
-                                          "optim.global_batch_size": 3, "optim.max_steps": 2, "optim.warmup_steps": 1,
-                                          "trainer.sample_every_n_steps": 1, "trainer.progress_bar": False,
-                                          "model.encoder.pretrained": None, "init_from": None})
-    export = fit(run)
+    settings = {**_flat(cfg), "data.use_cache": True, "data.cache_dir": str(cache_dir), "data.val_fraction": 0.25,
+                "data.micro_batch_size": 3, "data.num_workers": 0, "optim.global_batch_size": 3,
+                "optim.max_steps": 2, "optim.warmup_steps": 1, "trainer.sample_every_n_steps": 1,
+                "trainer.progress_bar": False, "model.encoder.pretrained": None, "init_from": None}
+    export = fit(make_recipe("finetune_round3", settings))
     assert (export / "model.safetensors").is_file() and (export / "encoder" / "open_clip_config.json").is_file()
+    # The next stage starts from that export, whose encoder is now its own copy of the one the cache was made with.
+    follow = make_recipe("finetune_round3", {**settings, "init_from": str(export), "output_dir": str(tmp_path / "next")})
+    assert json.loads((fit(follow) / "altogether.json").read_text())["training"]["steps"] == 2
 
 
 def test_mismatched_encoder_and_missing_keys_are_errors(tmp_path, tiny_parts):
