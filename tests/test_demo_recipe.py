@@ -6,7 +6,7 @@ import random
 import yaml
 
 from altogether.config import DecoderConfig, load_recipe
-from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, copy_records, run_demo
+from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, copy_records, run_demo, scene_records
 from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS
 from altogether.demo.world import make_scenes
 from altogether.layout import training_pair
@@ -51,6 +51,10 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     pretrain = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())
     # Copy samples keep their prompt in the pretrain stage; captions are prompt-dropped in the finetune.
     assert pretrain["layout"]["prompt_dropout"] == 0.0 and finetune["layout"]["prompt_dropout"] == 0.5
+    # Both decoder stages read the embeddings the frozen CLIP wrote once, of every training and validation image.
+    assert pretrain["data"]["cache_dir"] == finetune["data"]["cache_dir"] == str(run / "embeddings")
+    assert pretrain["data"]["use_cache"] and finetune["data"]["use_cache"]
+    assert json.loads((run / "embeddings" / "cache.json").read_text())["records"] == 64 + 4
     # Each stage is a plain recipe: the demo's own settings stay in the demo's recipe.
     assert "demo" not in finetune and finetune["pipeline"] is None
     # The frozen encoder is the demo's CLIP: init_from runs load it from the pretrain export, which names its source.
@@ -71,4 +75,6 @@ def test_copy_records_ask_for_the_alt_text_after_the_caption_opening():
     for scene, record in zip(told_truth, copies):
         prompt, target = training_pair(record.alt_texts, record.target, task="finetune", prompt_dropout=0.0, rng=rng)
         assert prompt == scene.alt_text and target == f"A photo of {scene.alt_text}"  # the caption's opening, then a copy
-    assert len({r.key for r in copies}) == len(copies) and copies[0].key.startswith("train-copy-")
+    # The scene's key: one embedding cache serves the copy and the caption samples of an image.
+    assert [r.key for r in copies] == [r.key for r in scene_records(scenes, "train") if r.key in {c.key for c in copies}]
+    assert len({r.key for r in copies}) == len(copies)

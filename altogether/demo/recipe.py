@@ -104,13 +104,13 @@ def copy_records(scenes: Sequence[Scene], split: str) -> list[Record]:
     A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
     signal (every target token is a copy, at a fixed offset from its source), so the demo's pretrain stage
-    trains on these. Keys: ``<split>-copy-<i>``,
-    ``i`` the scene's index.
+    trains on these. Keys are the scene's own (:func:`scene_records`): the same image under the same key, so one
+    embedding cache serves both stages.
 
     Scenes whose alt-text names a colour their image does not show give no copy sample: no target ever states what
     the image contradicts (with them, the finetuned demo copied wrong colours in 5 to 9% of captions; docs/demo.md).
     """
-    return [Record(key=f"{split}-copy-{i:05d}", image=s.image, alt_texts=[s.alt_text], target=copy_target(s.alt_text))
+    return [Record(key=f"{split}-{i:05d}", image=s.image, alt_texts=[s.alt_text], target=copy_target(s.alt_text))
             for i, s in enumerate(scenes) if s.wrong_colour is None]
 
 
@@ -188,14 +188,20 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},
              "decoder": {"tokenizer": str(tokenizer_dir.resolve())}}
+    # Both decoder stages train on cached image embeddings: the encoder is frozen, so its output for an image
+    # never changes, and computing it once replaces one encoder pass per sample and step.
+    data = {"use_cache": True, "cache_dir": str(run / "embeddings")}
     stages = {
-        "pretrain": {"model": model, "output_dir": str(run / "pretrain"), "init_from": None,
+        "pretrain": {"model": model, "output_dir": str(run / "pretrain"), "init_from": None, "data": data,
                      "layout": {"prompt_dropout": 0.0},  # a copy sample without its prompt has nothing to copy
                      "optim": {"max_steps": d.pretrain_steps, "warmup_steps": d.pretrain_warmup_steps}},
-        "finetune": {"model": model, "output_dir": str(run / "finetune"), "init_from": str(run / "pretrain" / "export")},
+        "finetune": {"model": model, "output_dir": str(run / "finetune"), "data": data,
+                     "init_from": str(run / "pretrain" / "export")},
     }
     # Each stage is a plain recipe (what its export records): this one's keys without the demo's own.
     plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("demo", "pipeline")}
+    _cache_embeddings(OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain, {"model": model}).model.encoder,
+                      [*sources["finetune"][0], *val], run / "embeddings")
     export = None
     for name, overrides in stages.items():
         stage_cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain, overrides,
@@ -228,6 +234,19 @@ def run(cfg: DemoRecipeConfig) -> int:
 
 
 PIPELINE = Pipeline(schema=DemoRecipeConfig, run=run)
+
+
+def _cache_embeddings(encoder_cfg, records: list[Record], directory: Path) -> None:
+    """The frozen encoder's embedding of every record's image, written as the training cache at ``directory``."""
+    from ..cache_embeddings import write_cache
+    from ..config import to_container
+    from ..model import ImageEncoder
+
+    started = time.perf_counter()
+    encoder, transform = ImageEncoder.from_config(encoder_cfg)
+    meta = write_cache(directory, records, encoder, transform, encoder_spec=to_container(encoder_cfg),
+                       source="demo world", batch_size=256)
+    log.info("stage embeddings: %d images in %.0fs", meta["records"], time.perf_counter() - started)
 
 
 def _short(probe: dict[str, Any]) -> str:
