@@ -25,6 +25,7 @@ without caption steps, the fraction of copy targets written exactly. The last li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -33,7 +34,7 @@ import time
 import torch
 
 from altogether.demo.score import caption_facts
-from altogether.demo.world import VOCABULARY, another_alt_text, caption_for, make_scenes
+from altogether.demo.world import VOCABULARY, another_alt_text, any_shape_id, caption_for, make_facts, make_scenes
 from altogether.tokenizer import train_tokenizer
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--copy-steps", type=int, default=0)
     parser.add_argument("--copy-target", choices=("full", "facts"), default="full")
     parser.add_argument("--fresh-alt-texts", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fresh-facts", choices=("no", "generator", "any-shape"), default="no")
     parser.add_argument("--caption-steps", type=int, default=0)
     parser.add_argument("--copy-share", type=float, default=0.0)
     parser.add_argument("--separator", action=argparse.BooleanOptionalAction, default=True)
@@ -91,6 +93,10 @@ def main() -> None:
 
     def copy_sample():
         scene = rng.choice(train)
+        if args.fresh_facts == "generator":
+            scene = dataclasses.replace(scene, **dict(zip(("name", "code"), make_facts(rng, "train"))))
+        elif args.fresh_facts == "any-shape":
+            scene = dataclasses.replace(scene, name=any_shape_id(rng), code=any_shape_id(rng) if rng.random() < 0.5 else None)
         alt = another_alt_text(scene, rng) if args.fresh_alt_texts else scene.alt_text
         return prompt(scene, alt), ids(copy_text(scene, alt)) + [eos]
 

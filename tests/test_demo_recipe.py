@@ -2,13 +2,14 @@
 
 import json
 import random
+import re
 
 import yaml
 
 from altogether.config import DecoderConfig, load_recipe
 from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, copy_records, run_demo, scene_records
 from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS
-from altogether.demo.world import make_scenes
+from altogether.demo.world import COLOURS, any_shape_id, fact_shape, has_novel_pair, make_scenes
 from altogether.layout import training_pair
 from altogether.model import load_tokenizer
 
@@ -65,16 +66,30 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     assert "| w/ alt |" in capsys.readouterr().out
 
 
-def test_copy_records_ask_for_the_alt_text_after_the_caption_opening():
+def test_copy_records_ask_for_a_fresh_alt_text_after_the_caption_opening():
     scenes = make_scenes(40, 3)
-    copies = copy_records(scenes, "train")
-    # A wrong colour in the alt-text would be copied into a target: those scenes give no copy sample.
-    told_truth = [s for s in scenes if s.wrong_colour is None]
-    assert 0 < len(told_truth) < len(scenes) and len(copies) == len(told_truth)
+    copies = copy_records(scenes, "train", 100, seed=0)
+    assert len(copies) == 100 and copies == copy_records(scenes, "train", 100, seed=0)  # seeded
     rng = random.Random(0)
-    for scene, record in zip(told_truth, copies):
+    for i, record in enumerate(copies):
+        scene = scenes[i % 40]
         prompt, target = training_pair(record.alt_texts, record.target, task="finetune", prompt_dropout=0.0, rng=rng)
-        assert prompt == scene.alt_text and target == f"A photo of {scene.alt_text}"  # the caption's opening, then a copy
-    # The scene's key: one embedding cache serves the copy and the caption samples of an image.
-    assert [r.key for r in copies] == [r.key for r in scene_records(scenes, "train") if r.key in {c.key for c in copies}]
-    assert len({r.key for r in copies}) == len(copies)
+        assert target == f"A photo of {prompt}" and record.image is scene.image  # the caption's opening, then a copy
+        # The scene's key: one embedding cache serves the copy and the caption samples of an image.
+        assert record.key == f"train-{i % 40:05d}"
+        # Fresh ids, never the scene's facts, and never a colour the image lacks.
+        assert not any(fact in prompt for fact in scene.facts)
+        lacking = set(COLOURS) - {colour for colour, _ in scene.objects}
+        assert not lacking & set(re.findall(r"[a-z]+", prompt))
+    assert len({r.alt_texts[0] for r in copies}) == 100
+
+
+def test_copy_ids_have_no_shape_and_no_novel_pair():
+    rng = random.Random(0)
+    ids = [any_shape_id(rng) for _ in range(2000)]
+    assert all(3 <= len(i) <= 26 and not has_novel_pair(i) for i in ids)
+    shapes = {fact_shape(i) for i in ids}
+    assert len(shapes) > 300  # no shape to learn: hundreds of them
+    assert {c for i in ids for c in i if not c.isalnum()} == set(" -_./")
+    digit_runs = {len(run) for i in ids for run in re.findall(r"[0-9]+", i)}
+    assert {1, 2, 3, 4, 5, 6} <= digit_runs  # runs of any length (two parts may join without a separator)

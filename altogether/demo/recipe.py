@@ -35,7 +35,7 @@ from ..config import ConfigError, Pipeline, RecipeConfig, load_recipe, validate
 from ..data.records import Record
 from ..evaluate import EvalSet
 from ..io import atomic_write_text
-from .world import CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, make_scenes, wrong_colour_alt
+from .world import CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, copy_alt_text, make_scenes, wrong_colour_alt
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,26 @@ def scene_records(scenes: Sequence[Scene], split: str) -> list[Record]:
     return records
 
 
-def copy_records(scenes: Sequence[Scene], split: str) -> list[Record]:
-    """Copy samples: each scene's image with its alt-text as both prompt and target.
+def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> list[Record]:
+    """``count`` copy samples: a scene's image (the scenes in turn) with a fresh alt-text (:func:`copy_alt_text`)
+    as prompt and, after the caption's opening words, as target.
 
     A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
-    signal (every target token is a copy, at a fixed offset from its source), so the demo's pretrain stage
-    trains on these. Keys are the scene's own (:func:`scene_records`): the same image under the same key, so one
-    embedding cache serves both stages.
-
-    Scenes whose alt-text names a colour their image does not show give no copy sample: no target ever states what
-    the image contradicts (with them, the finetuned demo copied wrong colours in 5 to 9% of captions; docs/demo.md).
+    signal (every target token is a copy), so the demo's pretrain stage trains on these. Every sample's ids are
+    new and of no fixed shape, so nothing but the prompt predicts them, and no alt-text names a colour its image
+    lacks, so no target states what the image contradicts (with such targets the demo copied wrong colours in 5 to
+    9% of captions; docs/demo.md). Keys are the scene's own (:func:`scene_records`): the same image under the same
+    key, so one embedding cache serves both stages.
     """
-    return [Record(key=f"{split}-{i:05d}", image=s.image, alt_texts=[s.alt_text], target=copy_target(s.alt_text))
-            for i, s in enumerate(scenes) if s.wrong_colour is None]
+    rng = random.Random(f"{seed}:copy:{split}")
+    records = []
+    for i in range(count):
+        scene, index = scenes[i % len(scenes)], i % len(scenes)
+        alt_text = copy_alt_text(scene, rng)
+        records.append(Record(key=f"{split}-{index:05d}", image=scene.image, alt_texts=[alt_text],
+                              target=copy_target(alt_text)))
+    return records
 
 
 def copy_target(alt_text: str) -> str:
@@ -183,7 +189,10 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
     texts = [t for s in scenes["train"] for t in (s.alt_text, s.caption, caption_for(s, with_facts=False))]
     tokenizer_dir = write_tokenizer(run / "tokenizer", texts, vocab_size=d.tokenizer_vocab, words=VOCABULARY)
     val = scene_records(scenes["val"], "val")
-    sources = {"pretrain": (copy_records(scenes["train"], "train"), copy_records(scenes["val"], "val")),
+    # Every copy sample of the pretrain stage is seen once.
+    copies = d.pretrain_steps * cfg.optim.global_batch_size
+    sources = {"pretrain": (copy_records(scenes["train"], "train", copies, d.seed),
+                            copy_records(scenes["val"], "val", len(scenes["val"]), d.seed)),
                "finetune": (scene_records(scenes["train"], "train"), val)}
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},

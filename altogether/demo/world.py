@@ -377,6 +377,37 @@ def _alt_text(
     return rng.choice(_SEPARATORS).join(pieces), wrong
 
 
+def any_shape_id(rng: random.Random) -> str:
+    """An id of no particular shape, for the copy stage: 1 to 4 parts, each 1 to 9 letters of the training
+    generator's words (lower, upper or capitalised) or 1 to 6 digits, joined by a separator from ` -_./` or
+    nothing; 3 to 26 characters ("0487.Pjmal.24115/Ij", "cldg8", "D42375.599246").
+
+    Copying these, a decoder cannot lean on a fact's shape (how many digits follow a hyphen, where a name ends),
+    only on the string in its prompt (measured: docs/demo.md). Like every training text, an id holds none of
+    `NOVEL_PAIRS` and none of the world's own words.
+    """
+    while True:
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            if rng.random() < 0.6:
+                word = _training_word(rng, rng.randint(1, 9))
+                parts.append(rng.choice((word, word.upper(), word.capitalize())))
+            else:
+                parts.append("".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 6))))
+        text = parts[0] + "".join(rng.choice((" ", "-", "_", ".", "/", "")) + part for part in parts[1:])
+        words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+        if _FACT_LENGTH[0] <= len(text) <= _FACT_LENGTH[1] and not has_novel_pair(text) and not words & _RESERVED_WORDS:
+            return text
+
+
+def copy_alt_text(scene: Scene, rng: random.Random) -> str:
+    """An alt-text for `scene`'s image with fresh `any_shape_id` ids in place of its facts (a name, and a code
+    half of the time), noise as usual, and never a colour the image lacks: what the copy stage copies."""
+    facts = (any_shape_id(rng),) + ((any_shape_id(rng),) if rng.random() < _CODE_PROB else ())
+    kind = rng.choices(ALT_KINDS[:2], weights=_ALT_KIND_WEIGHTS[:2])[0]
+    return _alt_text(rng, facts, scene.objects, kind)[0]
+
+
 def another_alt_text(scene: Scene, rng: random.Random) -> str:
     """Another alt-text of `scene`'s image, as another web page would write it: the same facts, fresh noise
     and visual words."""
