@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--fresh-facts", choices=("no", "generator", "any-shape"), default="no")
     parser.add_argument("--caption-steps", type=int, default=0)
     parser.add_argument("--copy-share", type=float, default=0.0)
+    parser.add_argument("--caption-any-shape", type=float, default=0.0)
     parser.add_argument("--separator", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--train-scenes", type=int, default=4000)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -102,7 +103,11 @@ def main() -> None:
 
     def caption_sample():
         scene = rng.choice(train)
-        alt = scene.alt_text if rng.random() >= 0.5 else ""
+        alt = scene.alt_text
+        if rng.random() < args.caption_any_shape:
+            scene = dataclasses.replace(scene, name=any_shape_id(rng), code=any_shape_id(rng) if rng.random() < 0.5 else None)
+            alt = another_alt_text(scene, rng)
+        alt = alt if rng.random() >= 0.5 else ""
         return prompt(scene, alt), ids(caption_for(scene, with_facts=bool(alt))) + [eos]
 
     @torch.no_grad()

@@ -7,9 +7,10 @@ import re
 import yaml
 
 from altogether.config import DecoderConfig, load_recipe
-from altogether.demo.recipe import CONDITIONS, FACT_CONDITIONS, copy_records, run_demo, scene_records
-from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS
-from altogether.demo.world import COLOURS, any_shape_id, fact_shape, has_novel_pair, make_scenes
+from altogether.demo.recipe import (CONDITIONS, FACT_CONDITIONS, copy_records, fresh_id_records, run_demo,
+                                    scene_records)
+from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS, caption_facts
+from altogether.demo.world import COLOURS, any_shape_id, caption_for, fact_shape, has_novel_pair, make_scenes
 from altogether.layout import training_pair
 from altogether.model import load_tokenizer
 
@@ -64,6 +65,20 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     table = (run / "demo_eval.md").read_text()
     assert "| w/ wrong-colour alt |" in table and "carry-over (novel generator)" in table
     assert "| w/ alt |" in capsys.readouterr().out
+
+
+def test_fresh_id_records_caption_the_same_images_with_fresh_ids():
+    scenes = make_scenes(30, 5)
+    own, fresh = scene_records(scenes, "train"), fresh_id_records(scenes, "train", seed=0)
+    assert [r.key for r in fresh] == [r.key for r in own] and all(a.image is b.image for a, b in zip(own, fresh))
+    for scene, record in zip(scenes, fresh):
+        prompt = record.alt_texts[0]
+        assert not any(fact in prompt for fact in scene.facts)
+        facts = caption_facts(record.target)
+        assert facts and all(f in prompt for f in facts) and not any(has_novel_pair(f) for f in facts)
+        # The same picture: after the facts, the caption is the scene's own.
+        assert record.target.split(": ", 1)[1] == scene.caption.split(": ", 1)[1]
+        assert record.target_without_alt == caption_for(scene, with_facts=False)
 
 
 def test_copy_records_ask_for_a_fresh_alt_text_after_the_caption_opening():

@@ -9,9 +9,13 @@ Stages, each in its own folder of the run directory:
 1. ``clip/``: a tiny CLIP trained contrastively on the world (open_clip's own loss), then frozen: the encoder.
 2. ``tokenizer/``: a byte-level BPE tokenizer whose merges stay inside the world's own words, so any fact splits
    into single characters, the same in every context.
-3. ``pretrain/``: the captioner reproduces each alt-text from itself (target = prompt = the alt-text), which
-   teaches the decoder to copy any string, as the language pretraining of the full-size OPT-1.3B decoder did.
-4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout.
+   ``embeddings/``: the frozen CLIP's embedding of every training and validation image, which both decoder
+   stages train on.
+3. ``pretrain/``: the captioner reproduces fresh alt-texts after the caption's opening words
+   (:func:`copy_records`), which teaches the decoder to copy any string, as the language pretraining of the
+   full-size OPT-1.3B decoder did.
+4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout; half of the
+   samples with fresh ids as facts (:func:`fresh_id_records`).
 5. Evaluation with :func:`altogether.evaluate.evaluate` (its outputs in ``finetune/`` and ``novel_eval/``) on
    held-out scenes whose facts were never seen in training, one row per prompt condition, next to fact
    carry-over on scenes whose facts come from the novel generator (strings the training generator cannot
@@ -35,7 +39,8 @@ from ..config import ConfigError, Pipeline, RecipeConfig, load_recipe, validate
 from ..data.records import Record
 from ..evaluate import EvalSet
 from ..io import atomic_write_text
-from .world import CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, copy_alt_text, make_scenes, wrong_colour_alt
+from .world import (CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, copy_alt_text, make_scenes, with_fresh_ids,
+                    wrong_colour_alt)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,16 @@ def scene_records(scenes: Sequence[Scene], split: str) -> list[Record]:
                               target=caption_for(s, with_facts=told),
                               target_without_alt=caption_for(s, with_facts=False)))
     return records
+
+
+def fresh_id_records(scenes: Sequence[Scene], split: str, seed: int) -> list[Record]:
+    """:func:`scene_records` of ``scenes`` with fresh ids of no fixed shape as their facts
+    (:func:`~altogether.demo.world.with_fresh_ids`): the same images under the same keys, other alt-texts.
+
+    Half of the finetune's samples are these: on the scenes' own facts alone, the captioner relearns their
+    shapes and writes, say, two digits after a hyphen where a novel fact has three (docs/demo.md)."""
+    rng = random.Random(f"{seed}:fresh:{split}")
+    return scene_records([with_fresh_ids(s, rng) for s in scenes], split)
 
 
 def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> list[Record]:
@@ -191,9 +206,10 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
     val = scene_records(scenes["val"], "val")
     # Every copy sample of the pretrain stage is seen once.
     copies = d.pretrain_steps * cfg.optim.global_batch_size
+    train = scene_records(scenes["train"], "train")
     sources = {"pretrain": (copy_records(scenes["train"], "train", copies, d.seed),
                             copy_records(scenes["val"], "val", len(scenes["val"]), d.seed)),
-               "finetune": (scene_records(scenes["train"], "train"), val)}
+               "finetune": (train + fresh_id_records(scenes["train"], "train", d.seed), val)}
 
     model = {"encoder": {"name": f"local-dir:{clip_dir.resolve()}", "pretrained": None},
              "decoder": {"tokenizer": str(tokenizer_dir.resolve())}}
@@ -210,7 +226,7 @@ def run_demo(cfg: DemoRecipeConfig) -> dict[str, dict[str, float | None]]:
     # Each stage is a plain recipe (what its export records): this one's keys without the demo's own.
     plain = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("demo", "pipeline")}
     _cache_embeddings(OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain, {"model": model}).model.encoder,
-                      [*sources["finetune"][0], *val], run / "embeddings")
+                      [*train, *val], run / "embeddings")
     export = None
     for name, overrides in stages.items():
         stage_cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain, overrides,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -400,12 +401,22 @@ def any_shape_id(rng: random.Random) -> str:
             return text
 
 
+def with_fresh_ids(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
+    """`scene` with fresh `any_shape_id` ids as its facts (a name, and a code half of the time), a new alt-text of
+    `kind` (default: the scene's own) around them, and its caption to match; the same image and objects."""
+    name = any_shape_id(rng)
+    code = any_shape_id(rng) if rng.random() < _CODE_PROB else None
+    facts = (name,) if code is None else (name, code)
+    kind = kind or scene.alt_kind
+    alt_text, wrong = _alt_text(rng, facts, scene.objects, kind)
+    return dataclasses.replace(scene, name=name, code=code, alt_text=alt_text, alt_kind=kind, wrong_colour=wrong,
+                               caption=_caption(facts, scene.objects, scene.relation))
+
+
 def copy_alt_text(scene: Scene, rng: random.Random) -> str:
-    """An alt-text for `scene`'s image with fresh `any_shape_id` ids in place of its facts (a name, and a code
-    half of the time), noise as usual, and never a colour the image lacks: what the copy stage copies."""
-    facts = (any_shape_id(rng),) + ((any_shape_id(rng),) if rng.random() < _CODE_PROB else ())
-    kind = rng.choices(ALT_KINDS[:2], weights=_ALT_KIND_WEIGHTS[:2])[0]
-    return _alt_text(rng, facts, scene.objects, kind)[0]
+    """An alt-text for `scene`'s image with fresh ids in place of its facts (`with_fresh_ids`), noise as usual,
+    and never a colour the image lacks: what the copy stage copies."""
+    return with_fresh_ids(scene, rng, rng.choices(ALT_KINDS[:2], weights=_ALT_KIND_WEIGHTS[:2])[0]).alt_text
 
 
 def another_alt_text(scene: Scene, rng: random.Random) -> str:
