@@ -35,6 +35,20 @@ def jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
+def _new_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the permissions a new one gets (0666 / 0777 less the umask).
+
+    Writers that are not ours decide otherwise: safetensors' ``save_file`` renames a private (0600) temporary
+    file into place, and ``shutil.copy2`` copies its source's mode. Symbolic links are left as they are.
+    """
+    mask = _umask()
+    for root, folders, files in os.walk(folder):
+        for name, mode in [*((n, 0o777) for n in folders), *((n, 0o666) for n in files)]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -172,7 +186,8 @@ def replacing_dir(target: str | Path) -> Iterator[Path]:
 
     On an error the temporary folder is removed and ``target`` is left as it was; what a killed call left is
     cleared by the next one (:func:`recover_replaced_dir`). The folder gets the permissions ``target`` had, or
-    0777 less the umask for a new one.
+    0777 less the umask for a new one; everything in it is new, so gets 0666 / 0777 less the umask whatever wrote
+    it (:func:`_new_modes`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +197,7 @@ def replacing_dir(target: str | Path) -> Iterator[Path]:
     try:
         tmp.chmod(_mode_for(target, 0o777))  # mkdtemp makes it private; what we write is meant to be shared
         yield tmp
+        _new_modes(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.{tag}.", dir=target.parent))
             os.replace(target, old / target.name)

@@ -543,6 +543,27 @@ def test_training_mistakes_are_one_line_and_exit_2(setting, message, tiny_dirs, 
     assert not (tmp_path / "run" / "export").exists()
 
 
+def test_every_file_of_a_run_gets_the_umasks_permissions(tiny_dirs, jsonl_data, tmp_path):
+    """Under umask 002 (a group-shared project folder) the export, its weights and the checkpoints are 0664 /
+    0775 as everything else the run writes, not the private 0600 of a temporary file."""
+    import stat
+
+    out = tmp_path / "run"
+    args = _cli_args(tiny_dirs, {"output_dir": out, "data.format": "jsonl", "data.train": jsonl_data,
+                                 "data.micro_batch_size": 2, "optim.global_batch_size": 2, "optim.max_steps": 2,
+                                 "optim.warmup_steps": 1, "trainer.checkpoint_every_n_steps": 1})
+    before = os.umask(0o002)
+    try:
+        assert run_cli(train_main, ["recipe=finetune_round3", *args]) == 0
+    finally:
+        os.umask(before)
+    written = [p for p in [out, *out.rglob("*")] if not p.name.startswith(".")]
+    assert {"model.safetensors", "open_clip_model.safetensors", "step000002.ckpt", "last.ckpt"} <= {
+        p.name for p in written}
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {name: "0o775" if (out / name).is_dir() else "0o664" for name in modes}
+
+
 @pytest.mark.parametrize("text, message", [
     ("recipe: broken\noptim: {lr: 1\n", "not valid YAML"),
     ("- recipe\n- optim\n", "expected a mapping of keys (recipe:, optim:, ...), got a list"),
