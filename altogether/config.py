@@ -231,6 +231,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     if not isinstance(recipe, DictConfig):
         raise ConfigError(f"recipe {path}: expected a mapping of keys (recipe:, optim:, ...), "
                           f"got a {type(recipe).__name__.replace('Config', '').lower()}")
+    if not recipe:  # an empty file loads as {}: the defaults alone would fetch facebook/opt-1.3b and train on nothing
+        raise ConfigError(f"recipe {path}: empty; a recipe sets at least its data and model "
+                          f"(start from one of {RECIPE_DIR})")
     pipeline = recipe.get("pipeline")
     schema = RecipeConfig if pipeline is None else recipe_pipeline(pipeline).schema
     try:

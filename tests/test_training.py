@@ -567,6 +567,8 @@ def test_every_file_of_a_run_gets_the_umasks_permissions(tiny_dirs, jsonl_data, 
 @pytest.mark.parametrize("text, message", [
     ("recipe: broken\noptim: {lr: 1\n", "not valid YAML"),
     ("- recipe\n- optim\n", "expected a mapping of keys (recipe:, optim:, ...), got a list"),
+    ("", "empty; a recipe sets at least its data and model"),
+    ("# written later\n", "empty; a recipe sets at least its data and model"),
 ])
 def test_a_recipe_file_that_is_not_a_mapping_is_one_line(text, message, tmp_path, capsys):
     path = tmp_path / "mine.yaml"
