@@ -517,6 +517,8 @@ def test_an_unreadable_validation_image_is_skipped_by_the_sample_captions(make_r
     ({"layout.max_alt_tokens": -1}, "error: key 'layout.max_alt_tokens': -1 must be >= 0"),
     ({"trainer.accelerator": "gpu"}, "error: key 'trainer.accelerator': gpu but torch sees no CUDA GPU"),
     ({"output_dir": "FILE"}, "error: key 'output_dir': FILE is a file; give a folder for the run"),
+    ({"trainer.precision": "fp7"}, "error: key 'trainer.precision': 'fp7' is not one of auto, "),
+    ({"trainer.accelerator": "quantum"}, "error: key 'trainer.accelerator': 'quantum' is not one of auto, "),
     ({"trainer.logger": "tensorboard"}, "error: key 'trainer.logger': tensorboard needs the tensorboard package: "
                                         "pip install 'altogether[tensorboard]'"),
     ({"trainer.logger": "wandb"}, "error: key 'trainer.logger': wandb needs the wandb package: "
@@ -562,6 +564,20 @@ def test_every_file_of_a_run_gets_the_umasks_permissions(tiny_dirs, jsonl_data, 
         p.name for p in written}
     modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     assert modes == {name: "0o775" if (out / name).is_dir() else "0o664" for name in modes}
+
+
+def test_a_training_jsonl_that_is_not_utf8_is_one_line_naming_the_file_and_line(tiny_dirs, jsonl_data, tmp_path,
+                                                                                  capsys):
+    lines = jsonl_data.read_bytes().splitlines(keepends=True)
+    broken = tmp_path / "latin1.jsonl"
+    broken.write_bytes(b"".join(lines[:3]) + b'{"img_path": "images/003.png", "round3": "caf\xe9"}\n'
+                       + b"".join(lines[4:]))
+    settings = {"output_dir": tmp_path / "run", "data.format": "jsonl", "data.train": broken,
+                "data.image_root": jsonl_data.parent, "optim.max_steps": 2, "optim.warmup_steps": 1}
+    assert run_cli(train_main, ["recipe=finetune_round3", *_cli_args(tiny_dirs, settings)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(f"error: {broken} line 4: not UTF-8 text (byte 0xe9")
+    assert "Traceback" not in err and not (tmp_path / "run" / "export").exists()
 
 
 @pytest.mark.parametrize("text, message", [
