@@ -77,10 +77,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        writer = leftover.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")[0]
-        if _dead_writer(writer):
-            leftover.unlink(missing_ok=True)
+    sweep_dead_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -92,6 +89,14 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sweep_dead_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` (``.NAME.<host>-<pid>.XXXX.tmp``) whose writers on this machine are gone."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        writer = leftover.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")[0]
+        if _dead_writer(writer):
+            leftover.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", older_than: float | None = None
