@@ -131,6 +131,8 @@ class TableSource:
         datasets.disable_progress_bars()
         try:
             self.table = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+            # pyarrow's JSON reader lets some invalid UTF-8 into string columns, which then fails on the row's read
+            self.table.data.validate(full=True)
         except Exception as err:  # datasets raises many types for malformed files
             if fmt == "jsonl":  # pyarrow's message names neither the file nor the line: find the line
                 number, problem = next(((n, p) for n, _, p in table_rows(path) if p), (None, None))
