@@ -709,7 +709,12 @@ class MixSettings:
 def _score_filter(threshold: float | None, top: float | None, kind: str) -> ScoreFilter | None:
     if threshold is not None and top is not None:
         raise MixError(f"{kind}_threshold and {kind}_top are alternatives; give one")
-    return None if threshold is None and top is None else ScoreFilter(threshold, top)
+    if threshold is None and top is None:
+        return None
+    try:
+        return ScoreFilter(threshold, top)
+    except MixError as err:  # a top fraction out of range: name the setting
+        raise MixError(f"{kind}_top={top}: {err}") from None
 
 
 def _check_settings(s: MixSettings) -> None:

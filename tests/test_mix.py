@@ -317,6 +317,8 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
     [
         (["alt_threshold=1", "alt_top=0.5"], "alt_threshold and alt_top are alternatives"),
         (["caption_top=2"], "top fraction must be in (0, 1]"),
+        (["caption_top=-1"], "caption_top=-1.0: top fraction must be in (0, 1]"),
+        (["alt_top=1.5"], "alt_top=1.5: top fraction must be in (0, 1]"),
         (["clip_model=m"], "clip_model only computes scores for filtering"),
         (["clip_pretrained=t"], "clip_pretrained needs clip_model"),
     ],
