@@ -119,9 +119,10 @@ def progress(items: Iterable[T], desc: str, *, enabled: bool = True, total: int 
 
 
 def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(positional, key=value settings)``, each in the order given."""
-    settings = [arg for arg in argv if _SETTING.match(arg)]
-    return [arg for arg in argv if not _SETTING.match(arg)], settings
+    """``(positional, key=value settings)``, each in the order given. An argument naming an existing file or
+    folder is positional whatever it holds (a sweep's ``lr=1e-3/export``)."""
+    settings = [arg for arg in argv if _SETTING.match(arg) and not os.path.exists(arg)]
+    return [arg for arg in argv if arg not in settings], settings
 
 
 def load_settings(cls: type[Settings], overrides: Sequence[str] | dict[str, Any] | None = None) -> Settings:

@@ -231,6 +231,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict[str, Any] | None 
     if not isinstance(recipe, DictConfig):
         raise ConfigError(f"recipe {path}: expected a mapping of keys (recipe:, optim:, ...), "
                           f"got a {type(recipe).__name__.replace('Config', '').lower()}")
+    if not recipe:  # an empty file loads as {}: the defaults alone would fetch facebook/opt-1.3b and train on nothing
+        raise ConfigError(f"recipe {path}: empty; a recipe sets at least its data and model "
+                          f"(start from one of {RECIPE_DIR})")
     pipeline = recipe.get("pipeline")
     schema = RecipeConfig if pipeline is None else recipe_pipeline(pipeline).schema
     try:
@@ -289,6 +292,10 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {', '.join(choices)}")
+    for key in ("trainer.precision", "trainer.accelerator"):
+        value = OmegaConf.select(cfg, key)
+        if value != "auto" and value not in (choices := lightning_choices(key)):  # "auto": ours, no import
+            raise ConfigError(f"key {key!r}: {value!r} is not one of auto, {', '.join(choices)}")
     o, lay, d = cfg.optim, cfg.layout, cfg.data
     for key in _POSITIVE:
         if OmegaConf.select(cfg, key) < 1:
@@ -335,6 +342,31 @@ def validate(cfg: DictConfig | RecipeConfig) -> None:
         GenerationConfig.from_dict(cfg.generation)
     except GenerationError as err:
         raise ConfigError(f"key 'generation.{err.key}': {err}") from None
+
+
+def lightning_choices(key: str) -> tuple[str, ...]:
+    """What the installed Lightning's ``Trainer`` accepts for ``trainer.precision`` or ``trainer.accelerator``,
+    so that a value Lightning would refuse is refused here, by key, before any model loads.
+
+    Precision: the literals ``Trainer.__init__`` is annotated with (``"bf16-mixed"``, ``"32"``, ...; 64 / 32 / 16
+    as strings, which is how a recipe or override gives them). Accelerator: the names in Lightning's
+    ``AcceleratorRegistry`` plus ``gpu``, which Lightning's ``_AcceleratorConnector`` accepts besides them (it maps
+    it to cuda or mps). Imports Lightning (seconds), so :func:`validate` asks only for values other than ``auto``.
+    """
+    if key == "trainer.accelerator":
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        return tuple(sorted(AcceleratorRegistry.available_accelerators())) + ("gpu",)
+    import typing
+
+    from lightning.pytorch import Trainer
+
+    def literals(hint: Any) -> list[str]:
+        if typing.get_origin(hint) is typing.Literal:
+            return [str(value) for value in typing.get_args(hint)]
+        return [value for inner in typing.get_args(hint) for value in literals(inner)]
+
+    return tuple(dict.fromkeys(literals(typing.get_type_hints(Trainer.__init__)["precision"])))
 
 
 def check_alt_text_sources(sources: Optional[List[str]], key: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .cli import split_args
 from .conditions import CONDITIONS, build_conditions
 from .config import ConfigError, check_alt_text_sources
 from .data.images import load_image
@@ -692,11 +693,11 @@ def main(argv: list[str]) -> int:
         keys = ", ".join(f"{k}={v}" for k, v in asdict(EvalConfig()).items() if k != "data_options")
         print(f"{usage}\nkeys (defaults): {keys}; a named evaluation set's own settings: NAME.key=value")
         return 0 if argv else 2
-    positional = [a for a in argv if "=" not in a]
+    positional, settings = split_args(argv)
     if len(positional) != 2:
         raise ConfigError(f"expected MODEL and DATA, got {positional}; {usage}")
     own = f"{positional[1]}."  # NAME.key=value: the named set's own settings
-    settings = [f"data_options.{a[len(own):]}" if a.startswith(own) else a for a in argv if "=" in a]
+    settings = [f"data_options.{a[len(own):]}" if a.startswith(own) else a for a in settings]
     cfg = eval_config(settings)
     result = run_evaluation(positional[0], positional[1], cfg)
     print(result.table, end="")

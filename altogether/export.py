@@ -55,6 +55,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENCODER_DIR = "encoder"
 ENCODER_WEIGHTS = "open_clip_model.safetensors"  # in ENCODER_DIR, as open_clip's local-dir: folders name it
 FORMAT_VERSION = 2  # 2: ClipCap's exact mapper (v1's had GELU, q/k/v biases and other tensor names)
+# The top-level entries of altogether.json: those save_export writes itself, then those it takes from ``extra``
+# ("training": the run's step, skip and truncation counts). A loader refuses any other by name, as it does unknown
+# model.* and layout.* keys: it cannot tell a newer version's metadata from a setting that changes the model.
+WRITTEN_KEYS = ("format", "version", "model", "encoder_source", "decoder_hf_config", "lora", "layout", "generation",
+                "recipe")
+EXTRA_KEYS = ("training",)
 
 
 class ExportError(ValueError):
@@ -144,6 +150,10 @@ def save_export(
     which is forced when the reference is not portable (see the module docstring).
     """
     directory = Path(directory)
+    unknown = sorted(set(extra or ()) - set(EXTRA_KEYS))
+    if unknown:
+        raise ValueError(f"extra: {', '.join(unknown)} would make an export no loader reads; "
+                         f"altogether.json's extra entries are {', '.join(EXTRA_KEYS)}")
     with replacing_dir(directory) as tmp:
         model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg), resolve=True)
         loadable = dict(model_dict["encoder"])
@@ -245,8 +255,8 @@ def read_export_config(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != "altogether-export" or meta.get("version") != FORMAT_VERSION:
         raise ExportError(f"{path}: unsupported export format {meta.get('format')!r} v{meta.get('version')!r}; "
                           f"this altogether reads 'altogether-export' v{FORMAT_VERSION}")
-    unknown = _unknown_keys(ModelConfig, meta.get("model"), "model.") + _unknown_keys(
-        LayoutConfig, meta.get("layout"), "layout.")
+    unknown = [key for key in meta if key not in WRITTEN_KEYS + EXTRA_KEYS] + _unknown_keys(
+        ModelConfig, meta.get("model"), "model.") + _unknown_keys(LayoutConfig, meta.get("layout"), "layout.")
     if unknown:
         raise ExportError(f"{path}: settings this altogether does not know: {', '.join(unknown)} (written by a newer "
                           "version? upgrade altogether to load it)")

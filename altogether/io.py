@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -35,6 +36,20 @@ def jsonl_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
+def _new_modes(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the permissions a new one gets (0666 / 0777 less the umask).
+
+    Writers that are not ours decide otherwise: safetensors' ``save_file`` renames a private (0600) temporary
+    file into place, and ``shutil.copy2`` copies its source's mode. Symbolic links are left as they are.
+    """
+    mask = _umask()
+    for root, folders, files in os.walk(folder):
+        for name, mode in [*((n, 0o777) for n in folders), *((n, 0o666) for n in files)]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode & ~mask)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -57,16 +72,14 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
 
     An error removes the temporary file; a kill leaves it. The temporary's name holds its writer
     (``.NAME.<host>-<pid>.XXXX.tmp``), so the next write of ``path`` removes those of writers on this machine that
-    are gone, whatever command left them; :func:`remove_stale_temporaries` clears others by age. A new file gets
+    are gone, whatever command left them (:func:`sweep_dead_temporaries`); :func:`remove_stale_temporaries` clears
+    others by age. A new file gets
     the usual permissions (0666 less the umask), not the private 0600 of a temporary file; a file replaced keeps
     its permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        writer = leftover.name[len(path.name) + 2 : -len(".tmp")].rpartition(".")[0]
-        if _dead_writer(writer):
-            leftover.unlink(missing_ok=True)
+    sweep_dead_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -78,6 +91,33 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# folder -> target name -> temporaries its dead writers left there, from this process's one listing of the folder
+_DEAD_TEMPORARIES: dict[str, dict[str, list[str]]] = {}
+
+
+def sweep_dead_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` (``.NAME.<host>-<pid>.XXXX.tmp``) whose writers on this machine are gone.
+
+    The folder is listed once per process, on its first write there, and what dead writers left is kept by
+    target until that target is written: listing a folder of 20,000 files on every write cost about 20 ms a
+    write (``benchmarks/bench_atomic_write.py``). A writer that dies after that listing leaves its temporary to
+    the next process that writes the file (or to :func:`remove_stale_temporaries`).
+    """
+    folder = os.path.abspath(path.parent)
+    dead = _DEAD_TEMPORARIES.get(folder)
+    if dead is None:
+        dead = _DEAD_TEMPORARIES[folder] = {}
+        # Only this machine's writers can be told dead; a host name and a target name may both hold dots
+        leftover = re.compile(rf"\.(.+)\.({re.escape(socket.gethostname())}-\d+)\.[^.]+\.tmp")
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                found = leftover.fullmatch(entry.name)
+                if found and _dead_writer(found[2]):
+                    dead.setdefault(found[1], []).append(entry.path)
+    for name in dead.pop(path.name, ()):
+        Path(name).unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | Path, name_glob: str = "*", older_than: float | None = None
@@ -172,7 +212,8 @@ def replacing_dir(target: str | Path) -> Iterator[Path]:
 
     On an error the temporary folder is removed and ``target`` is left as it was; what a killed call left is
     cleared by the next one (:func:`recover_replaced_dir`). The folder gets the permissions ``target`` had, or
-    0777 less the umask for a new one.
+    0777 less the umask for a new one; everything in it is new, so gets 0666 / 0777 less the umask whatever wrote
+    it (:func:`_new_modes`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +223,7 @@ def replacing_dir(target: str | Path) -> Iterator[Path]:
     try:
         tmp.chmod(_mode_for(target, 0o777))  # mkdtemp makes it private; what we write is meant to be shared
         yield tmp
+        _new_modes(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.{tag}.", dir=target.parent))
             os.replace(target, old / target.name)

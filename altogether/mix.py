@@ -74,15 +74,21 @@ class MixError(ValueError):
 
 
 def _file_rows(path: Path) -> Iterator[dict]:
+    """The rows of one input file; a line that is not a JSON object, a row without a key, or a file of no rows
+    (recaption writes no output for a shard it captioned nothing of) raises :class:`MixError` naming the file."""
+    rows = 0
     try:
         for number, row, problem in table_rows(path):
             if problem:
                 raise MixError(f"{path}:{number}: {problem}")
             if row.get("key") is None:
                 raise MixError(f"{path}: no 'key' column in row {number} (columns: {', '.join(map(str, row))})")
+            rows += 1
             yield row
     except OSError as err:
         raise MixError(f"{path}: cannot read ({err.strerror})") from None
+    if not rows:
+        raise MixError(f"{path}: holds no rows (recaption writes no output for a shard it captioned nothing of)")
 
 
 def iter_rows(
@@ -709,7 +715,12 @@ class MixSettings:
 def _score_filter(threshold: float | None, top: float | None, kind: str) -> ScoreFilter | None:
     if threshold is not None and top is not None:
         raise MixError(f"{kind}_threshold and {kind}_top are alternatives; give one")
-    return None if threshold is None and top is None else ScoreFilter(threshold, top)
+    if threshold is None and top is None:
+        return None
+    try:
+        return ScoreFilter(threshold, top)
+    except MixError as err:  # a top fraction out of range: name the setting
+        raise MixError(f"{kind}_top={top}: {err}") from None
 
 
 def _check_settings(s: MixSettings) -> None:

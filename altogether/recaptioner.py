@@ -38,8 +38,8 @@ from omegaconf import OmegaConf
 from .config import LayoutConfig, ModelConfig
 from .data.images import load_image
 from .data.records import ImageRef
-from .export import (ExportError, decoder_max_positions, export_model_config, generation_from, layout_from, load_export,
-                     save_export)
+from .export import (EXTRA_KEYS, ExportError, decoder_max_positions, export_model_config, generation_from,
+                     layout_from, load_export, save_export)
 from .generation import GenerationConfig, max_positions
 from .layout import build_prompt, tokenize_sample
 from .model import AltogetherModel, causal_lm
@@ -48,9 +48,6 @@ AltTexts = str | Sequence[str] | None
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-# altogether.json entries save_export writes itself; anything else (e.g. "training") is carried over on save.
-_EXPORT_KEYS = frozenset({"format", "version", "model", "encoder_source", "decoder_hf_config", "lora", "layout",
-                          "generation", "recipe"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,7 +331,7 @@ class Recaptioner:
             directory, self.model, self.tokenizer, model_cfg=model_cfg, layout=self.layout,
             generation=self.generation, recipe=self.meta.get("recipe"), include_encoder=include_encoder,
             encoder_source=self.meta.get("encoder_source"),
-            extra={k: v for k, v in self.meta.items() if k not in _EXPORT_KEYS},
+            extra={k: self.meta[k] for k in EXTRA_KEYS if k in self.meta},
         )
         return finish_folder(directory, self.directory, repo_id=repo_id, publish=publish)
 

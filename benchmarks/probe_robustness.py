@@ -896,10 +896,12 @@ class Probe:
         res = self.r.run("altogether.recaption", self.recaption_args(self.rc_source, out, setting))
         self.expect(name, "error", res, names=names)
 
-    def mix_case(self, name: str, rows: list | bytes | None, *, expected: str = "error", names=("rows.jsonl",),
-                 check=None, suffix: str = ".jsonl", **settings) -> None:
+    def mix_case(self, name: str, rows: list | bytes | None, *, expected: str = "error",
+                 names=("rows.recaption.jsonl",), check=None, suffix: str = ".jsonl", **settings) -> None:
+        """``mix`` on one input file of ``rows``, named as recaption names its outputs (``rows.recaption.jsonl``:
+        mix reads only those since 9cd7ef8; earlier versions take any name)."""
         folder = self.dir("mix-in")
-        path = folder / f"rows{suffix}"
+        path = folder / f"rows.recaption{suffix}"
         if isinstance(rows, bytes):
             path.write_bytes(rows)
         elif rows is not None:
@@ -1185,18 +1187,16 @@ class Probe:
         self.mix_case("mix: key=../evil becomes no escaping member",
                       [{"key": "../evil", **base}, {"key": "ok", **base}], expected="ok|skip|error",
                       names=("../evil",), check=no_escape)
-        self.mix_case("mix: non-UTF-8 input", b'{"key": "a", "alt_text": "caf\xe9", "caption": "x"}\n',
-                      names=("rows.jsonl",))
+        self.mix_case("mix: non-UTF-8 input", b'{"key": "a", "alt_text": "caf\xe9", "caption": "x"}\n')
         self.mix_case("mix: integer img_path with images", [{"key": "a", "img_path": 3, **base}],
                       expected="error|skip", names=("img_path",), check=lambda f: "", with_images=True)
         self.mix_case("mix: integer url", [{"key": "a", "url": 3, **base}], expected="error|ok",
                       names=("url",), check=lambda f: "")
-        self.mix_case("mix: empty input file", b"", names=("rows.jsonl",))
-        self.mix_case("mix: a line that is not JSON", b'{"key": "a", "alt_text": "x", "caption": "y"}\n{oops\n',
-                      names=("rows.jsonl",))
-        self.mix_case("mix: missing input file", None, names=("rows.jsonl",))
+        self.mix_case("mix: empty input file", b"")
+        self.mix_case("mix: a line that is not JSON", b'{"key": "a", "alt_text": "x", "caption": "y"}\n{oops\n')
+        self.mix_case("mix: missing input file", None)
         self.mix_case("mix: truncated Parquet input", _parquet([{"key": "a", **base}] * 50)[:200], suffix=".parquet",
-                      names=("rows.parquet",))
+                      names=("rows.recaption.parquet",))
         rows = [{"key": f"k{i}", **base} for i in range(4)]
         for setting, value, names in [("p", 2, ("p",)), ("p", -0.1, ("p",)), ("shard_size", 0, ("shard_size",)),
                                       ("shard_size", -1, ("shard_size",)), ("alt_top", 1.5, ("alt_top",)),
@@ -1222,7 +1222,7 @@ class Probe:
         self.annotate_case("annotate merge: records file missing", "merge", ["r.jsonl", "t.jsonl", "o.jsonl"],
                            {"t.jsonl": b""}, names=("r.jsonl",))
         self.annotate_case("annotate next-round: OUT naming a folder", "next-round", ["r.jsonl", "."],
-                           {"r.jsonl": records}, names=(".",))
+                           {"r.jsonl": records}, names=("ann-in",))  # OUT is the case's folder, ann-in-N
         # ---- evaluate ----
         sweep = self.dir("lr=1e-3")
         shutil.copytree(self.export, sweep / "export")
@@ -1336,7 +1336,7 @@ def _done_tasks(probe: Probe, records: bytes) -> bytes:
     tasks = [json.loads(l) for l in (folder / "t.jsonl").read_text().splitlines()]
     for t in tasks:  # the annotator's work: the prefilled caption reworded, who did it and when
         t.update(caption=f"{t.get('caption') or ''} (edited)", annotator="ann1", vendor=t.get("vendor") or "A",
-                 timestamp="2026-02-01T00:00:00")
+                 timestamp="2026-02-01T00:00:00Z")  # with a UTC offset, as the task schema asks
     return "".join(json.dumps(t) + "\n" for t in tasks).encode()
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -260,6 +261,20 @@ def test_bad_arguments_are_one_line_errors(export, ft_json, tmp_path, monkeypatc
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_model_and_data_paths_may_hold_an_equals_sign(export, ft_json, tmp_path, monkeypatch, no_java):
+    """Sweep folders (``lr=1e-3/export``), given relative or absolute: an argument naming an existing file or
+    folder is MODEL or DATA, never a setting."""
+    shutil.copytree(export, tmp_path / "lr=1e-3" / "export")
+    shutil.copytree(ft_json.parent, tmp_path / "data=ft")
+    monkeypatch.chdir(tmp_path)
+    for model, data in [("lr=1e-3/export", str(tmp_path / "data=ft" / "ft.json")),
+                        (str(tmp_path / "lr=1e-3" / "export"), "data=ft/ft.json")]:
+        out = tmp_path / "out" / str(len(model))
+        assert run_cli(main, [model, data, f"output_dir={out}", "progress=false", "clip_score=false", "limit=2"]) == 0
+        summary = json.loads((out / "metrics.json").read_text())
+        assert (summary["model"]["id"], summary["data"]["id"], summary["data"]["read"]) == (model, data, 2)
 
 
 def test_bad_model_is_a_one_line_error_from_the_command(ft_json, tmp_path):

@@ -239,6 +239,29 @@ def test_a_truncated_export_file_is_one_line_naming_it(export, tmp_path, capsys,
     assert line.startswith("error: ") and str(damaged / name) in line and "\n" not in line
 
 
+def test_a_top_level_entry_from_a_newer_version_is_refused_by_name(export, tiny_parts, model_cfg, tmp_path):
+    """Top-level entries are refused as model.* and layout.* ones are: an older loader cannot tell metadata from a
+    setting that changes what the model computes. The ones this version writes still load and save."""
+    from altogether import Recaptioner
+
+    newer = tmp_path / "newer"
+    shutil.copytree(export, newer)
+    meta = json.loads((newer / CONFIG_FILE).read_text())
+    (newer / CONFIG_FILE).write_text(json.dumps({**meta, "vision_tiling": {"tiles": 4}, "training": {"steps": 3}}))
+    with pytest.raises(ExportError) as err:
+        Recaptioner.from_pretrained(newer, device="cpu")
+    message = str(err.value)
+    assert message.startswith(f"{newer / CONFIG_FILE}: settings this altogether does not know: vision_tiling (")
+    assert "newer" in message and "training" not in message and "\n" not in message
+    again = Recaptioner.from_pretrained(export, device="cpu").save_pretrained(tmp_path / "again")
+    assert read_export_config(again)["training"] == {"steps": 3}
+    model, tokenizer, _ = tiny_parts
+    with pytest.raises(ValueError, match="vision_tiling"):  # nor is one written that this version cannot read
+        save_export(tmp_path / "never", model, tokenizer, model_cfg=model_cfg, layout=LayoutConfig(),
+                    generation=GenerationConfig(), extra={"vision_tiling": 1})
+    assert not (tmp_path / "never").exists()
+
+
 def test_an_export_from_a_newer_version_names_the_keys_it_adds(export, tmp_path, capsys):
     newer = tmp_path / "newer"
     shutil.copytree(export, newer)

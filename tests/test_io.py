@@ -79,3 +79,20 @@ def test_the_next_write_of_a_file_removes_temporaries_its_dead_writers_left(tmp_
     assert (tmp_path / "out.parquet").read_text() == "whole"
     assert not dead.exists() and alive.exists() and elsewhere.exists() and other_file.exists()
     assert sorted(p.name for p in tmp_path.glob(".out.parquet.*.tmp")) == sorted([alive.name, elsewhere.name])
+
+
+def test_a_folder_listed_once_still_gives_each_file_its_dead_writers_temporaries(tmp_path):
+    """The folder is listed on this process's first write there; a file written later still gets its own dead
+    writers' temporaries removed, and only its own."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    later = [tmp_path / f".00001.recaption.parquet.{host}-{gone.stdout.strip()}.ab12cd.tmp",
+             tmp_path / f".00001.recaption.parquet.{host}.lan-{gone.stdout.strip()}.ab12cd.tmp"]
+    for leftover in later:
+        leftover.write_text("half")
+    atomic_write_text(tmp_path / "00000.recaption.parquet", "first")
+    assert all(leftover.exists() for leftover in later)
+    atomic_write_text(tmp_path / "00001.recaption.parquet", "second")
+    assert not later[0].exists() and later[1].exists()  # host "<host>.lan" is another machine
+    assert sorted(p.name for p in tmp_path.iterdir()) == [later[1].name, "00000.recaption.parquet",
+                                                          "00001.recaption.parquet"]

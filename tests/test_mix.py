@@ -317,6 +317,8 @@ def test_cli_computes_missing_scores_with_clip_scorer(tmp_path):
     [
         (["alt_threshold=1", "alt_top=0.5"], "alt_threshold and alt_top are alternatives"),
         (["caption_top=2"], "top fraction must be in (0, 1]"),
+        (["caption_top=-1"], "caption_top=-1.0: top fraction must be in (0, 1]"),
+        (["alt_top=1.5"], "alt_top=1.5: top fraction must be in (0, 1]"),
         (["clip_model=m"], "clip_model only computes scores for filtering"),
         (["clip_pretrained=t"], "clip_pretrained needs clip_model"),
     ],
@@ -388,6 +390,23 @@ def test_mix_refuses_files_that_are_not_recaption_outputs(tmp_path, capsys):
     for path in (source, renamed):
         assert mix.main([str(path), f"out={out}", "p=1"]) == 0
         assert [r["text"] for r in pq.read_table(out).to_pylist()] == [f"synthetic {k}" for k in keys]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_an_input_without_rows_is_a_one_line_error_naming_it(tmp_path, capsys, suffix):
+    """Recaption writes no output for a shard it captioned nothing of, so an empty one is not its work; a mix of
+    it alone wrote an empty training set and exited 0."""
+    good = _recaption_output(tmp_path / "00000.recaption.parquet", [{"key": "a", "alt_text": "x", "caption": "y"}])
+    empty = tmp_path / f"00001.recaption.{suffix}"
+    if suffix == "jsonl":
+        empty.write_text("")
+    else:
+        _recaption_output(empty, [])
+    out = tmp_path / "train.parquet"
+    for inputs in ([empty], [good, empty]):
+        assert run_cli(mix.main, [*map(str, inputs), f"out={out}"]) == 2
+        assert f"error: {empty}: holds no rows" in _error_line(capsys)
+        assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", ["img2dataset", "manifest"])

@@ -672,7 +672,36 @@ def test_outputs_without_stats_are_counted_by_their_rows_and_named(export, shard
 
 
 def test_an_input_without_samples_captions_nothing_and_does_not_exit_0(export, tmp_path, capsys):
-    (tmp_path / "empty.jsonl").write_text("")
-    assert main([str(export), str(tmp_path / "empty.jsonl"), str(tmp_path / "out"), "batch_size=2",
+    # A tar of no samples is a valid shard that holds nothing (an empty JSONL manifest is a named error: below)
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert main([str(export), str(tmp_path / "empty.tar"), str(tmp_path / "out"), "batch_size=2",
                  "num_workers=0", "progress_bar=false"]) == 1
     assert "nothing captioned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b"", "empty"), (b"\n\n", "empty"),
+    (b"[1, 2]\n[3, 4]\n", "no line is a JSON object (line 1: not a JSON object: [1, 2])"),
+    (b"key,img_path\nm0,images/000.png\n", "no line is a JSON object (line 1: not valid JSON"),
+])
+def test_a_jsonl_manifest_without_one_object_is_one_line_before_any_work(text, problem, export, tmp_path, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_bytes(text)
+    out = tmp_path / "out"
+    assert run_cli(main, [str(export), str(manifest), str(out), "batch_size=2", "num_workers=0",
+                          "progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith(f"error: {manifest}: {problem}")
+    assert not out.exists()  # refused before any work: not even OUTPUT made
+
+
+def test_a_manifest_of_objects_that_are_all_bad_rows_is_skipped_and_counted(export, tmp_path, capsys):
+    """Rows that are JSON objects are samples: each bad one is that sample's fault, listed with its reason."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"key": "a", "img_path": 7, "alt": "x"}\n[1, 2]\n{"key": "b", "img_path": "no.png"}\n')
+    out = tmp_path / "out"
+    assert run_cli(main, [str(export), str(manifest), str(out), "batch_size=2", "num_workers=0",
+                          "progress_bar=false"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"]["captioned"] == 0 and [b["key"] for b in summary["bad_samples"]] == ["a", "line 2", "b"]

@@ -517,6 +517,8 @@ def test_an_unreadable_validation_image_is_skipped_by_the_sample_captions(make_r
     ({"layout.max_alt_tokens": -1}, "error: key 'layout.max_alt_tokens': -1 must be >= 0"),
     ({"trainer.accelerator": "gpu"}, "error: key 'trainer.accelerator': gpu but torch sees no CUDA GPU"),
     ({"output_dir": "FILE"}, "error: key 'output_dir': FILE is a file; give a folder for the run"),
+    ({"trainer.precision": "fp7"}, "error: key 'trainer.precision': 'fp7' is not one of auto, "),
+    ({"trainer.accelerator": "quantum"}, "error: key 'trainer.accelerator': 'quantum' is not one of auto, "),
     ({"trainer.logger": "tensorboard"}, "error: key 'trainer.logger': tensorboard needs the tensorboard package: "
                                         "pip install 'altogether[tensorboard]'"),
     ({"trainer.logger": "wandb"}, "error: key 'trainer.logger': wandb needs the wandb package: "
@@ -543,9 +545,52 @@ def test_training_mistakes_are_one_line_and_exit_2(setting, message, tiny_dirs, 
     assert not (tmp_path / "run" / "export").exists()
 
 
+def test_every_file_of_a_run_gets_the_umasks_permissions(tiny_dirs, jsonl_data, tmp_path):
+    """Under umask 002 (a group-shared project folder) the export, its weights and the checkpoints are 0664 /
+    0775 as everything else the run writes, not the private 0600 of a temporary file."""
+    import stat
+
+    out = tmp_path / "run"
+    args = _cli_args(tiny_dirs, {"output_dir": out, "data.format": "jsonl", "data.train": jsonl_data,
+                                 "data.micro_batch_size": 2, "optim.global_batch_size": 2, "optim.max_steps": 2,
+                                 "optim.warmup_steps": 1, "trainer.checkpoint_every_n_steps": 1})
+    before = os.umask(0o002)
+    try:
+        assert run_cli(train_main, ["recipe=finetune_round3", *args]) == 0
+    finally:
+        os.umask(before)
+    written = [p for p in [out, *out.rglob("*")] if not p.name.startswith(".")]
+    assert {"model.safetensors", "open_clip_model.safetensors", "step000002.ckpt", "last.ckpt"} <= {
+        p.name for p in written}
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {name: "0o775" if (out / name).is_dir() else "0o664" for name in modes}
+
+
+@pytest.mark.parametrize("line, byte", [(b'{"img_path": "images/003.png", "round3": "caf\xe9"}\n', "0xe9"),
+                                        (b'{"key": "\xff", "img_path": "images/003.png", "round3": "x"}\n', "0xff")])
+def test_a_training_jsonl_that_is_not_utf8_is_one_line_naming_the_file_and_line(line, byte, tiny_dirs, jsonl_data,
+                                                                                  tmp_path, capsys):
+    """Before training starts. pyarrow's JSON reader takes such lines into its string columns when every column
+    has one type (a file of mixed types it refuses as it parses); the row's read then failed mid-training with
+    Python's decoding error, which names neither file nor line."""
+    rows = [json.loads(line) for line in jsonl_data.read_text().splitlines()]
+    lines = [json.dumps({**row, "alt": row["alt"] if isinstance(row["alt"], str) else row["alt"][0]}).encode() + b"\n"
+             for row in rows]
+    broken = tmp_path / "latin1.jsonl"
+    broken.write_bytes(b"".join(lines[:3]) + line + b"".join(lines[4:]))
+    settings = {"output_dir": tmp_path / "run", "data.format": "jsonl", "data.train": broken,
+                "data.image_root": jsonl_data.parent, "optim.max_steps": 2, "optim.warmup_steps": 1}
+    assert run_cli(train_main, ["recipe=finetune_round3", *_cli_args(tiny_dirs, settings)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(f"error: {broken} line 4: not UTF-8 text (byte {byte}")
+    assert "Traceback" not in err and not (tmp_path / "run" / "export").exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ("recipe: broken\noptim: {lr: 1\n", "not valid YAML"),
     ("- recipe\n- optim\n", "expected a mapping of keys (recipe:, optim:, ...), got a list"),
+    ("", "empty; a recipe sets at least its data and model"),
+    ("# written later\n", "empty; a recipe sets at least its data and model"),
 ])
 def test_a_recipe_file_that_is_not_a_mapping_is_one_line(text, message, tmp_path, capsys):
     path = tmp_path / "mine.yaml"

@@ -165,7 +165,11 @@ def _check_unique_names(shards: list[Shard], source: str) -> None:
 
 
 def check_manifest_columns(shard: Shard, fields: Fields) -> None:
-    """Fail early when a manifest lacks the image column or the alt-text column (``alt_key=""``: none used)."""
+    """Fail early when a manifest lacks the image column or the alt-text column (``alt_key=""``: none used).
+
+    A JSONL manifest's columns are those of its first line that is a JSON object (lines before it are bad samples,
+    listed when the shard is read); one without any such line (empty, or JSON arrays, or CSV) has no columns.
+    """
     if shard.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -174,9 +178,16 @@ def check_manifest_columns(shard: Shard, fields: Fields) -> None:
         except (OSError, ValueError) as err:
             raise ValueError(f"{shard.path}: cannot read the Parquet schema: {err}") from None
     elif shard.kind == "jsonl":
-        _, first, _ = next(table_rows(shard.path), (0, None, None))
+        first, problem = None, None
+        for number, row, trouble in table_rows(shard.path):
+            if row is not None:
+                first = row
+                break
+            problem = problem or f"line {number}: {trouble}"
         if first is None:
-            return  # empty, or a broken first line: reported per sample when the shard is read
+            raise ValueError(f"{shard.path}: " + (f"no line is a JSON object ({problem})" if problem else "empty")
+                             + "; a JSONL manifest holds one JSON object per line, with the image path in "
+                             f"{fields.image_key!r}")
         columns = list(first)
     else:
         return

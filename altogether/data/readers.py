@@ -131,8 +131,14 @@ class TableSource:
         datasets.disable_progress_bars()
         try:
             self.table = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+            # pyarrow's JSON reader lets some invalid UTF-8 into string columns, which then fails on the row's read
+            self.table.data.validate(full=True)
         except Exception as err:  # datasets raises many types for malformed files
-            raise ValueError(f"could not read {fmt} file {path}: {err}") from err
+            if fmt == "jsonl":  # pyarrow's message names neither the file nor the line: find the line
+                number, problem = next(((n, p) for n, _, p in table_rows(path) if p), (None, None))
+                if problem:
+                    raise ValueError(f"{path} line {number}: {problem}") from None
+            raise ValueError(f"could not read {fmt} file {path}: {' '.join(str(err).split())}") from err
         missing = [k for k in (fields.image_key, fields.target_key) if k and k not in self.table.column_names]
         if missing:
             raise ValueError(
