@@ -1,8 +1,8 @@
 """How fast a from-scratch decoder learns to copy the demo world's facts: a text-only probe of the demo's decoder.
 
 The demo (docs/demo.md) must carry facts it never trained on into captions letter for letter. This probe isolates
-the decoder's side of that: the demo's tiny OPT (3 layers x 128, or a same-size Llama with rotary positions) on the
-demo world's texts, trained by a plain PyTorch loop with no image encoder. The visual tokens are replaced by the
+the decoder's side of that: a tiny OPT (3 layers x 128) or the demo's same-size Llama (``--arch llama``, rotary
+positions) on the demo world's texts, trained by a plain PyTorch loop with no image encoder. The visual tokens are replaced by the
 scene's visual description written as text, so colours and shapes are given and only copying is measured.
 
 Each sample is ``prefix [SEP] alt-text [SEP?] target``: the loss runs over the target and EOS. ``--no-separator``
@@ -10,8 +10,10 @@ drops the second ``[SEP]`` (the library's layout: the caption follows the prompt
 
 * ``--copy-steps`` steps of copy samples: the target is the whole alt-text (``--copy-target full``) or only its
   facts joined by `` | `` (``facts``); alt-texts are drawn afresh per sample (``--fresh-alt-texts``) or are the
-  training scenes' own;
-* then ``--caption-steps`` steps of caption samples (prompt dropout 0.5), ``--copy-share`` of them copy samples.
+  training scenes' own; their facts are the scene's, fresh ones of the training generator
+  (``--fresh-facts generator``) or fresh ids of no fixed shape (``any-shape``: ``world.any_shape_id``);
+* then ``--caption-steps`` steps of caption samples (prompt dropout 0.5), ``--copy-share`` of them copy samples
+  and ``--caption-any-shape`` of them with fresh ids of no fixed shape as the scene's facts.
 
 One AdamW cosine schedule (warm-up 50 steps, floor 0.1) spans both stages. Every ``--eval-every`` steps it prints
 exact carry-over (the world's scorer, greedy decoding) on 100 held-out and 100 novel-generator scenes; in a run
@@ -20,6 +22,8 @@ without caption steps, the fraction of copy targets written exactly. The last li
     uv run python benchmarks/demo_copy_probe.py --caption-steps 1500                       # captions only
     uv run python benchmarks/demo_copy_probe.py --copy-steps 1000 --caption-steps 1500     # copy first
     uv run python benchmarks/demo_copy_probe.py --copy-steps 1000 --no-separator          # copy, library layout
+    uv run python benchmarks/demo_copy_probe.py --arch llama --fresh-facts any-shape --caption-any-shape 0.5 \
+        --copy-steps 1000 --caption-steps 1500                                          # the demo's choices
 """
 
 from __future__ import annotations
