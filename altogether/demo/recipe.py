@@ -128,9 +128,9 @@ def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> 
     rng = random.Random(f"{seed}:copy:{split}")
     records = []
     for i in range(count):
-        scene, index = scenes[i % len(scenes)], i % len(scenes)
-        alt_text = copy_alt_text(scene, rng)
-        records.append(Record(key=f"{split}-{index:05d}", image=scene.image, alt_texts=[alt_text],
+        index = i % len(scenes)
+        alt_text = copy_alt_text(scenes[index], rng)
+        records.append(Record(key=f"{split}-{index:05d}", image=scenes[index].image, alt_texts=[alt_text],
                               target=copy_target(alt_text)))
     return records
 
