@@ -73,9 +73,8 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     An error removes the temporary file; a kill leaves it. The temporary's name holds its writer
     (``.NAME.<host>-<pid>.XXXX.tmp``), so the next write of ``path`` removes those of writers on this machine that
     are gone, whatever command left them (:func:`sweep_dead_temporaries`); :func:`remove_stale_temporaries` clears
-    others by age. A new file gets
-    the usual permissions (0666 less the umask), not the private 0600 of a temporary file; a file replaced keeps
-    its permissions.
+    others by age. A new file gets the usual permissions (0666 less the umask), not the private 0600 of a temporary
+    file; a file replaced keeps its permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from altogether.annotate import make_tasks

@@ -5,7 +5,6 @@ Counts are checked at every joint; the captioner is a tiny random-weight export 
 
 import functools
 import http.server
-import io
 import json
 import os
 import re
