@@ -438,19 +438,18 @@ def score_rows(texts: dict[str, list[str]], references: Sequence[str | list[str]
     together, pycocoevalcap's protocol for several references), then CLIPScore of every row and of the
     references themselves (the ``reference`` row: the mean over an image's references); a metric that cannot run
     is None with its reason."""
-    from .metrics import load_spacy_noun_phrases, score_captions
+    from .metrics import score_caption_rows
 
     scores = Scores(rows={}, per_example={}, skipped={}, notes=[CIDER_NOTE], tokenizer="", clip={})
-    noun_phrases, _ = load_spacy_noun_phrases(cfg.spacy_pipeline)  # once; when None, each call says why
-    for row, row_texts in texts.items():
-        log.info("scoring %s", row)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = score_captions(row_texts, references, noun_phrases, spacy_pipeline=cfg.spacy_pipeline)
-        for message in (str(w.message) for w in caught):
-            if message not in scores.notes:  # each warning once, not once per row
-                log.warning("%s", message)
-                scores.notes.append(message)
+    log.info("scoring %s", ", ".join(texts))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = score_caption_rows(texts, references, spacy_pipeline=cfg.spacy_pipeline)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # each warning once
+        if message not in scores.notes:
+            log.warning("%s", message)
+            scores.notes.append(message)
+    for row, result in results.items():
         scores.rows[row] = dict(result.scores)
         scores.tokenizer = result.tokenizer
         for metric, reason in result.skipped.items():

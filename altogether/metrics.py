@@ -25,7 +25,7 @@ import re
 import shutil
 import subprocess
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 NounPhraseExtractor = Callable[[list[str]], list[set[str]]]
@@ -69,32 +69,67 @@ def score_captions(
     from ``spacy_pipeline`` are used when available. Skipped metrics are None, their reason is in
     ``skipped`` and a warning is emitted.
     """
-    preds, refs = _checked_inputs(predictions, references)
-    result = CaptionScores(scores=dict.fromkeys(METRIC_KEYS))
+    return score_caption_rows({"": predictions}, references, noun_phrases, spacy_pipeline)[""]
+
+
+def score_caption_rows(
+    rows: Mapping[str, Sequence[str]],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    noun_phrases: NounPhraseExtractor | None = None,
+    spacy_pipeline: str = DEFAULT_SPACY_PIPELINE,
+) -> dict[str, CaptionScores]:
+    """:func:`score_captions` of every row of predictions (``{row: predictions}``, each as long as ``references``)
+    against the same references: ``{row: CaptionScores}``.
+
+    Each row's scores are those :func:`score_captions` gives it alone; the work they share is done once: one PTB
+    tokenizer run over every row and the references, one METEOR process (starting its JVM and loading its
+    paraphrase table takes about 8 s, the scoring itself a fraction of that) and the references' noun phrases.
+    Warnings are emitted once and repeated in every row's ``warnings``.
+    """
+    if not rows:
+        raise ValueError("rows is empty: nothing to score")
+    checked = {}
+    for row, predictions in rows.items():
+        try:
+            checked[row] = _checked_inputs(predictions, references)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"row {row!r}: {err}" if row else str(err)) from None
+    refs = next(iter(checked.values()))[1]
+    preds = {row: p for row, (p, _) in checked.items()}
+    notes = CaptionScores(scores={})
     java_found = shutil.which("java") is not None
     if not java_found:
-        _skip(result, ("METEOR",), "java is not on PATH (METEOR 1.5 is a Java program); install a JRE to score it")
-    tokenized_preds, tokenized_refs = _tokenize(preds, refs, result, java_found)
-
+        _skip(notes, ("METEOR",), "java is not on PATH (METEOR 1.5 is a Java program); install a JRE to score it")
+    tokenized, tokenized_refs = _tokenize(list(preds.values()), refs, notes, java_found)
     gts = dict(enumerate(tokenized_refs))
-    res = {i: [pred] for i, pred in enumerate(tokenized_preds)}
-    result.scores.update(_ngram_scores(gts, res))
-    if result.scores["CIDEr"] is None:
-        _skip(result, ("CIDEr",), f"the {len(gts)} example(s) are too few: every reference n-gram is in every "
-                                  "example's references, so CIDEr-D's IDF weights are all 0 (it needs at least 2 "
-                                  "examples whose references differ)")
+    results = {}
+    for row, row_tokens in zip(preds, tokenized):
+        result = CaptionScores(scores=dict.fromkeys(METRIC_KEYS), tokenizer=notes.tokenizer)
+        result.scores.update(_ngram_scores(gts, {i: [pred] for i, pred in enumerate(row_tokens)}))
+        results[row] = result
+    if next(iter(results.values())).scores["CIDEr"] is None:
+        _skip(notes, ("CIDEr",), f"the {len(gts)} example(s) are too few: every reference n-gram is in every "
+                                 "example's references, so CIDEr-D's IDF weights are all 0 (it needs at least 2 "
+                                 "examples whose references differ)")
     if java_found:
         try:
-            result.scores["METEOR"] = _meteor(gts, res)
+            meteor = _meteor(gts, [{i: [pred] for i, pred in enumerate(row_tokens)} for row_tokens in tokenized])
+            for result, value in zip(results.values(), meteor):
+                result.scores["METEOR"] = value
         except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
-            _skip(result, ("METEOR",), f"the METEOR jar failed: {exc}")
+            _skip(notes, ("METEOR",), f"the METEOR jar failed: {exc}")
 
     extractor, reason = (noun_phrases, None) if noun_phrases is not None else load_spacy_noun_phrases(spacy_pipeline)
     if extractor is None:
-        _skip(result, NP_KEYS, reason)
+        _skip(notes, NP_KEYS, reason)
     else:
-        result.scores.update(noun_phrase_scores(extractor(preds), _reference_phrases(extractor, refs)))
-    return result
+        reference_phrases = _reference_phrases(extractor, refs)
+        for row, result in results.items():
+            result.scores.update(noun_phrase_scores(extractor(preds[row]), reference_phrases))
+    for result in results.values():
+        result.skipped.update(notes.skipped)
+        result.warnings.extend(notes.warnings)
+    return results
 
 
 def noun_phrase_scores(predicted: Sequence[set[str]], reference: Sequence[set[str]]) -> dict[str, float]:
@@ -187,9 +222,10 @@ def _one_line(text: str) -> str:
 
 
 def _tokenize(
-    preds: list[str], refs: list[list[str]], result: CaptionScores, java_found: bool
-) -> tuple[list[str], list[list[str]]]:
-    """PTB tokenization, or the simple fallback (noted in ``result``) when Java is missing or PTB fails."""
+    preds: list[list[str]], refs: list[list[str]], result: CaptionScores, java_found: bool
+) -> tuple[list[list[str]], list[list[str]]]:
+    """PTB tokenization of each list of predictions and of the references, or the simple fallback (noted in
+    ``result``) when Java is missing or PTB fails."""
     if java_found:
         try:
             return _tokenize_ptb(preds, refs)
@@ -206,20 +242,22 @@ def _tokenize(
     return _tokenize_simple(preds, refs)
 
 
-def _tokenize_ptb(preds: list[str], refs: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+def _tokenize_ptb(preds: list[list[str]], refs: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # One Java run for predictions and references together.
-    captions = {("pred", i): [{"caption": p}] for i, p in enumerate(preds)}
+    # One Java run for every list of predictions and the references together.
+    captions = {("pred", k, i): [{"caption": p}] for k, row in enumerate(preds) for i, p in enumerate(row)}
     captions.update({("ref", i): [{"caption": r} for r in ref_list] for i, ref_list in enumerate(refs)})
     tokenized = PTBTokenizer().tokenize(captions)
     if len(tokenized) != len(captions):
         raise RuntimeError(f"PTB tokenizer returned {len(tokenized)} caption groups for {len(captions)} inputs")
-    return [tokenized[("pred", i)][0] for i in range(len(preds))], [tokenized[("ref", i)] for i in range(len(refs))]
+    return ([[tokenized[("pred", k, i)][0] for i in range(len(row))] for k, row in enumerate(preds)],
+            [tokenized[("ref", i)] for i in range(len(refs))])
 
 
-def _tokenize_simple(preds: list[str], refs: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    return [simple_tokenize(p) for p in preds], [[simple_tokenize(r) for r in ref_list] for ref_list in refs]
+def _tokenize_simple(preds: list[list[str]], refs: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:
+    return ([[simple_tokenize(p) for p in row] for row in preds],
+            [[simple_tokenize(r) for r in ref_list] for ref_list in refs])
 
 
 def _ngram_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
@@ -245,20 +283,23 @@ def _cider_has_weights(gts: dict[int, list[str]]) -> bool:
     return bool(set().union(*seen) - set.intersection(*seen))
 
 
-def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+def _meteor(gts: dict[int, list[str]], rows: list[dict[int, list[str]]]) -> list[float]:
+    """The METEOR corpus score of each of ``rows`` against ``gts``, from one METEOR process (each score is
+    computed from that row's segments alone, as a process of its own would)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     meteor = Meteor()
     try:
-        score, _ = meteor.compute_score(gts, res)
+        scores = [meteor.compute_score(gts, res)[0] for res in rows]
     finally:
         _close_process(meteor.meteor_p)
         # compute_score leaves its lock held when it fails; Meteor.__del__ would then block forever.
         if meteor.lock.locked():
             meteor.lock.release()
-    if not math.isfinite(score):
-        raise RuntimeError(f"METEOR returned a non-finite score: {score}")
-    return 100.0 * float(score)
+    for score in scores:
+        if not math.isfinite(score):
+            raise RuntimeError(f"METEOR returned a non-finite score: {score}")
+    return [100.0 * float(score) for score in scores]
 
 
 def _close_process(process) -> None:

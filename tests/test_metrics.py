@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from altogether import metrics
-from altogether.metrics import METRIC_KEYS, caption_metrics, noun_phrase_scores, score_captions, simple_tokenize
+from altogether.metrics import (METRIC_KEYS, caption_metrics, noun_phrase_scores, score_caption_rows, score_captions,
+                                simple_tokenize)
 
 # Lower-case and punctuation-free, so every tokenizer leaves them as they are.
 PREDS = [
@@ -125,6 +126,35 @@ def test_meteor_runs_and_java_is_closed(java_scores):
     commands = [" ".join(map(str, p.args)) for p in started]
     assert any("meteor" in c for c in commands) and any("PTBTokenizer" in c for c in commands)
     assert all(p.poll() is not None for p in started), "a java subprocess is still running"
+
+
+def test_rows_scored_together_equal_each_row_alone_from_one_java_run_each(java_scores):
+    alone, _ = java_scores
+    other = ["a cat runs on the grass", "the blue car is near a tree", "two dogs sleep", "a man walks"]
+    started = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess, "Popen", recording_popen)
+        with pytest.warns(RuntimeWarning, match="NP-P/NP-R/NP-F1 skipped"):
+            patch.setitem(sys.modules, "spacy", None)
+            rows = score_caption_rows({"w/ alt": PREDS, "w/o alt": other}, REFS)
+            with pytest.warns(RuntimeWarning):
+                other_alone = score_captions(other, REFS)
+    assert rows["w/ alt"].scores == alone.scores  # the same computation, so the same floats
+    assert rows["w/o alt"].scores == other_alone.scores
+    assert rows["w/ alt"].scores["METEOR"] != rows["w/o alt"].scores["METEOR"]
+    commands = [" ".join(map(str, p.args)) for p in started[:-2]]  # the last two: score_captions alone
+    assert sum("meteor" in c for c in commands) == 1 and sum("PTBTokenizer" in c for c in commands) == 1
+
+
+def test_a_row_of_the_wrong_length_is_named(no_java):
+    with pytest.raises(ValueError, match="row 'w/o alt': predictions and references differ in length: 3 vs 4"):
+        score_caption_rows({"w/ alt": PREDS, "w/o alt": PREDS[:3]}, REFS)
 
 
 def test_spacy_missing_gives_none_with_reason(java_scores):
