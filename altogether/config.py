@@ -101,12 +101,19 @@ class ModelConfig:
 
 @dataclass
 class LayoutConfig:
-    """The token layout ``[visual][alt-text <= max_alt_tokens][caption + EOS <= max_caption_tokens]``."""
+    """The token layout ``[visual][alt-text <= max_alt_tokens][prompt_end][caption + EOS <= max_caption_tokens]``.
+
+    ``alt_separator`` joins several alt-texts into one prompt. ``prompt_end`` is text placed after the prompt in
+    every sample, in training and generation, also when the alt-text is dropped: it marks where the caption begins
+    (a decoder trained from scratch copies sooner with it: docs/demo.md). Its tokens are never truncated and
+    never in the loss; "" (the full-size recipes') places nothing.
+    """
 
     max_alt_tokens: int = 128
     max_caption_tokens: int = 256
     prompt_dropout: float = 0.5
     alt_separator: str = "; "
+    prompt_end: str = ""
 
 
 @dataclass

@@ -154,7 +154,7 @@ class GenerationConfig:
     def check_positions(self, *, max_prompt_tokens: int, max_position_embeddings: int | None) -> None:
         """Refuse a ``max_new_tokens`` that the decoder's position table cannot hold after the longest prompt.
 
-        ``max_prompt_tokens``: visual tokens + the layout's ``max_alt_tokens``. ``max_position_embeddings``:
+        ``max_prompt_tokens``: visual tokens + the layout's ``max_alt_tokens`` + its ``prompt_end``'s. ``max_position_embeddings``:
         the decoder config's (``None``: no fixed table, nothing to check). A decoder with learned positions
         (OPT) fails with an ``IndexError`` deep inside generation otherwise. Raises :class:`GenerationError`.
         """
@@ -164,7 +164,7 @@ class GenerationConfig:
             room = max_position_embeddings - max_prompt_tokens
             raise GenerationError("max_new_tokens", (
                 f"max_new_tokens={self.max_new_tokens} does not fit the decoder: the longest prompt "
-                f"({max_prompt_tokens} tokens: visual + max_alt_tokens) plus the new tokens would need "
+                f"({max_prompt_tokens} tokens: visual + max_alt_tokens + prompt_end) plus the new tokens would need "
                 f"{max_prompt_tokens + self.max_new_tokens} positions, but max_position_embeddings="
                 f"{max_position_embeddings}; set max_new_tokens <= {room}"))
 

@@ -1,9 +1,10 @@
 """The prompt rule and the token layout, shared by training, generation, recaptioning and evaluation.
 
-A sample is laid out as ``[visual tokens][alt-text tokens][caption tokens, EOS]``:
+A sample is laid out as ``[visual tokens][alt-text tokens][prompt-end tokens][caption tokens, EOS]``:
 
 * the visual positions are filled by the mapper's output inside the model (``visual_mask`` marks them);
-* the alt-text keeps its first ``max_alt_tokens`` tokens;
+* the alt-text keeps its first ``max_alt_tokens`` tokens, then come the tokens of ``prompt_end`` (none by default),
+  which mark where the caption begins;
 * the caption and its EOS share a budget of ``max_caption_tokens`` positions (40 + 128 + 256 = 424 positions
   in the paper). A caption longer than the budget keeps its first ``max_caption_tokens`` tokens and is still
   trained on, without an EOS since it did not end there.
@@ -151,9 +152,15 @@ def tokenize_sample(
     *,
     max_alt_tokens: int,
     max_caption_tokens: int,
+    prompt_end: str = "",
 ) -> SampleTokens:
-    """Tokenize prompt and caption separately, without special tokens, and apply the budgets."""
+    """Tokenize prompt, ``prompt_end`` and caption separately, without special tokens, and apply the budgets.
+
+    ``alt_ids`` holds the prompt's first ``max_alt_tokens`` tokens followed by all of ``prompt_end``'s, so the
+    mark of where the caption begins survives truncation."""
     alt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_alt_tokens] if prompt else []
+    if prompt_end:
+        alt_ids += tokenizer(prompt_end, add_special_tokens=False)["input_ids"]
     if caption is None:
         return SampleTokens(alt_ids, [])
     caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"]

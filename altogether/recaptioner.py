@@ -92,7 +92,7 @@ class Prepare:
         """The prompt of one image, by the same rule as in training."""
         text = build_prompt(alt_texts, self.layout.alt_separator)
         ids = tokenize_sample(self.tokenizer, text, None, max_alt_tokens=self.layout.max_alt_tokens,
-                              max_caption_tokens=self.layout.max_caption_tokens).alt_ids
+                              max_caption_tokens=self.layout.max_caption_tokens, prompt_end=self.layout.prompt_end).alt_ids
         return Prompt(text, ids)
 
     def image(self, image: ImageRef, prompt: Prompt, *, key: str = "") -> Prepared:
@@ -399,7 +399,9 @@ def check_export_generation(meta: dict[str, Any], generation: GenerationConfig) 
 
 def _check(generation: GenerationConfig, num_visual_tokens: int, layout: Any, max_position_embeddings: int | None):
     generation.validate()
-    generation.check_positions(max_prompt_tokens=num_visual_tokens + layout.max_alt_tokens,
+    # prompt_end's tokens: at most one per UTF-8 byte (a byte-level tokenizer's worst case), known without it.
+    generation.check_positions(max_prompt_tokens=num_visual_tokens + layout.max_alt_tokens
+                               + len(layout.prompt_end.encode("utf-8")),
                                max_position_embeddings=max_position_embeddings)
 
 

@@ -207,6 +207,25 @@ def test_the_resize_policy_is_stored_and_old_exports_load_with_crop(tiny_parts, 
     assert "resize_mode" not in read_export_config(copy_export(old, tmp_path / "old-copy"))["model"]["encoder"]
 
 
+def test_prompt_end_travels_with_the_export_and_older_exports_have_none(export, tiny_parts, model_cfg, tmp_path):
+    from altogether import Recaptioner
+
+    model, tokenizer, _ = tiny_parts
+    marked = save_export(tmp_path / "marked", model, tokenizer, model_cfg=model_cfg,
+                         layout=LayoutConfig(prompt_end=" ::"), generation=GenerationConfig())
+    end = tokenizer(" ::", add_special_tokens=False)["input_ids"]
+    alt = tokenizer("zorbit K-12", add_special_tokens=False)["input_ids"]
+    captioner = Recaptioner.from_pretrained(marked, device="cpu")
+    assert captioner.layout.prompt_end == " ::"
+    assert captioner.prompt_ids("zorbit K-12") == alt + end and captioner.prompt_ids(None) == end
+    older = tmp_path / "older"  # written before prompt_end existed
+    shutil.copytree(export, older)
+    meta = read_export_config(older)
+    del meta["layout"]["prompt_end"]
+    (older / CONFIG_FILE).write_text(json.dumps(meta))
+    assert Recaptioner.from_pretrained(older, device="cpu").prompt_ids("zorbit K-12") == alt
+
+
 def one_image_folder(tmp_path):
     from PIL import Image
 

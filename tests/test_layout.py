@@ -54,6 +54,20 @@ def test_budgets_alt_kept_first_tokens_caption_truncated_without_eos():
     assert long.caption_truncated and long.caption_ids == [ord("x")] * 8  # trained on, no EOS
 
 
+def test_prompt_end_follows_the_kept_prompt_is_never_cut_and_never_trained_on():
+    tok = CharTokenizer()
+    end = [ord(" "), ord("#")]
+    s = tokenize_sample(tok, "abcdef", "xyz", max_alt_tokens=4, max_caption_tokens=8, prompt_end=" #")
+    assert s.alt_ids == [ord(c) for c in "abcd"] + end and s.caption_ids == [ord(c) for c in "xyz"] + [1]
+    dropped = tokenize_sample(tok, "", "xyz", max_alt_tokens=4, max_caption_tokens=8, prompt_end=" #")
+    assert dropped.alt_ids == end  # a dropped prompt still marks where the caption begins
+    assert tokenize_sample(tok, "ab", None, max_alt_tokens=4, max_caption_tokens=8, prompt_end=" #").alt_ids == \
+        [ord("a"), ord("b")] + end  # the generation prompt ends the same way
+    batch = collate([s], num_visual_tokens=2, pad_id=0)
+    assert batch["labels"][0, :8].tolist() == [IGNORE_INDEX] * 8  # visual, prompt and its end: no loss
+    assert batch["labels"][0, 8:].tolist() == s.caption_ids
+
+
 def test_collate_right_padding_masks_labels_positions():
     a = SampleTokens([10, 11], [20, 21, 1])
     b = SampleTokens([], [30, 1])

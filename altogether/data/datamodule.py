@@ -86,6 +86,7 @@ class SampleBuilder:
             target,
             max_alt_tokens=self.layout.max_alt_tokens,
             max_caption_tokens=self.layout.max_caption_tokens,
+            prompt_end=self.layout.prompt_end,
         )
         item: dict[str, Any] = {"tokens": tokens, "key": record.key}
         if "image_embeds" in record.extra:
