@@ -103,6 +103,11 @@ def test_retraining_replaces_the_folder_and_bad_settings_are_rejected(tiny_clip,
         demo_clip_config(tower="vit", image_size=64, patch_size=7)
     with pytest.raises(ValueError, match="tower"):
         demo_clip_config(tower="mlp")
+    # The default context holds the world's longest description; a shorter one would cut descriptions short.
+    train_demo_clip(tmp_path / "fits", num_scenes=64, steps=1, batch_size=8, config=config, num_threads=1)
+    with pytest.raises(ValueError, match=r"context_length 9 cuts descriptions short: '.+' needs 1\d tokens"):
+        train_demo_clip(tmp_path / "x", num_scenes=64, steps=1, batch_size=8,
+                        config=demo_clip_config(**TINY_RESNET, context_length=9), num_threads=1)
 
 
 def test_locked_encoder_ignores_train_mode(tmp_path):

@@ -6,6 +6,7 @@ import re
 
 import yaml
 
+from altogether import Recaptioner
 from altogether.config import DecoderConfig, load_recipe
 from altogether.demo.recipe import (CONDITIONS, FACT_CONDITIONS, copy_records, fresh_id_records, run_demo,
                                     scene_records)
@@ -60,8 +61,12 @@ def test_scaled_down_demo_runs_every_stage_and_writes_the_table(tmp_path, capsys
     # Each stage is a plain recipe: the demo's own settings stay in the demo's recipe.
     assert "demo" not in finetune and finetune["pipeline"] is None
     # The frozen encoder is the demo's CLIP: init_from runs load it from the pretrain export, which names its source.
-    source = json.loads((run / "finetune" / "export" / "altogether.json").read_text())["encoder_source"]
-    assert source["name"].endswith("/clip")
+    export = json.loads((run / "finetune" / "export" / "altogether.json").read_text())
+    assert export["encoder_source"]["name"].endswith("/clip")
+    # The mark where the prompt ends travels with the export: its captions are generated after it, as trained.
+    assert export["layout"]["prompt_end"] == "\n" and pretrain["data"]["packing"] and finetune["data"]["packing"]
+    captioner = Recaptioner.from_pretrained(run / "finetune" / "export")
+    assert captioner.prompt_ids("Pyxwen TJ349")[-1] == tokenizer.convert_tokens_to_ids("Ċ")
     table = (run / "demo_eval.md").read_text()
     assert "| w/ wrong-colour alt |" in table and "carry-over (novel generator)" in table
     assert "| w/ alt |" in capsys.readouterr().out
@@ -81,7 +86,7 @@ def test_fresh_id_records_caption_the_same_images_with_fresh_ids():
         assert record.target_without_alt == caption_for(scene, with_facts=False)
 
 
-def test_copy_records_ask_for_a_fresh_alt_text_after_the_caption_opening():
+def test_copy_records_ask_to_reproduce_a_fresh_alt_text():
     scenes = make_scenes(40, 3)
     copies = copy_records(scenes, "train", 100, seed=0)
     assert len(copies) == 100 and copies == copy_records(scenes, "train", 100, seed=0)  # seeded
@@ -89,7 +94,7 @@ def test_copy_records_ask_for_a_fresh_alt_text_after_the_caption_opening():
     for i, record in enumerate(copies):
         scene = scenes[i % 40]
         prompt, target = training_pair(record.alt_texts, record.target, task="finetune", prompt_dropout=0.0, rng=rng)
-        assert target == f"A photo of {prompt}" and record.image is scene.image  # the caption's opening, then a copy
+        assert target == prompt and record.image is scene.image
         # The scene's key: one embedding cache serves the copy and the caption samples of an image.
         assert record.key == f"train-{i % 40:05d}"
         # Fresh ids, never the scene's facts, and never a colour the image lacks.
@@ -108,3 +113,7 @@ def test_copy_ids_have_no_shape_and_no_novel_pair():
     assert {c for i in ids for c in i if not c.isalnum()} == set(" -_./")
     digit_runs = {len(run) for i in ids for run in re.findall(r"[0-9]+", i)}
     assert {1, 2, 3, 4, 5, 6} <= digit_runs  # runs of any length (two parts may join without a separator)
+    # Most ids keep one separator between all their parts: names of three or four words joined by spaces.
+    multi = [re.findall(r"[^A-Za-z0-9]", i) for i in ids if len(re.findall(r"[^A-Za-z0-9]", i)) >= 2]
+    same = sum(len(set(gaps)) == 1 for gaps in multi) / len(multi)
+    assert 0.6 < same < 0.9 and sum(i.count(" ") >= 2 for i in ids) > 60

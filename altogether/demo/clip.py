@@ -54,7 +54,7 @@ def demo_clip_config(
     embed_dim: int = 128,
     text_width: int = 128,
     text_layers: int = 3,
-    context_length: int = 20,
+    context_length: int = 12,  # the world's longest description is 10 tokens with its start and end marks
 ) -> dict:
     """The `open_clip_config.json` content (`model_cfg` + `preprocess_cfg`) of a tiny CLIP.
 
@@ -236,7 +236,12 @@ def _train(
             f"batch_size {batch_size} exceeds the {len(set(texts))} distinct descriptions of {num_scenes} scenes"
         )
     pixels = _pixels([s.image for s in scenes], size)
-    tokens = open_clip.SimpleTokenizer(context_length=config["model_cfg"]["text_cfg"]["context_length"])(texts)
+    tokenizer = open_clip.SimpleTokenizer(context_length=config["model_cfg"]["text_cfg"]["context_length"])
+    longest = max(set(texts), key=lambda text: len(tokenizer.encode(text)))
+    if len(tokenizer.encode(longest)) + 2 > tokenizer.context_length:  # + start and end marks
+        raise ValueError(f"context_length {tokenizer.context_length} cuts descriptions short: {longest!r} needs "
+                         f"{len(tokenizer.encode(longest)) + 2} tokens")
+    tokens = tokenizer(texts)
     model = open_clip.CLIP(**config["model_cfg"], output_dict=True)
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]

@@ -39,7 +39,7 @@ from ..config import ConfigError, Pipeline, RecipeConfig, load_recipe, validate
 from ..data.records import Record
 from ..evaluate import EvalSet
 from ..io import atomic_write_text
-from .world import (CAPTION_OPENING, SPLITS, VOCABULARY, Scene, caption_for, copy_alt_text, make_scenes, with_fresh_ids,
+from .world import (SPLITS, VOCABULARY, Scene, caption_for, copy_alt_text, make_scenes, with_fresh_ids,
                     wrong_colour_alt)
 
 log = logging.getLogger(__name__)
@@ -115,15 +115,17 @@ def fresh_id_records(scenes: Sequence[Scene], split: str, seed: int) -> list[Rec
 
 def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> list[Record]:
     """``count`` copy samples: a scene's image (the scenes in turn) with a fresh alt-text (:func:`copy_alt_text`)
-    as prompt and, after the caption's opening words, as target.
+    as both prompt and target.
 
     A decoder trained from random weights has no mechanism to copy a string it has never seen; the full-size
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
-    signal (every target token is a copy), so the demo's pretrain stage trains on these. Every sample's ids are
-    new and of no fixed shape, so nothing but the prompt predicts them, and no alt-text names a colour its image
-    lacks, so no target states what the image contradicts (with such targets the demo copied wrong colours in 5 to
-    9% of captions; docs/demo.md). Keys are the scene's own (:func:`scene_records`): the same image under the same
-    key, so one embedding cache serves both stages.
+    signal (every target token is a copy), so the demo's pretrain stage trains on these. The recipe's
+    ``layout.prompt_end`` marks where the prompt ends and the copy begins (measured: without a mark, copying had not
+    emerged after 1000 steps; with the caption's opening words as the mark it emerged far later than with a mark of
+    its own; docs/demo.md). Every sample's ids are new and of no fixed shape, so nothing but the prompt predicts
+    them, and no alt-text names a colour its image lacks, so no target states what the image contradicts (with
+    such targets the demo copied wrong colours in 5 to 9% of captions; docs/demo.md). Keys are the scene's own
+    (:func:`scene_records`): the same image under the same key, so one embedding cache serves both stages.
     """
     rng = random.Random(f"{seed}:copy:{split}")
     records = []
@@ -131,18 +133,8 @@ def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> 
         index = i % len(scenes)
         alt_text = copy_alt_text(scenes[index], rng)
         records.append(Record(key=f"{split}-{index:05d}", image=scenes[index].image, alt_texts=[alt_text],
-                              target=copy_target(alt_text)))
+                              target=alt_text))
     return records
-
-
-def copy_target(alt_text: str) -> str:
-    """The target of a copy sample: the alt-text after the caption's opening words.
-
-    The layout puts the caption right after the prompt with no separator, so a target that began with the
-    alt-text's own first letters would leave the decoder to find where the prompt ends; the caption's fixed
-    opening marks it, as it does in every caption (measured: with the bare alt-text as target, copying had not
-    emerged after 1000 steps; docs/demo.md)."""
-    return f"{CAPTION_OPENING} {alt_text}"
 
 
 def demo_eval_set(scenes: Sequence[Scene], seed: int, *, name: str = "demo", info: dict[str, Any] | None = None

@@ -71,6 +71,8 @@ TRAINING_CODE_SHAPES: tuple[str, ...] = ("L9-L99", "99-9999", "L-9999", "99-U", 
 NOVEL_NAME_SHAPES: tuple[str, ...] = ("W", "W W L-99", "w l9999", "W U999", "w.w", "W/W", "U_U", "99-W", "w w w")
 NOVEL_CODE_SHAPES: tuple[str, ...] = ("U999", "U-U-9", "w-999", "99.U", "l9-w")
 _FACT_LENGTH = (3, 26)
+_ID_SEPARATORS = (" ", "-", "_", ".", "/", "")  # between the parts of an `any_shape_id`
+_USUAL_SEPARATOR_PROB = 0.75  # each gap of an id takes the id's usual separator, else any
 CAPTION_OPENING = "A photo of"  # every target caption's first words
 
 VOWELS = "aeiou"
@@ -380,11 +382,13 @@ def _alt_text(
 
 def any_shape_id(rng: random.Random) -> str:
     """An id of no particular shape, for the copy stage: 1 to 4 parts, each 1 to 9 letters of the training
-    generator's words (lower, upper or capitalised) or 1 to 6 digits, joined by a separator from ` -_./` or
-    nothing; 3 to 26 characters ("0487.Pjmal.24115/Ij", "cldg8", "D42375.599246").
+    generator's words (lower, upper or capitalised) or 1 to 6 digits, joined by separators from ` -_./` or
+    nothing; 3 to 26 characters ("0487.Pjmal.24115/Ij", "cldg8", "D42375.599246", "Imnka 95 00 92").
 
-    Copying these, a decoder cannot lean on a fact's shape (how many digits follow a hyphen, where a name ends),
-    only on the string in its prompt (measured: docs/demo.md). Like every training text, an id holds none of
+    Most gaps of one id use one separator, as a web name's words are all joined by spaces or a code's parts by
+    hyphens: the captioner then sees names of three or four words, where it stopped early or repeated a word
+    (measured: docs/demo.md). Copying these, a decoder cannot lean on a fact's shape (how many digits follow a
+    hyphen, where a name ends), only on the string in its prompt. Like every training text, an id holds none of
     `NOVEL_PAIRS` and none of the world's own words.
     """
     while True:
@@ -395,7 +399,9 @@ def any_shape_id(rng: random.Random) -> str:
                 parts.append(rng.choice((word, word.upper(), word.capitalize())))
             else:
                 parts.append("".join(str(rng.randrange(10)) for _ in range(rng.randint(1, 6))))
-        text = parts[0] + "".join(rng.choice((" ", "-", "_", ".", "/", "")) + part for part in parts[1:])
+        usual = rng.choice(_ID_SEPARATORS)
+        text = parts[0] + "".join((usual if rng.random() < _USUAL_SEPARATOR_PROB else rng.choice(_ID_SEPARATORS))
+                                  + part for part in parts[1:])
         words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
         if _FACT_LENGTH[0] <= len(text) <= _FACT_LENGTH[1] and not has_novel_pair(text) and not words & _RESERVED_WORDS:
             return text
