@@ -154,9 +154,10 @@ class GenerationConfig:
     def check_positions(self, *, max_prompt_tokens: int, max_position_embeddings: int | None) -> None:
         """Refuse a ``max_new_tokens`` that the decoder's position table cannot hold after the longest prompt.
 
-        ``max_prompt_tokens``: visual tokens + the layout's ``max_alt_tokens`` + its ``prompt_end``'s. ``max_position_embeddings``:
-        the decoder config's (``None``: no fixed table, nothing to check). A decoder with learned positions
-        (OPT) fails with an ``IndexError`` deep inside generation otherwise. Raises :class:`GenerationError`.
+        ``max_prompt_tokens``: visual tokens + the layout's ``max_alt_tokens`` + its ``prompt_end``'s.
+        ``max_position_embeddings``: the decoder config's (``None``: no fixed table, nothing to check). A decoder
+        with learned positions (OPT) fails with an ``IndexError`` deep inside generation otherwise. Raises
+        :class:`GenerationError`.
         """
         if max_position_embeddings is None:
             return
