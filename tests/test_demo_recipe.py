@@ -11,8 +11,7 @@ from altogether.config import DecoderConfig, load_recipe
 from altogether.demo.recipe import (CONDITIONS, FACT_CONDITIONS, copy_records, fresh_id_records, run_demo,
                                     scene_records)
 from altogether.demo.score import METRICS, NOVEL_CARRY_OVER, TABLE_COLUMNS, caption_facts
-from altogether.demo.world import (COLOURS, SHAPES, _noise_item, any_shape_id, caption_for, fact_shape, has_novel_pair,
-                                   make_scenes)
+from altogether.demo.world import COLOURS, any_shape_id, caption_for, fact_shape, has_novel_pair, make_scenes
 from altogether.layout import training_pair
 from altogether.model import load_tokenizer
 
@@ -82,7 +81,6 @@ def test_fresh_id_records_caption_the_same_images_with_fresh_ids():
         assert not any(fact in prompt for fact in scene.facts)
         facts = caption_facts(record.target)
         assert facts and all(f in prompt for f in facts) and not any(has_novel_pair(f) for f in facts)
-        assert re.search(r"[A-Za-z]", facts[0])  # a name is never digits alone, as dates and prices are
         # The same picture: after the facts, the caption is the scene's own.
         assert record.target.split(": ", 1)[1] == scene.caption.split(": ", 1)[1]
         assert record.target_without_alt == caption_for(scene, with_facts=False)
@@ -99,9 +97,10 @@ def test_copy_records_ask_to_reproduce_a_fresh_alt_text():
         assert target == prompt and record.image is scene.image
         # The scene's key: one embedding cache serves the copy and the caption samples of an image.
         assert record.key == f"train-{i % 40:05d}"
-        # Fresh ids, never the scene's facts, and no visual word: colours and shapes come from the image alone.
+        # Fresh ids, never the scene's facts, and never a colour the image lacks.
         assert not any(fact in prompt for fact in scene.facts)
-        assert not {*COLOURS, *SHAPES} & set(re.findall(r"[a-z]+", prompt))
+        lacking = set(COLOURS) - {colour for colour, _ in scene.objects}
+        assert not lacking & set(re.findall(r"[a-z]+", prompt))
     assert len({r.alt_texts[0] for r in copies}) == 100
 
 
@@ -109,13 +108,6 @@ def test_copy_ids_have_no_shape_and_no_novel_pair():
     rng = random.Random(0)
     ids = [any_shape_id(rng) for _ in range(2000)]
     assert all(3 <= len(i) <= 26 and not has_novel_pair(i) for i in ids)
-    # Never written like the alt-texts' dates and prices, which an id could otherwise be mistaken for.
-    noise_rng = random.Random(1)
-    runs = {re.sub(r"[0-9]", "9", run) for _ in range(500) for run in re.findall(r"[0-9][0-9.,/-]*[0-9]",
-                                                                                   _noise_item(noise_rng))}
-    noise_like = re.compile("|".join(rf"(?<!9){re.escape(r)}(?!9)" for r in runs if re.search(r"[.,/-]", r)))
-    assert {"9999-99-99", "99/99/9999", "999.99", "999,99"} <= runs  # dates and prices of every kind
-    assert not [i for i in ids if noise_like.search(re.sub(r"[0-9]", "9", i))]
     shapes = {fact_shape(i) for i in ids}
     assert len(shapes) > 300  # no shape to learn: hundreds of them
     assert {c for i in ids for c in i if not c.isalnum()} == set(" -_./")

@@ -11,7 +11,7 @@ Stages, each in its own folder of the run directory:
    into single characters, the same in every context.
    ``embeddings/``: the frozen CLIP's embedding of every training and validation image, which both decoder
    stages train on.
-3. ``pretrain/``: the captioner reproduces fresh alt-texts after the caption's opening words
+3. ``pretrain/``: the captioner reproduces fresh alt-texts after the recipe's ``layout.prompt_end``
    (:func:`copy_records`), which teaches the decoder to copy any string, as the language pretraining of the
    full-size OPT-1.3B decoder did.
 4. ``finetune/``: the captioner on target captions, alt-text as the prompt, with prompt dropout; half of the
@@ -121,7 +121,7 @@ def copy_records(scenes: Sequence[Scene], split: str, count: int, seed: int) -> 
     OPT-1.3B decoder brings one from its language pretraining. Reproducing the alt-text is the densest copy
     signal (every target token is a copy), so the demo's pretrain stage trains on these. The recipe's
     ``layout.prompt_end`` marks where the prompt ends and the copy begins (measured: without a mark, copying had not
-    emerged after 1000 steps; with the caption's opening words as the mark it emerged far later than with a mark of
+    emerged after 1000 steps; with the caption's opening words as the mark it emerged later than with a mark of
     its own; docs/demo.md). Every sample's ids are new and of no fixed shape, so nothing but the prompt predicts
     them, and no alt-text names a colour its image lacks, so no target states what the image contradicts (with
     such targets the demo copied wrong colours in 5 to 9% of captions; docs/demo.md). Keys are the scene's own

@@ -107,9 +107,6 @@ VOCABULARY: tuple[str, ...] = tuple(sorted({
 }))
 # A fact never holds one of these words in any letter case: it could be misread as noise, key or visual word.
 _RESERVED_WORDS = frozenset(w.lower() for w in VOCABULARY)
-# Runs written like `_noise_item`'s dates and prices ("2016-01-17", "19/12/2022", "406.99", "15,50"): an
-# `any_shape_id` never holds one, so no id can be read as noise nor noise as part of an id.
-_NOISE_LIKE = re.compile(r"\d{4}-\d\d-\d\d|\d\d/\d\d/\d{4}|\d[.,]\d\d(?!\d)")
 
 
 def has_novel_pair(text: str) -> bool:
@@ -386,14 +383,13 @@ def _alt_text(
 def any_shape_id(rng: random.Random) -> str:
     """An id of no particular shape, for the copy stage: 1 to 4 parts, each 1 to 9 letters of the training
     generator's words (lower, upper or capitalised) or 1 to 6 digits, joined by separators from ` -_./` or
-    nothing; 3 to 26 characters ("0487.Pjmal.24115.Ij", "TUAWUM", "Ecld0168483_969477", "281-Aonari").
+    nothing; 3 to 26 characters ("0487.Pjmal.24115/Ij", "cldg8", "D42375.599246", "Imnka 95 00 92").
 
     Most gaps of one id use one separator, as a web name's words are all joined by spaces or a code's parts by
     hyphens: the captioner then sees names of three or four words, where it stopped early or repeated a word
     (measured: docs/demo.md). Copying these, a decoder cannot lean on a fact's shape (how many digits follow a
     hyphen, where a name ends), only on the string in its prompt. Like every training text, an id holds none of
-    `NOVEL_PAIRS` and none of the world's own words; nor a run written like the alt-texts' dates and prices
-    (`_NOISE_LIKE`): where ids could hold one, the captioner took noise for names (docs/demo.md).
+    `NOVEL_PAIRS` and none of the world's own words.
     """
     while True:
         parts = []
@@ -407,22 +403,14 @@ def any_shape_id(rng: random.Random) -> str:
         text = parts[0] + "".join((usual if rng.random() < _USUAL_SEPARATOR_PROB else rng.choice(_ID_SEPARATORS))
                                   + part for part in parts[1:])
         words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
-        if (_FACT_LENGTH[0] <= len(text) <= _FACT_LENGTH[1] and not has_novel_pair(text)
-                and not words & _RESERVED_WORDS and not _NOISE_LIKE.search(text)):
+        if _FACT_LENGTH[0] <= len(text) <= _FACT_LENGTH[1] and not has_novel_pair(text) and not words & _RESERVED_WORDS:
             return text
 
 
 def with_fresh_ids(scene: Scene, rng: random.Random, kind: str | None = None) -> Scene:
     """`scene` with fresh `any_shape_id` ids as its facts (a name, and a code half of the time), a new alt-text of
-    `kind` (default: the scene's own) around them, and its caption to match; the same image and objects.
-
-    The name holds a letter, as every name of both generators does: an unkeyed id of digits alone can be written
-    like the alt-texts' dates and prices (`2016-01-17`, `406.99`), and names that could be noise taught the
-    captioner to take noise for a name (measured: docs/demo.md). A code follows its key, so it may be digits alone.
-    """
+    `kind` (default: the scene's own) around them, and its caption to match; the same image and objects."""
     name = any_shape_id(rng)
-    while not re.search(r"[A-Za-z]", name):
-        name = any_shape_id(rng)
     code = any_shape_id(rng) if rng.random() < _CODE_PROB else None
     facts = (name,) if code is None else (name, code)
     kind = kind or scene.alt_kind
@@ -432,13 +420,9 @@ def with_fresh_ids(scene: Scene, rng: random.Random, kind: str | None = None) ->
 
 
 def copy_alt_text(scene: Scene, rng: random.Random) -> str:
-    """An alt-text for `scene`'s image with fresh ids in place of its facts (`with_fresh_ids`) and noise as usual,
-    but no visual word: what the copy stage copies.
-
-    Copying colour words (even only correct ones) taught the captioner that the alt-text's colours are to be
-    written, and in some runs the finetune did not unlearn it: it then wrote the colours of another scene's
-    alt-text (docs/demo.md). Colours and shapes come from the image alone."""
-    return with_fresh_ids(scene, rng, "plain").alt_text
+    """An alt-text for `scene`'s image with fresh ids in place of its facts (`with_fresh_ids`), noise as usual,
+    and never a colour the image lacks: what the copy stage copies."""
+    return with_fresh_ids(scene, rng, rng.choices(ALT_KINDS[:2], weights=_ALT_KIND_WEIGHTS[:2])[0]).alt_text
 
 
 def another_alt_text(scene: Scene, rng: random.Random) -> str:
