@@ -88,14 +88,13 @@ def score_caption_rows(
     """
     if not rows:
         raise ValueError("rows is empty: nothing to score")
-    checked = {}
+    refs = _checked_references(references)
+    preds = {}
     for row, predictions in rows.items():
         try:
-            checked[row] = _checked_inputs(predictions, references)
+            preds[row] = _checked_predictions(predictions, len(refs))
         except (TypeError, ValueError) as err:
             raise type(err)(f"row {row!r}: {err}" if row else str(err)) from None
-    refs = next(iter(checked.values()))[1]
-    preds = {row: p for row, (p, _) in checked.items()}
     notes = CaptionScores(scores={})
     java_found = shutil.which("java") is not None
     if not java_found:
@@ -196,24 +195,26 @@ def simple_tokenize(text: str) -> str:
     return " ".join(_SIMPLE_TOKEN.findall(text.lower()))
 
 
-def _checked_inputs(
-    predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
-) -> tuple[list[str], list[list[str]]]:
-    preds = list(predictions)
+def _checked_references(references: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
-    if len(preds) != len(refs):
-        raise ValueError(f"predictions and references differ in length: {len(preds)} vs {len(refs)}")
-    if not preds:
-        raise ValueError("predictions is empty: nothing to score")
-    for i, pred in enumerate(preds):
-        if not isinstance(pred, str):
-            raise TypeError(f"predictions[{i}] must be a string, got {type(pred).__name__}")
     for i, ref_list in enumerate(refs):
         if not ref_list:
             raise ValueError(f"references[{i}] is an empty list: each prediction needs a reference")
         if not all(isinstance(r, str) for r in ref_list):
             raise TypeError(f"references[{i}] must be a string or a list of strings")
-    return [_one_line(p) for p in preds], [[_one_line(r) for r in ref_list] for ref_list in refs]
+    return [[_one_line(r) for r in ref_list] for ref_list in refs]
+
+
+def _checked_predictions(predictions: Sequence[str], count: int) -> list[str]:
+    preds = list(predictions)
+    if len(preds) != count:
+        raise ValueError(f"predictions and references differ in length: {len(preds)} vs {count}")
+    if not preds:
+        raise ValueError("predictions is empty: nothing to score")
+    for i, pred in enumerate(preds):
+        if not isinstance(pred, str):
+            raise TypeError(f"predictions[{i}] must be a string, got {type(pred).__name__}")
+    return [_one_line(p) for p in preds]
 
 
 def _one_line(text: str) -> str:

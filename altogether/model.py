@@ -441,7 +441,7 @@ class AltogetherModel(nn.Module):
         """Generate caption token ids (EOS and anything after removed) for a batch of images and prompts.
 
         ``image_embeds``: ``(images, embed_dim)``; ``alt_ids``: one prompt's token ids per image (``images`` lists
-        of at most ``max_alt_tokens`` ints). Prompts are
+        of at most ``max_alt_tokens`` ints, then the layout's ``prompt_end``'s). Prompts are
         left-padded so every row continues from its last prompt token, with the position ids the training
         layout gives. Greedy decoding and sampling run :func:`altogether.generation.decode`, where finished
         captions leave the batch; beam search (``num_beams > 1``) runs Hugging Face ``generate``. With

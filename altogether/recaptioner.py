@@ -399,9 +399,10 @@ def check_export_generation(meta: dict[str, Any], generation: GenerationConfig) 
 
 def _check(generation: GenerationConfig, num_visual_tokens: int, layout: Any, max_position_embeddings: int | None):
     generation.validate()
-    # prompt_end's tokens: at most one per UTF-8 byte (a byte-level tokenizer's worst case), known without it.
-    generation.check_positions(max_prompt_tokens=num_visual_tokens + layout.max_alt_tokens
-                               + len(layout.prompt_end.encode("utf-8")),
+    # prompt_end's tokens, known without the tokenizer: at most one per UTF-8 byte (byte fallback), plus the
+    # word-start piece SentencePiece may put before them.
+    end_tokens = len(layout.prompt_end.encode("utf-8")) + 1 if layout.prompt_end else 0
+    generation.check_positions(max_prompt_tokens=num_visual_tokens + layout.max_alt_tokens + end_tokens,
                                max_position_embeddings=max_position_embeddings)
 
 

@@ -218,6 +218,16 @@ def test_prompt_end_travels_with_the_export_and_older_exports_have_none(export, 
     captioner = Recaptioner.from_pretrained(marked, device="cpu")
     assert captioner.layout.prompt_end == " ::"
     assert captioner.prompt_ids("zorbit K-12") == alt + end and captioner.prompt_ids(None) == end
+    # The longest prompt counts the mark too (at most a token per byte and a word-start piece) before any load.
+    from altogether.generation import GenerationError
+    from altogether.recaptioner import check_export_generation
+
+    meta = read_export_config(marked)
+    room = (meta["decoder_hf_config"]["max_position_embeddings"] - meta["model"]["mapper"]["num_visual_tokens"]
+            - LayoutConfig().max_alt_tokens)
+    check_export_generation(meta, GenerationConfig(max_new_tokens=room - 4))
+    with pytest.raises(GenerationError, match=r"visual \+ max_alt_tokens \+ prompt_end"):
+        check_export_generation(meta, GenerationConfig(max_new_tokens=room))
     older = tmp_path / "older"  # written before prompt_end existed
     shutil.copytree(export, older)
     meta = read_export_config(older)

@@ -155,6 +155,8 @@ def test_rows_scored_together_equal_each_row_alone_from_one_java_run_each(java_s
 def test_a_row_of_the_wrong_length_is_named(no_java):
     with pytest.raises(ValueError, match="row 'w/o alt': predictions and references differ in length: 3 vs 4"):
         score_caption_rows({"w/ alt": PREDS, "w/o alt": PREDS[:3]}, REFS)
+    with pytest.raises(ValueError, match=r"^references\[1\] is an empty list"):  # the references, not a row
+        score_caption_rows({"w/ alt": PREDS}, [REFS[0], [], *REFS[2:]])
 
 
 def test_spacy_missing_gives_none_with_reason(java_scores):
