@@ -165,8 +165,8 @@ class GenerationConfig:
             room = max_position_embeddings - max_prompt_tokens
             raise GenerationError("max_new_tokens", (
                 f"max_new_tokens={self.max_new_tokens} does not fit the decoder: the longest prompt "
-                f"({max_prompt_tokens} tokens: visual + max_alt_tokens + prompt_end) plus the new tokens would need "
-                f"{max_prompt_tokens + self.max_new_tokens} positions, but max_position_embeddings="
+                f"({max_prompt_tokens} tokens: visual + max_alt_tokens + prompt_end) plus the new tokens would "
+                f"need {max_prompt_tokens + self.max_new_tokens} positions, but max_position_embeddings="
                 f"{max_position_embeddings}; set max_new_tokens <= {room}"))
 
     def logits_processors(self, eos_id: int):
