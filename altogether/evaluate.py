@@ -445,8 +445,8 @@ def score_rows(texts: dict[str, list[str]], references: Sequence[str | list[str]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = score_caption_rows(texts, references, spacy_pipeline=cfg.spacy_pipeline)
-    for message in dict.fromkeys(str(w.message) for w in caught):  # each warning once
-        if message not in scores.notes:
+    for message in (str(w.message) for w in caught):
+        if message not in scores.notes:  # each warning once
             log.warning("%s", message)
             scores.notes.append(message)
     for row, result in results.items():
