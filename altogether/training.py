@@ -171,8 +171,11 @@ class CaptionerModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        # The fused kernel keeps the step count on the device: the foreach/single-tensor paths read it back.
-        fused = self.device.type in ("cuda", "cpu")
+        # The fused kernel keeps the step count on the device: the foreach/single-tensor paths read it back. Under
+        # mixed precision (bf16-mixed, the default on a GPU) Lightning refuses to clip the gradients of an optimizer
+        # that unscales them itself, as the fused one does, so with clipping that run takes the foreach path.
+        mixed = "mixed" in str(self.trainer.precision)
+        fused = self.device.type in ("cuda", "cpu") and not (mixed and o.grad_clip)
         optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=fused or None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -467,11 +470,19 @@ def model_of_init(cfg: RecipeConfig) -> tuple[RecipeConfig, dict[str, Any] | Non
 
     A run that starts from an export trains that export's model (encoder, mapper, decoder architecture), whatever
     the recipe's ``model`` block says; how this run trains comes from the recipe: ``decoder.trainable``,
-    ``decoder.lora`` and the images' ``encoder.resize_mode`` (which its export then records). Without ``init_from``: the recipe as it is and no encoder source (the encoder's own).
+    ``decoder.lora`` and the images' ``encoder.resize_mode`` (which its export then records), and the ``layout``
+    (a warning names a ``prompt_end`` other than the export's). Without ``init_from``: the recipe as it is and no
+    encoder source (the encoder's own).
     """
     if not cfg.init_from:
         return cfg, None
     meta = read_export_config(cfg.init_from)
+    # The layout is the recipe's, but a decoder trained with a mark after every prompt relies on it: a change is
+    # allowed (a user may mean it) and said once, not found later in the captions.
+    trained_end = (meta.get("layout") or {}).get("prompt_end", "")
+    if trained_end != cfg.layout.prompt_end:
+        log.warning("init_from %s was trained with layout.prompt_end %r; this recipe sets %r", cfg.init_from,
+                    trained_end, cfg.layout.prompt_end)
     model = export_model_config(cfg.init_from, meta)
     model.decoder.trainable, model.decoder.lora = cfg.model.decoder.trainable, cfg.model.decoder.lora
     model.encoder.resize_mode = cfg.model.encoder.resize_mode

@@ -1,6 +1,7 @@
 """Export folders: file layout, strict loading, encoder reference vs copy, copying an export."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -207,7 +208,8 @@ def test_the_resize_policy_is_stored_and_old_exports_load_with_crop(tiny_parts, 
     assert "resize_mode" not in read_export_config(copy_export(old, tmp_path / "old-copy"))["model"]["encoder"]
 
 
-def test_prompt_end_travels_with_the_export_and_older_exports_have_none(export, tiny_parts, model_cfg, tmp_path):
+def test_prompt_end_travels_with_the_export_and_older_exports_have_none(export, tiny_parts, model_cfg, tmp_path,
+                                                                          make_recipe, caplog):
     from altogether import Recaptioner
 
     model, tokenizer, _ = tiny_parts
@@ -218,6 +220,14 @@ def test_prompt_end_travels_with_the_export_and_older_exports_have_none(export, 
     captioner = Recaptioner.from_pretrained(marked, device="cpu")
     assert captioner.layout.prompt_end == " ::"
     assert captioner.prompt_ids("zorbit K-12") == alt + end and captioner.prompt_ids(None) == end
+    # A next stage started from it with another mark trains without the one the decoder relies on: said once.
+    from altogether.training import model_of_init
+
+    with caplog.at_level(logging.WARNING, logger="altogether.training"):
+        model_of_init(make_recipe("finetune_round3", {"init_from": str(marked)}))
+        model_of_init(make_recipe("finetune_round3", {"init_from": str(marked), "layout.prompt_end": " ::"}))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"init_from {marked} was trained with layout.prompt_end ' ::'; this recipe sets ''"]
     # The longest prompt counts the mark too (at most a token per byte and a word-start piece) before any load.
     from altogether.generation import GenerationError
     from altogether.recaptioner import check_export_generation

@@ -270,17 +270,22 @@ def test_trainable_modules_train_in_train_mode_and_evaluate_in_eval_mode(path, m
                              ("sample", "mapper", False), ("sample", "decoder", False)}
 
 
-def test_fp16_checkpoint_trains_with_fp32_master_weights(make_recipe, jsonl_data, opt_folder, tmp_path):
-    """OPT's config.json says float16 and transformers 5 loads that dtype unless told: training on CPU
-    (``32-true``) must still run, with fp32 weights, gradients and optimizer steps; inference takes the dtype asked."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fp16_checkpoint_trains_with_fp32_master_weights(make_recipe, jsonl_data, opt_folder, tmp_path, precision):
+    """OPT's config.json says float16 and transformers 5 loads that dtype unless told: training must still run,
+    with fp32 weights, gradients and optimizer steps, under ``32-true`` (the CPU default) and ``bf16-mixed`` (the
+    GPU default, whose autocast also runs on a CPU) with the recipe's gradient clipping; inference takes the dtype
+    asked."""
     seen = set()
 
     class Dtypes(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             seen.update((p.dtype, p.grad.dtype) for g in optimizer.param_groups for p in g["params"])
 
-    export = fit(_hub_decoder(make_recipe, jsonl_data, tmp_path / "run", opt_folder, **{"optim.max_steps": 2}),
-                 callbacks=[Dtypes()])
+    cfg = _hub_decoder(make_recipe, jsonl_data, tmp_path / "run", opt_folder,
+                       **{"optim.max_steps": 2, "trainer.precision": precision})
+    assert cfg.optim.grad_clip > 0
+    export = fit(cfg, callbacks=[Dtypes()])
     assert seen == {(torch.float32, torch.float32)}
     assert {t.dtype for t in load_file(export / "model.safetensors").values()} == {torch.float32}
     for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
