@@ -54,6 +54,18 @@ def test_reload_uses_the_saved_weights_and_is_reproducible(tiny_clip):
         assert torch.equal(model.encode_image(batch), again.encode_image(batch))
 
 
+def test_training_leaves_the_token_embedding_as_initialised_and_trains_the_rest(tmp_path):
+    out = train_demo_clip(tmp_path / "resnet", num_scenes=96, steps=2, batch_size=16, seed=3,
+                          config=demo_clip_config(**TINY_RESNET), num_threads=1)
+    trained = load_file(str(out / WEIGHTS_NAME))
+    torch.manual_seed(3)  # the seed training initialises its model with
+    initial = open_clip.CLIP(**demo_clip_config(**TINY_RESNET)["model_cfg"]).state_dict()
+    assert torch.equal(trained["token_embedding.weight"], initial["token_embedding.weight"])
+    # Both towers train (the image tower ran on channels-last images), and are saved in the usual layout.
+    for key in ("visual.conv1.weight", "transformer.resblocks.0.mlp.c_fc.weight"):
+        assert not torch.equal(trained[key], initial[key]) and trained[key].is_contiguous()
+
+
 def test_training_inputs_match_the_loaded_preprocess_and_tokenizer(tiny_clip):
     config = json.loads((tiny_clip / CONFIG_NAME).read_text())
     scenes = make_scenes(3, seed=1)
