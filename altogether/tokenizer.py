@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import string
 from typing import Iterable, Sequence
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -19,14 +18,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, special_tokens
 
     ``words``: when given, merges are learned and applied only inside these words (matched whole, letters and
     digits on neither side, with the space before them if there is one), and every other character is a token
-    of its own, again with the space before it if there is one. Any string outside the vocabulary, such as a
-    made-up name or an id, then splits into single-character tokens, the same in every context, which a decoder
-    trained to copy any string has seen (a merged piece that only unseen strings contain would be a token it
-    never learned to copy). The space goes with the character after it so that, in ``bjurst knilm tjovlia,
-    SKU``, the token after ``knilm`` already tells whether the name goes on (`` t``) or not (`` SKU``, ``,``):
-    a decoder copying the name looks one token ahead, not two. Each word becomes one token when ``vocab_size``
-    leaves room for its merges (256 bytes + special tokens + about 95 printable characters after a space +
-    merges).
+    of its own. Any string outside the vocabulary, such as a made-up name or an id, then splits into
+    single-character tokens, the same in every context, which a decoder trained to copy any string has seen
+    (a merged piece that only unseen strings contain would be a token it never learned to copy). Each word
+    becomes one token when ``vocab_size`` leaves room for its merges (256 bytes + special tokens + merges).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,12 +30,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, special_tokens
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not words)
     if words:
         alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
-        pattern = Regex(rf" ?(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])| ?[\s\S]")
+        pattern = Regex(rf" ?(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])|[\s\S]")
         core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(pattern, "isolated"), byte_level])
-        # Every word in both forms, and every printable character after a space, so that each is merged whole
-        # even if the texts never wrote it that way.
-        spaced = [f" {c}" for c in string.printable if not c.isspace()]
-        texts = itertools.chain(texts, words, [f" {w}" for w in words], spaced)
+        # Every word in both forms, so that each is merged whole even if the texts never wrote it that way.
+        texts = itertools.chain(texts, words, [f" {w}" for w in words])
     else:
         core.pre_tokenizer = byte_level
     core.decoder = decoders.ByteLevel()

@@ -22,20 +22,18 @@ def _pieces(tokenizer, text):
 
 def test_words_are_single_tokens_with_or_without_their_space(word_tokenizer):
     assert _pieces(word_tokenizer, "A photo of a red square") == ["A", "Ġphoto", "Ġof", "Ġa", "Ġred", "Ġsquare"]
-    assert _pieces(word_tokenizer, "sale | IMG_1.jpg") == ["sale", "Ġ|", "ĠIMG", "_", "1", ".", "jpg"]
+    assert _pieces(word_tokenizer, "sale | IMG_1.jpg") == ["sale", "Ġ", "|", "ĠIMG", "_", "1", ".", "jpg"]
 
 
-@pytest.mark.parametrize("fact", ["Pyxwen TJ349", "gnomibgno x8917", "NPTYR005", "x-redo", "Redo", "saleA", "a b/c ~d"])
+@pytest.mark.parametrize("fact", ["Pyxwen TJ349", "gnomibgno x8917", "NPTYR005", "x-redo", "Redo", "saleA"])
 def test_any_other_string_splits_into_its_characters_the_same_in_every_context(word_tokenizer, fact):
-    # Each character is a token, with the space before it if there is one: inside "Pyxwen TJ349" the token
-    # after "n" is " T", so a decoder copying the name sees in one token that it goes on.
-    alone = [("Ġ" if i and fact[i - 1] == " " else "") + c for i, c in enumerate(fact) if c != " "]
-    assert _pieces(word_tokenizer, fact) == alone
     # The alt-text holds a fact at its start, after a key, or after a separator; the caption after "of" or
-    # "code": the fact's own tokens must be the same everywhere (the first with the space before it) for a
-    # decoder to copy them.
-    for context in ("SKU {}", "sale | {}", "A photo of {}", "A photo of Velora, code {}"):
-        assert _pieces(word_tokenizer, context.format(fact))[-len(alone):] == ["Ġ" + alone[0], *alone[1:]]
+    # "code": the fact's own tokens must be the same everywhere for a decoder to copy them.
+    spellings = {
+        tuple(_pieces(word_tokenizer, context.format(fact))[-len(fact):])
+        for context in ("{}", "SKU {}", "sale | {}", "A photo of {}", "A photo of Velora, code {}")
+    }
+    assert spellings == {tuple(fact.replace(" ", "Ġ"))}
     for context in ("{}", "SKU {} | sale", "A photo of {}: a red square."):
         text = context.format(fact)
         assert word_tokenizer.decode(word_tokenizer(text, add_special_tokens=False)["input_ids"]) == text

@@ -69,7 +69,7 @@ class DemoSettings:
     clip_steps: int = 500
     clip_batch_size: int = 128
     tokenizer_vocab: int = 1000
-    pretrain_steps: int = 1300
+    pretrain_steps: int = 1000
     pretrain_warmup_steps: int = 50
 
 
