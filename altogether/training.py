@@ -174,7 +174,7 @@ class CaptionerModule(L.LightningModule):
         # The fused kernel keeps the step count on the device: the foreach/single-tensor paths read it back. Under
         # mixed precision (bf16-mixed, the default on a GPU) Lightning refuses to clip the gradients of an optimizer
         # that unscales them itself, as the fused one does, so with clipping that run takes the foreach path.
-        mixed = "mixed" in str(self.trainer.precision)
+        mixed = "mixed" in _precision(self.cfg)
         fused = self.device.type in ("cuda", "cpu") and not (mixed and o.grad_clip)
         optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=fused or None)
