@@ -24,7 +24,8 @@ from .data.datamodule import MAX_SKIP_REASONS, CaptionDataModule, open_sources
 from .data.images import load_image
 from .data.readers import IMAGE_EXTENSIONS, detect_format
 from .data.records import BadRecord, Record
-from .export import export_model_config, is_lora, load_export, merge_adapter, read_export_config, save_export
+from .export import (export_model_config, is_lora, layout_from, load_export, merge_adapter, read_export_config,
+                     save_export)
 from .io import atomic_open, remove_stale_temporaries
 from .model import AltogetherModel, causal_lm, load_tokenizer
 from .recaptioner import Recaptioner
@@ -479,7 +480,7 @@ def model_of_init(cfg: RecipeConfig) -> tuple[RecipeConfig, dict[str, Any] | Non
     meta = read_export_config(cfg.init_from)
     # The layout is the recipe's, but a decoder trained with a mark after every prompt relies on it: a change is
     # allowed (a user may mean it) and said once, not found later in the captions.
-    trained_end = (meta.get("layout") or {}).get("prompt_end", "")
+    trained_end = layout_from(meta).prompt_end
     if trained_end != cfg.layout.prompt_end:
         log.warning("init_from %s was trained with layout.prompt_end %r; this recipe sets %r", cfg.init_from,
                     trained_end, cfg.layout.prompt_end)
